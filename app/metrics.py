@@ -1,0 +1,91 @@
+"""How far two runs' frames drift apart, chunk by chunk: PSNR and SSIM, computed here with no model weights.
+
+SSIM follows Wang et al. 2004 ("Image quality assessment: from error visibility to structural
+similarity") on BT.601 luma: an 11×11 Gaussian window with σ = 1.5, population (not sample) variances,
+and the mean over the positions where the window fits inside the frame. Those are the choices
+scikit-image makes with `gaussian_weights=True, use_sample_covariance=False`, so the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # int(3.5 · σ + 0.5): the Gaussian truncated at 3.5 σ, an 11-tap window
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+_BT601 = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class ChunkDrift:
+    index: int
+    psnr_db: float  # inf when the chunks are identical
+    ssim: float  # mean over the chunk's frames; 1.0 when identical
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """BT.601 luma of RGB frames [..., 3], as float64 on the input's scale."""
+    if frames.shape[-1] != 3:
+        raise ValueError(f"expected RGB frames [..., 3], got shape {frames.shape}")
+    rgb = frames.astype(np.float64)
+    return _BT601[0] * rgb[..., 0] + _BT601[1] * rgb[..., 1] + _BT601[2] * rgb[..., 2]
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"frames to compare must have the same shape, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("cannot compare empty frames")
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB over all pixels and channels (inf for identical inputs)."""
+    _check_pair(a, b)
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def _gaussian_window() -> torch.Tensor:
+    x = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
+    w = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+    return w / w.sum()
+
+
+def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter without padding: only positions where the whole window fits. [N,1,H,W]."""
+    x = F.conv2d(x, window.view(1, 1, -1, 1))
+    return F.conv2d(x, window.view(1, 1, 1, -1))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Mean SSIM on luma of RGB frames [H, W, 3] or [T, H, W, 3]; averaged over frames."""
+    _check_pair(a, b)
+    ya, yb = luma(a), luma(b)
+    if ya.ndim == 2:
+        ya, yb = ya[None], yb[None]
+    if min(ya.shape[-2:]) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(
+            f"SSIM needs frames of at least {2 * SSIM_RADIUS + 1} pixels per side, got {a.shape}"
+        )
+    x = torch.from_numpy(ya)[:, None]  # [T, 1, H, W]
+    y = torch.from_numpy(yb)[:, None]
+    window = _gaussian_window()
+    mu_x, mu_y = _blur(x, window), _blur(y, window)
+    var_x = _blur(x * x, window) - mu_x**2
+    var_y = _blur(y * y, window) - mu_y**2
+    cov = _blur(x * y, window) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(ssim_map.mean(dim=(1, 2, 3)).mean())
+
+
+def chunk_drift(index: int, frames_a: np.ndarray, frames_b: np.ndarray) -> ChunkDrift:
+    """Drift between the same chunk of two runs (e.g. Full vs ISPA): PSNR over the chunk, mean SSIM."""
+    return ChunkDrift(index=index, psnr_db=psnr(frames_a, frames_b), ssim=ssim(frames_a, frames_b))

@@ -1,0 +1,96 @@
+"""The self-attention module and the two ways it is computed.
+
+`SelfAttention` owns the weights (q, k, v, o and the q/k RMSNorms, named as in the checkpoint); the math lives
+in small processor objects, as diffusers separates an attention module from its processor:
+
+- `SinkPrefillAttention` — the t=0 pass over the sink tokens (reference frame + motion tokens). The sink
+  tokens attend to each other, and their keys (normalised, *without* RoPE) and values are written to the
+  session's sink, because the sink is rotated afresh at every later forward (its reference frame moves).
+- `StreamingAttention` — a block of noisy tokens. Queries and keys are rotated at the block's absolute
+  positions, the sink keys at this forward's sink positions, and the ISPA session attends over [sink; current
+  block] plus its history ring, stores the current block, and applies the output projection.
+
+The model holds no cache state: everything that persists lives in the session passed to each call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avatars.liveavatar.dit.layers import RMSNorm
+from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope
+
+if TYPE_CHECKING:
+    from ispa import AttentionSession
+
+
+class SelfAttention(nn.Module):
+    """Projections of one block's self-attention; q/k are RMS-normalised over all heads before the split."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normalised, not rotated) and v, each [B, L, heads, head_dim], from x [B, L, dim]."""
+        heads = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        return q, k, v
+
+
+@dataclass
+class SinkPrefillAttention:
+    """Processor for the sink prefill: fills the session's sink for `layer` and attends within the sink."""
+
+    session: AttentionSession
+    angles: RotaryAngles  # RoPE of the sink tokens at prefill time
+
+    def __call__(self, attn: SelfAttention, x: torch.Tensor, layer: int) -> torch.Tensor:
+        # 1. Project; the sink stores keys before RoPE so later forwards can place them anywhere
+        q, k, v = attn.project(x)  # [B, S, H, D]
+        self.session.write_sink(layer, k, v)
+        # 2. Plain attention among the sink tokens at their prefill positions
+        q, k = apply_rope(q, self.angles), apply_rope(k, self.angles)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return attn.o(out.transpose(1, 2).flatten(2))  # [B, S, dim]
+
+
+@dataclass
+class StreamingAttention:
+    """Processor for a noisy block: attention through the ISPA session (sink + current block + history)."""
+
+    session: AttentionSession
+    ring: int  # the denoising step: each step keeps its own history ring
+    query_angles: RotaryAngles  # RoPE of the block's tokens
+    sink_angles: RotaryAngles  # RoPE of the sink tokens for this forward (rolling reference)
+
+    def __call__(self, attn: SelfAttention, x: torch.Tensor, layer: int) -> torch.Tensor:
+        # 1. Project and rotate the current block
+        q, k, v = attn.project(x)  # [B, L, H, D]
+        q, k = apply_rope(q, self.query_angles), apply_rope(k, self.query_angles)
+        # 2. Rotate the stored sink keys at this forward's sink positions
+        sink_k, sink_v = self.session.sink(layer)  # [B, S, H, D]
+        if sink_k.shape[1] != len(self.sink_angles):
+            raise ValueError(
+                f"the session's sink holds {sink_k.shape[1]} tokens but this video size needs "
+                f"{len(self.sink_angles)}; prefill the sink with latents of the same size"
+            )
+        sink_k = apply_rope(sink_k, self.sink_angles)
+        # 3. Local = [sink; current]; the session merges in the history of `ring` and stores the current block
+        local_k = torch.cat((sink_k, k), dim=1)
+        local_v = torch.cat((sink_v, v), dim=1)
+        return self.session.self_attention(layer, q, local_k, local_v, k, v, attn.o, ring=self.ring)

@@ -1,0 +1,32 @@
+"""ISPA: a model-agnostic KV-cache engine for autoregressive video transformers.
+
+Attention with log-sum-exp and exact merging, sink + ring KV storage per layer, the closed-form absorption of
+history into output projections, and the Full / ISPA policies that drive a generation session.
+"""
+
+from ispa.absorption import AbsorptionStats, reconstruction_error, select_local_layers, solve_delta
+from ispa.attention import attention_with_lse, available_backends, merge_attention
+from ispa.cache import CacheLayout, KVCache, KVLayer, SinkRingLayer
+from ispa.policies import FullPolicy, ISPAPolicy, Policy, PolicyState
+from ispa.report import BlockReport
+from ispa.session import AttentionSession
+
+__all__ = [
+    "AbsorptionStats",
+    "AttentionSession",
+    "BlockReport",
+    "CacheLayout",
+    "FullPolicy",
+    "ISPAPolicy",
+    "KVCache",
+    "KVLayer",
+    "Policy",
+    "PolicyState",
+    "SinkRingLayer",
+    "attention_with_lse",
+    "available_backends",
+    "merge_attention",
+    "reconstruction_error",
+    "select_local_layers",
+    "solve_delta",
+]

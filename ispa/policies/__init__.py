@@ -1,0 +1,7 @@
+"""KV policies: Full (the baseline) and ISPA."""
+
+from ispa.policies.base import Action, Phase, Policy, PolicyState
+from ispa.policies.full import FullPolicy
+from ispa.policies.ispa import ISPAPolicy, history_mass_drift
+
+__all__ = ["Action", "FullPolicy", "ISPAPolicy", "Phase", "Policy", "PolicyState", "history_mass_drift"]

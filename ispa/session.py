@@ -1,0 +1,342 @@
+"""One generation run under a KV policy: the model's self-attention layers call into it.
+
+The model computes q/k/v (RoPE and all) and hands them over together with its output projection; the session
+attends over the right keys, keeps the history, learns the absorption statistics, switches layers local, and
+returns the projected output. Nothing is stored on the model, so several sessions (e.g. Full and ISPA) can share
+one model, even interleaved block by block.
+
+Per block, for every self-attention layer and every ring (LiveAvatar: one ring per denoising step):
+1. F-layers: attention over local keys (sink + current block) and over the ring's history, fused by LSE - exactly
+   full attention. During warmup/recalibration, (A_loc, A_full) feed the statistics.
+2. L-layers: attention over local keys only, then the session's own effective projection (base + delta).
+3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
+`end_block()` then advances the policy and returns a `BlockReport`.
+
+Costs to budget: each warmup forward with history adds three D x D-sized fp32 matmuls per layer to the statistics
+(G, C and the residual for s), and the statistics hold 2 D^2 fp32 per layer until the absorb frees them. The
+output projection's `.weight` must be the real-valued weight in Linear convention ([D_out, D]): the statistics and
+the solve read it (a quantized module may offer `dequantized_weight()` instead, see `ispa.projection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ispa.absorption import AbsorptionStats, reconstruction_error, select_local_layers, solve_delta
+from ispa.attention import attention_with_lse, merge_attention
+from ispa.cache import CacheLayout, KVCache
+from ispa.policies.base import Phase, Policy, PolicyState
+from ispa.projection import DeltaProjection, base_weight
+from ispa.report import BlockReport
+from ispa.timing import SpanTimer
+
+__all__ = ["AttentionSession"]
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionSession:
+    """The KV state and policy state of one generation run.
+
+    Parameters
+    ----------
+    policy : FullPolicy or ISPAPolicy (any `Policy`).
+    num_layers : self-attention layers of the model.
+    layout : how history is stored (block size, ring length, rings, frames per block).
+    backend : attention backend name for every call (see `ispa.attention`); None picks the best available.
+    """
+
+    def __init__(
+        self, policy: Policy, num_layers: int, layout: CacheLayout, *, backend: str | None = None
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
+        if not isinstance(layout, CacheLayout):
+            raise ValueError(f"layout must be a CacheLayout, got {layout!r}")
+        self.cache = KVCache(num_layers, layout)
+        policy.check_layout(layout, num_layers)
+        self.policy = policy
+        self.layout = layout
+        self.num_layers = num_layers
+        self.backend = backend
+        self.state: PolicyState = policy.new_state()
+        self.block_index = 0
+        self._rings_used: list[set[int]] = [set() for _ in range(num_layers)]
+        self._blocks_written = [0] * layout.num_rings  # blocks appended per ring, over the whole run
+        self._out_projs: list[nn.Module | None] = [None] * num_layers
+        self._local_projections: dict[int, DeltaProjection] = {}
+        self._stats: AbsorptionStats | None = None
+        self._epsilon: list[float | None] | None = None
+        self._mass_sum: list[Tensor | None] = [None] * num_layers
+        self._mass_count = [0] * num_layers
+        self._merge_timer = SpanTimer()
+        self._absorb_timer = SpanTimer()
+        self._closed = False
+
+    # ---- public state ------------------------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
+
+    @property
+    def local_layers(self) -> list[int]:
+        """Sorted indices of the layers that currently attend to local keys only."""
+        return list(self.state.local_layers)
+
+    # ---- sink --------------------------------------------------------------------------------------------------
+    def write_sink(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store layer `layer`'s sink tokens [B, S, H, D] (kept by every layer, local or not)."""
+        self._check_open()
+        self._check_layer(layer)
+        self.cache.layers[layer].write_sink(k, v)
+
+    def sink(self, layer: int) -> tuple[Tensor, Tensor]:
+        self._check_open()
+        self._check_layer(layer)
+        return self.cache.layers[layer].sink()
+
+    # ---- the hot path ------------------------------------------------------------------------------------------
+    def self_attention(
+        self,
+        layer: int,
+        q: Tensor,
+        local_k: Tensor,
+        local_v: Tensor,
+        new_k: Tensor,
+        new_v: Tensor,
+        out_proj: nn.Module,
+        ring: int = 0,
+    ) -> Tensor:
+        """Attention of the current block's queries plus output projection.
+
+        Parameters
+        ----------
+        q : [B, Lq, H, D].
+        local_k, local_v : [B, Lloc, H, D], the sink's keys/values as the model uses them (e.g. roped) followed by
+            the current block's.
+        new_k, new_v : [B, block_tokens, H, D], the current block's keys/values to keep as history of `ring`.
+        out_proj : the layer's nn.Linear, or a module with `.bias`, `.weight` (or `dequantized_weight()`), and
+            optionally `with_weight_delta`.
+        ring : which history ring this forward reads and then extends (at most once per block and layer).
+
+        Returns
+        -------
+        y : [B, Lq, D_out], out_proj applied to the attention output flattened over heads.
+        """
+        self._check_open()
+        self._check_layer(layer)
+        if isinstance(ring, bool) or not isinstance(ring, int) or not 0 <= ring < self.layout.num_rings:
+            raise ValueError(f"ring must be an int in [0, {self.layout.num_rings}), got {ring!r}")
+        if ring in self._rings_used[layer]:
+            raise RuntimeError(
+                f"layer {layer} already used ring {ring} in this block; call end_block() between blocks "
+                "(each ring is read, then extended, once per block)"
+            )
+        self._rings_used[layer].add(ring)
+
+        projection = self._local_projections.get(layer)
+        if projection is not None:
+            if out_proj is not self._out_projs[layer]:
+                raise RuntimeError(f"layer {layer} was absorbed against a different output projection module")
+            out, _ = attention_with_lse(q, local_k, local_v, backend=self.backend)
+            return projection(out.flatten(-2))
+
+        self._out_projs[layer] = out_proj
+        cache_layer = self.cache.layers[layer]
+        out_loc, lse_loc = attention_with_lse(q, local_k, local_v, backend=self.backend)
+        hist_k, hist_v = cache_layer.history(ring)
+        out = out_loc
+        if hist_k.shape[1] > 0:
+            out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v, backend=self.backend)
+            with self._merge_timer.span(q.device):
+                out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
+            self._add_history_mass(layer, lse_loc, lse_hist)
+            if self.policy.collects_statistics(self.state):
+                self._statistics(out).update(
+                    layer, out_loc.flatten(-2), out.flatten(-2), base_weight(out_proj)
+                )
+        cache_layer.append(ring, new_k, new_v)
+        return out_proj(out.flatten(-2))
+
+    # ---- block boundary ----------------------------------------------------------------------------------------
+    def end_block(self) -> BlockReport:
+        """Close the current block: count it, let the policy act (absorb / recalibrate), and report."""
+        self._check_open()
+        phase = self.state.phase
+        for ring in set().union(*self._rings_used):
+            self._blocks_written[ring] += 1
+        self._rings_used = [set() for _ in range(self.num_layers)]
+        self.state.frames_in_phase += self.layout.frames_per_block
+        stats_bytes = 0 if self._stats is None else self._stats.nbytes()
+        merge_seconds = self._merge_timer.pop_seconds()
+        history_mass = self._pop_history_mass()
+
+        event = None
+        action = self.policy.decide(self.state, history_mass)
+        if action == "absorb":
+            device = torch.device("cpu") if self._stats is None else self._stats.device
+            with self._absorb_timer.span(device):
+                self._absorb(history_mass)
+            event = "absorbed"
+        elif action == "recalibrate":
+            self._start_recalibration()
+            event = "recalibration_started"
+        absorb_seconds = self._absorb_timer.pop_seconds()
+
+        report = self._report(phase, stats_bytes, merge_seconds, absorb_seconds, history_mass, event)
+        self.block_index += 1
+        return report
+
+    def request_recalibration(self) -> None:
+        """Ask for recalibration; it starts at the end of the current block. Ignored unless layers are absorbed."""
+        self._check_open()
+        if self.state.phase == "absorbed":
+            self.state.recalibration_requested = True
+        else:
+            logger.info("recalibration request ignored: the session is in phase %r", self.state.phase)
+
+    def close(self) -> None:
+        """Free every tensor the session holds; the session cannot be used afterwards."""
+        self.cache.reset()
+        self._stats = None
+        self._local_projections.clear()
+        self._out_projs = [None] * self.num_layers
+        self._mass_sum = [None] * self.num_layers
+        self._closed = True
+
+    # ---- transitions -------------------------------------------------------------------------------------------
+    def _absorb(self, history_mass: list[float | None] | None) -> None:
+        """Solve every layer's update, turn the K best layers local, free the statistics."""
+        eps: list[float | None] = [None] * self.num_layers
+        deltas: dict[int, Tensor] = {}
+        stats, self._stats = self._stats, None
+        for layer in range(self.num_layers):
+            if stats is None or stats.count(layer) == 0:
+                continue
+            weight = base_weight(self._out_projs[layer])
+            delta = solve_delta(stats.G(layer), stats.C(layer), weight, self.policy.ridge_lambda())
+            error = reconstruction_error(stats.G(layer), stats.C(layer), stats.s(layer), delta, weight)
+            stats.free(layer)  # frees 2 D^2 floats while the delta adds D^2: memory only goes down
+            if math.isfinite(error):
+                eps[layer] = error
+                deltas[layer] = delta
+            else:
+                logger.warning(
+                    "layer %d: non-finite reconstruction error %r; it stays an F-layer", layer, error
+                )
+
+        wanted = self.policy.num_local_layers(self.num_layers)
+        k = min(wanted, len(deltas))
+        if k < wanted:
+            logger.warning(
+                "only %d of %d layers have usable statistics; turning %d local", len(deltas), wanted, k
+            )
+        ranking = [math.inf if e is None else e for e in eps]
+        chosen = select_local_layers(ranking, k)
+        for layer in chosen:
+            self._local_projections[layer] = DeltaProjection(self._out_projs[layer], deltas[layer])
+            self.cache.layers[layer].make_local()
+
+        self._epsilon = eps
+        self.state.phase = "absorbed"
+        self.state.frames_in_phase = 0
+        self.state.local_layers = tuple(chosen)
+        self.state.drift_streak = 0
+        self.state.recalibration_requested = False
+        self.state.reference_history_mass = (
+            None if history_mass is None else [None if i in chosen else m for i, m in enumerate(history_mass)]
+        )
+        logger.info("absorbed: L-layers %s", chosen)
+
+    def _start_recalibration(self) -> None:
+        """Give the L-layers their base projection back and let them rebuild history; statistics start afresh."""
+        for layer in self.state.local_layers:
+            del self._local_projections[layer]
+            self.cache.layers[layer].make_full()
+        self.state.phase = "recalibrating"
+        self.state.frames_in_phase = 0
+        self.state.local_layers = ()
+        self.state.recalibrations += 1
+        self.state.recalibration_requested = False
+        self.state.drift_streak = 0
+        self.state.reference_history_mass = None
+        logger.info("recalibration %d started", self.state.recalibrations)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _statistics(self, like: Tensor) -> AbsorptionStats:
+        if self._stats is None:
+            dim = like.shape[-2] * like.shape[-1]
+            self._stats = AbsorptionStats(self.num_layers, dim, like.device)
+        return self._stats
+
+    def _add_history_mass(self, layer: int, lse_loc: Tensor, lse_hist: Tensor) -> None:
+        # Share of each query's softmax mass on history: exp(lse_hist - lse_full) = sigmoid(lse_hist - lse_loc).
+        share = torch.sigmoid(lse_hist - lse_loc).mean()
+        previous = self._mass_sum[layer]
+        self._mass_sum[layer] = share if previous is None else previous + share
+        self._mass_count[layer] += 1
+
+    def _pop_history_mass(self) -> list[float | None] | None:
+        """Per-layer mean history share of the block just finished, read with one device sync."""
+        measured = [i for i, total in enumerate(self._mass_sum) if total is not None]
+        result: list[float | None] | None = None
+        if measured:
+            device = self._mass_sum[measured[0]].device
+            means = torch.stack(
+                [self._mass_sum[i].to(device) / self._mass_count[i] for i in measured]
+            ).tolist()
+            result = [None] * self.num_layers
+            for i, mean in zip(measured, means, strict=True):
+                result[i] = mean
+        self._mass_sum = [None] * self.num_layers
+        self._mass_count = [0] * self.num_layers
+        return result
+
+    def _report(
+        self,
+        phase: Phase,
+        stats_bytes: int,
+        merge_seconds: float,
+        absorb_seconds: float,
+        history_mass: list[float | None] | None,
+        event: str | None,
+    ) -> BlockReport:
+        per_layer = self.cache.nbytes_per_layer()
+        rings_started = sum(1 for count in self._blocks_written if count > 0)
+        blocks_written = sum(self._blocks_written)
+        full_ring = full_unbounded = 0
+        for cache_layer in self.cache.layers:
+            token_bytes = cache_layer.bytes_per_token or 0
+            sink_bytes = cache_layer.sink_nbytes()
+            # A Full session allocates a whole ring the first time it writes to it.
+            full_ring += sink_bytes + token_bytes * self.layout.history_tokens * rings_started
+            full_unbounded += sink_bytes + token_bytes * self.layout.block_tokens * blocks_written
+        return BlockReport(
+            index=self.block_index,
+            phase=phase,
+            kv_bytes=sum(per_layer),
+            kv_bytes_per_layer=per_layer,
+            kv_bytes_full_ring=full_ring,
+            kv_bytes_full_unbounded=full_unbounded,
+            stats_bytes=stats_bytes,
+            epsilon=None if self._epsilon is None else list(self._epsilon),
+            l_layers=self.local_layers,
+            merge_seconds=merge_seconds,
+            absorb_seconds=absorb_seconds,
+            history_mass=history_mass,
+            recalibrations=self.state.recalibrations,
+            event=event,
+            delta_weight_bytes=sum(p.nbytes() for p in self._local_projections.values()),
+        )
+
+    def _check_layer(self, layer: int) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed")
