@@ -10,9 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from app import encoders
-from app.media import RunDir, RunVideoWriter, SegmentBuffer, check_piece, write_segment
+from app.media import RunDir, SegmentBuffer, write_segment
 from avatars.base import AvatarChunk
+from avatars.media import mp4 as encoders
+from avatars.media.run_video import RunVideoWriter, check_piece
 
 FPS = 25.0
 SR = 16_000
