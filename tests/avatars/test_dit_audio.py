@@ -1,13 +1,12 @@
-"""Causal audio encoder: block-by-block streaming equals whole-stream encoding, which equals the official
-recipe (73 copies of frame 0 prepended, first 19 latent outputs dropped), and the conv stack matches a plain
-reference."""
+"""Causal audio encoder: a block's window equals the official per-block recipe (73 copies of the block's first
+frame prepended, first 19 latent outputs dropped), and the conv stack matches a plain reference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.dit import AUDIO_LEFT_CONTEXT, LiveAvatarDiT, causal_audio_window
+from avatars.liveavatar.dit import AUDIO_LEFT_CONTEXT, LiveAvatarDiT, block_audio_window
 
 CONFIG = PRESETS["tiny"]
 FRAMES = 60  # 5 blocks of 12 video frames
@@ -30,33 +29,26 @@ def features():
     return torch.randn(2, CONFIG.num_audio_hidden_states, CONFIG.audio_dim, FRAMES, generator=g)
 
 
-def test_block_by_block_equals_whole_stream(model, features):
-    whole = model.encode_audio(causal_audio_window(features, 0, FRAMES))
-    assert whole.tokens.shape == (2, FRAMES // 4, CONFIG.num_audio_token + 1, CONFIG.dim)
-    assert whole.global_token.shape == (2, FRAMES // 4, 1, CONFIG.dim)
-    blocks = [model.encode_audio(causal_audio_window(features, start, 12)) for start in range(0, FRAMES, 12)]
-    assert blocks[0].tokens.shape == (2, 3, 5, CONFIG.dim)
-    torch.testing.assert_close(torch.cat([b.tokens for b in blocks], 1), whole.tokens, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        torch.cat([b.global_token for b in blocks], 1), whole.global_token, rtol=1e-5, atol=1e-6
-    )
-
-
-def test_whole_stream_equals_the_official_padding_recipe(model, features):
-    padded = torch.cat([features[..., :1].expand(-1, -1, -1, CONFIG.motion_frames), features], dim=-1)
-    official = model.casual_audio_encoder(padded)
+def test_each_block_equals_the_official_per_block_recipe(model, features):
     dropped = (CONFIG.motion_frames + 3) // 4  # 19
-    ours = model.encode_audio(causal_audio_window(features, 0, FRAMES))
-    torch.testing.assert_close(ours.tokens, official.tokens[:, dropped:], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.global_token, official.global_token[:, dropped:], rtol=1e-5, atol=1e-6)
+    for start in range(0, FRAMES, 12):
+        block = features[..., start : start + 12]
+        padded = torch.cat([block[..., :1].expand(-1, -1, -1, CONFIG.motion_frames), block], dim=-1)
+        official = model.casual_audio_encoder(padded)
+        ours = model.encode_audio(block_audio_window(features, start, 12))
+        assert ours.tokens.shape == (2, 3, CONFIG.num_audio_token + 1, CONFIG.dim)
+        torch.testing.assert_close(ours.tokens, official.tokens[:, dropped:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ours.global_token, official.global_token[:, dropped:], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_latent_frame_depends_only_on_its_causal_window(model, features):
     # Latent frame j reads video frames [4j − 5, 4j + 3]: changing frame 4j + 4 leaves frames ≤ j untouched.
-    base = model.encode_audio(causal_audio_window(features, 0, FRAMES)).tokens
+    base = model.encode_audio(block_audio_window(features, 0, FRAMES)).tokens
     changed = features.clone()
     changed[..., 28] += 1.0  # video frame 28 = first frame of latent frame 7
-    after = model.encode_audio(causal_audio_window(changed, 0, FRAMES)).tokens
+    after = model.encode_audio(block_audio_window(changed, 0, FRAMES)).tokens
     assert torch.equal(after[:, :7], base[:, :7])
     assert not torch.allclose(after[:, 7], base[:, 7])
     assert not torch.allclose(after[:, 8], base[:, 8])  # frame 28 is in latent 8's window [27, 35]
@@ -93,16 +85,18 @@ def test_encoder_matches_the_plain_reference(model, features):
     torch.testing.assert_close(ours.global_token, glob, rtol=1e-5, atol=1e-6)
 
 
-def test_window_repeats_frame_zero_before_the_stream():
+def test_window_repeats_the_blocks_first_frame_as_context():
     features = torch.arange(20.0).reshape(1, 1, 1, 20)
-    assert causal_audio_window(features, 0, 8).flatten().tolist() == [0] * 5 + list(range(8))
-    assert causal_audio_window(features, 12, 8).flatten().tolist() == list(range(12 - AUDIO_LEFT_CONTEXT, 20))
+    assert block_audio_window(features, 0, 8).flatten().tolist() == [0] * AUDIO_LEFT_CONTEXT + list(range(8))
+    assert block_audio_window(features, 12, 8).flatten().tolist() == [12] * AUDIO_LEFT_CONTEXT + list(
+        range(12, 20)
+    )
 
 
 @pytest.mark.parametrize(("start", "count"), [(2, 12), (0, 10), (12, 12), (-4, 8)])
 def test_window_rejects_misaligned_or_out_of_range_requests(start, count):
     with pytest.raises(ValueError):
-        causal_audio_window(torch.zeros(1, 3, 32, 20), start, count)
+        block_audio_window(torch.zeros(1, 3, 32, 20), start, count)
 
 
 def test_encode_audio_rejects_wrong_shapes(model):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.dit import LiveAvatarDiT, causal_audio_window
+from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
 
 CONFIG = PRESETS["tiny"]
@@ -63,7 +63,7 @@ def _token_bytes(dtype=torch.float32) -> int:
 
 
 def _run_block(model, session, inputs, context, block, ring_steps=range(4), ref_shift=12):
-    audio = model.encode_audio(causal_audio_window(inputs["audio"], 12 * block, 12))
+    audio = model.encode_audio(block_audio_window(inputs["audio"], 12 * block, 12))
     flows = []
     for step in ring_steps:
         flows.append(
@@ -195,7 +195,7 @@ def test_bad_arguments_raise_value_error(model, inputs):
     context = model.embed_text(inputs["t5"])
     session = _session()
     model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
-    audio = model.encode_audio(causal_audio_window(inputs["audio"], 0, 12))
+    audio = model.encode_audio(block_audio_window(inputs["audio"], 0, 12))
     latents = inputs["noise"][0]
     call = dict(timestep=500.0, context=context, audio=audio, frame_index=0, ring=0, ref_shift=4)
     with pytest.raises(ValueError, match="ref_shift"):

@@ -46,7 +46,7 @@ def test_official_examples_give_704_by_384(hw):
 def test_choose_size_respects_area_and_divisor(hw):
     h, w = choose_size(*hw, max_area=64 * 64, divisor=16)
     assert h % 16 == 0 and w % 16 == 0
-    assert 16 <= h and 16 <= w and h * w <= 64 * 64
+    assert h >= 16 and w >= 16 and h * w <= 64 * 64
 
 
 def test_fit_portrait_crops_centre():

@@ -6,14 +6,11 @@ softmax-like mix (SiLU weights, normalised) combines the wav2vec2 layers; three 
 3, strides 1, 2, 2, replicate left padding) reduce 4 video frames to 1 latent frame. It runs in fp32, as the
 official code does.
 
-Streaming. Latent frame j depends on video frames [4j − 5, 4j + 3] only (receptive field 9 frames, ending on
-the frame group 4j..4j+3). LiveAvatar's recipe — prepend `motion_frames` (73) copies of the first frame and
-drop the first (73 + 3) // 4 = 19 outputs — is therefore the same as replicating frame 0 for negative frame
-indices. So a block's audio tokens need the block's own video frames plus AUDIO_LEFT_CONTEXT = 5 frames before
-it (`causal_audio_window` builds that window), and encoding block by block equals encoding the whole stream.
-(The official single-GPU loop instead encodes every 12-frame block in isolation, replicating the *block's*
-first frame as left context; that differs from the whole-stream encoding in the first two latent frames of
-each block. The whole-stream form is what training used, and it is exact under streaming.)
+Blocks. Latent frame j depends on video frames [4j − 5, 4j + 3] only (receptive field 9 frames, ending on
+the frame group 4j..4j+3). LiveAvatar's recipe for a block — prepend `motion_frames` (73) copies of the block's
+first frame and drop the first (73 + 3) // 4 = 19 outputs — is therefore the same as prepending
+AUDIO_LEFT_CONTEXT = 5 copies of it, which is what `block_audio_window` builds. The official loop encodes
+every 12-frame block in isolation like this, and so do we: the distilled model was run that way.
 """
 
 from __future__ import annotations
@@ -108,13 +105,13 @@ class CausalAudioEncoder(nn.Module):
         return self.encoder(mixed)
 
 
-def causal_audio_window(features: torch.Tensor, start_frame: int, num_frames: int) -> torch.Tensor:
-    """The features the encoder needs for video frames [start_frame, start_frame + num_frames).
+def block_audio_window(features: torch.Tensor, start_frame: int, num_frames: int) -> torch.Tensor:
+    """The encoder's input for video frames [start_frame, start_frame + num_frames), as the official loop builds it.
 
     features: [B, num_hidden_states, audio_dim, T], one column per video frame from frame 0 of the stream.
-    Returns [B, num_hidden_states, audio_dim, AUDIO_LEFT_CONTEXT + num_frames]: the frames themselves preceded
-    by AUDIO_LEFT_CONTEXT frames of left context, where frames before the stream's start repeat frame 0
-    (LiveAvatar's left padding). Both ends must fall on latent-frame boundaries (multiples of 4 video frames).
+    Returns [B, num_hidden_states, audio_dim, AUDIO_LEFT_CONTEXT + num_frames]: the frames preceded by
+    AUDIO_LEFT_CONTEXT copies of the first of them. Both ends must fall on latent-frame boundaries (multiples
+    of 4 video frames).
     """
     if features.ndim != 4:
         raise ValueError(
@@ -130,4 +127,4 @@ def causal_audio_window(features: torch.Tensor, start_frame: int, num_frames: in
             f"{features.shape[-1]} frames of features"
         )
     frames = torch.arange(start_frame - AUDIO_LEFT_CONTEXT, start_frame + num_frames, device=features.device)
-    return features.index_select(-1, frames.clamp(min=0))
+    return features.index_select(-1, frames.clamp(min=start_frame))

@@ -11,7 +11,7 @@ no state between calls):
         block_tokens=3 * model.tokens_per_frame(h, w), history_blocks=3, num_rings=4, frames_per_block=3))
     model.prefill_sink(session, ref_latent, motion_latents, context)       # fills every layer's sink at t = 0
     for block k (latent frames 3k..3k+2, video frames 12k..12k+11):
-        audio = model.encode_audio(causal_audio_window(features, 12 * k, 12))
+        audio = model.encode_audio(block_audio_window(features, 12 * k, 12))
         for step i, timestep t_i:
             flow = model.forward_block(session, latents, t_i, context, audio, frame_index=3 * k, ring=i,
                                        ref_shift=rng.randint(4, 30))
@@ -19,11 +19,10 @@ no state between calls):
         session.end_block()
 
 Differences from the official code, all deliberate: RoPE angles come from positions in float64 (no
-45,000-frame table, no complex-half rounding) and rotate in ≥ fp32; the audio window is the causal
-whole-stream one (see `audio_encoder`); the sink is prefilled once, not once per denoising step (the four
-official passes compute the same thing). With the official per-block audio window and float64 angles, a
-4-layer model loaded with the same weights reproduces the official `CausalWanModel_S2V` (sink K/V and flow
-predictions) to ~2e-5 in fp32.
+45,000-frame table, no complex-half rounding) and rotate in ≥ fp32; the sink is prefilled once, not once
+per denoising step (the four official passes compute the same thing). With float64 angles, a 4-layer model
+loaded with the same weights reproduced the official `CausalWanModel_S2V` (sink K/V and flow predictions) to
+~2e-5 in fp32 (a one-off comparison against the official code, not part of the test suite).
 """
 
 from __future__ import annotations
@@ -182,9 +181,9 @@ class LiveAvatarDiT(nn.Module):
 
         wav2vec_hidden_states: [B, num_audio_hidden_states, audio_dim, AUDIO_LEFT_CONTEXT + 4·F] — all
         wav2vec2 hidden states, one column per 25-fps video frame: the 4·F video frames of the F latent frames
-        (12 for a 3-frame block) preceded by AUDIO_LEFT_CONTEXT = 5 frames of left context, frames before the
-        stream's start repeating frame 0. `causal_audio_window(features, 12·k, 12)` cuts exactly this for
-        block k, and encoding block by block then equals encoding the whole stream at once.
+        (12 for a 3-frame block) preceded by AUDIO_LEFT_CONTEXT = 5 frames of left context.
+        `block_audio_window(features, 12·k, 12)` builds it for block k the official way (the block's first
+        frame repeated as context).
 
         Returns AudioTokens: tokens [B, F, num_audio_token + 1, dim] and global_token [B, F, 1, dim] in the
         model's dtype ([B, 3, 5, 5120] and [B, 3, 1, 5120] at 14B).

@@ -1,0 +1,98 @@
+"""The prompt → umT5 encoder states the DiT's cross-attention reads.
+
+As in the official pipeline: the prompt is cleaned (HTML entities unescaped, whitespace collapsed), tokenized to
+`text_len` tokens with padding and truncation, encoded with the attention mask, cut to its real length and then
+zero-padded back to `text_len`; the DiT attends over all `text_len` positions, padding included.
+
+The umT5-XXL encoder is 11 GB in bf16, so it can live on the CPU and visit the GPU only while encoding
+(`offload=True`); results are cached per prompt, so a prompt is encoded once per session.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+
+
+def clean_prompt(prompt: str) -> str:
+    """The official 'whitespace' cleaning, without ftfy's mojibake repair (not a dependency here)."""
+    text = html.unescape(html.unescape(prompt)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class TextEncoder:
+    """umT5 encoder + tokenizer with a per-prompt cache; outputs [text_len, d_model] on `device`."""
+
+    def __init__(
+        self,
+        model: UMT5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        text_len: int,
+        device: torch.device | str = "cpu",
+        offload: bool = False,
+    ) -> None:
+        if text_len <= 0:
+            raise ValueError(f"text_len must be positive, got {text_len}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.device = torch.device(device)
+        self.offload = offload
+        self.model.to("cpu" if offload else self.device)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        text_encoder_dir: str | Path,
+        tokenizer_dir: str | Path,
+        text_len: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        offload: bool = False,
+    ) -> TextEncoder:
+        """Load the diffusers `text_encoder/` and `tokenizer/` folders."""
+        model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype)
+        return cls(
+            model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), text_len, device=device, offload=offload
+        )
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """States [text_len, d_model] for `prompt`, zero past its tokens; cached per prompt."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        cached = self._cache.get(prompt)
+        if cached is not None:
+            return cached
+        tokens = self.tokenizer(
+            [clean_prompt(prompt)],
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_len,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            states = self.model(
+                input_ids=tokens.input_ids.to(self.device),
+                attention_mask=tokens.attention_mask.to(self.device),
+            ).last_hidden_state[0]
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+        length = int(tokens.attention_mask.sum())
+        padded = torch.zeros_like(states)
+        padded[:length] = states[:length]
+        self._cache[prompt] = padded
+        return padded

@@ -1,0 +1,135 @@
+"""The Wan2.1 VAE (diffusers `AutoencoderKLWan`): portrait latents in, streamed video frames out.
+
+Encoding follows the official single-GPU pipeline: the portrait, as a [-1, 1] tensor, is repeated 5 frames and
+encoded, and latent frame 1 is kept (frame 0 of a causal encode sees only the first image); the motion context
+is the portrait repeated `motion_frames` (73) times, 19 latent frames. Latents are the posterior mean,
+normalised as `(mu - latents_mean) / latents_std`.
+
+Decoding streams: the decoder's causal 3-D convolutions keep a cache of their last input frames, and diffusers'
+own `decode` already walks the latent frames one by one through that cache. `StreamingDecoder` keeps the cache
+between calls, so a block of 3 latent frames becomes video as soon as it is denoised (9 frames for the first block,
+whose first latent frame decodes to one image, then 12) and the concatenated blocks equal one `decode` call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+REFERENCE_REPEAT = 5  # frames the portrait is repeated for its reference latent
+MOTION_FRAMES = 73  # video frames of motion context (19 latent frames)
+
+
+def portrait_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 RGB [H, W, 3] → float32 [1, 3, 1, H, W] in [-1, 1] (a one-frame video)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"portrait must be a uint8 RGB array [H, W, 3], got {got}")
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
+    return (pixels * 2.0 - 1.0)[None, :, None]
+
+
+class WanVAE:
+    """The VAE with LiveAvatar's latent normalisation; `vae` is any `AutoencoderKLWan` (real or tiny)."""
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        self.vae = vae.eval().requires_grad_(False)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape)
+        # Kept as the reciprocal, like the official `scale[1]`, so normalising is the same multiplication.
+        self.inv_latents_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape)
+
+    @classmethod
+    def from_pretrained(
+        cls, vae_dir: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> WanVAE:
+        """Load the diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors)."""
+        return cls(AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _check_size(self, height: int, width: int) -> None:
+        ratio = self.vae.spatial_compression_ratio
+        if height % ratio or width % ratio:
+            raise ValueError(f"video size {height}×{width} must be a multiple of {ratio} in both directions")
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, z, 1 + (T-1)//4, H/8, W/8] of a [-1, 1] video [B, 3, T, H, W]."""
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W], got {tuple(video.shape)}")
+        self._check_size(video.shape[-2], video.shape[-1])
+        mu = self.vae.encode(video.to(device=self.device, dtype=self.dtype)).latent_dist.mode()
+        return (mu.float() - self.latents_mean.to(mu.device)) * self.inv_latents_std.to(mu.device)
+
+    def encode_reference(self, portrait: np.ndarray) -> torch.Tensor:
+        """The reference latent [1, z, 1, h, w]: portrait repeated 5 frames, latent frame 1 kept."""
+        return self.encode(portrait_to_tensor(portrait).repeat(1, 1, REFERENCE_REPEAT, 1, 1))[:, :, 1:]
+
+    def encode_motion(self, portrait: np.ndarray, motion_frames: int = MOTION_FRAMES) -> torch.Tensor:
+        """Motion-context latents [1, z, (motion_frames+3)//4, h, w] of a still video of the portrait."""
+        if motion_frames < 1 or motion_frames % 4 != 1:
+            raise ValueError(f"motion_frames must be 1 more than a multiple of 4, got {motion_frames}")
+        return self.encode(portrait_to_tensor(portrait).repeat(1, 1, motion_frames, 1, 1))
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents back to the VAE's own latent space, in the VAE's dtype."""
+        mean, inv_std = self.latents_mean.to(latents.device), self.inv_latents_std.to(latents.device)
+        return (latents.float() / inv_std + mean).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Whole-sequence decode with diffusers: [B, z, t, h, w] → [B, 3, 1 + 4(t-1), 8h, 8w] in [-1, 1]."""
+        return self.vae.decode(self.denormalize(latents.to(self.device))).sample
+
+    def stream_decoder(self) -> StreamingDecoder:
+        """A fresh decoder whose first block is the start of a video."""
+        return StreamingDecoder(self)
+
+
+class StreamingDecoder:
+    """Decodes consecutive latent blocks of one video, keeping the causal-conv cache between blocks.
+
+    The cache is held here, not on the diffusers module, so several decoders can share one VAE.
+    """
+
+    def __init__(self, vae: WanVAE) -> None:
+        self._vae = vae
+        num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.vae.decoder.modules())
+        self._cache: list = [None] * num_convs
+        self.latent_frames_done = 0
+
+    @torch.no_grad()
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next latent frames [B, z, t, h, w] → [B, 3, frames, 8h, 8w] in [-1, 1].
+
+        frames = 4t, minus 3 when this block starts the video (its first latent frame is one image).
+        """
+        if latents.dim() != 5 or latents.shape[1] != self._vae.vae.config.z_dim or latents.shape[2] == 0:
+            raise ValueError(
+                f"latents must be [B, {self._vae.vae.config.z_dim}, t>0, h, w], got {tuple(latents.shape)}"
+            )
+        vae = self._vae.vae
+        x = vae.post_quant_conv(self._vae.denormalize(latents.to(self._vae.device)))
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(
+                vae.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=self._cache,
+                    feat_idx=[0],
+                    first_chunk=self.latent_frames_done == 0,
+                )
+            )
+            self.latent_frames_done += 1
+        return torch.cat(frames, dim=2).clamp(-1.0, 1.0)

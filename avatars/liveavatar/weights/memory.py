@@ -1,0 +1,159 @@
+"""How much GPU memory a LiveAvatar configuration needs, and a check that says so before anything is loaded.
+
+Parts (bytes, 1 GB = 1e9 B):
+* DiT weights, counted from the model built on `meta`: bf16 everywhere, or with FP8 every linear layer the
+  official conversion quantizes stored as 1 byte per weight plus a 4-byte scale (biases stay bf16).
+* KV cache in the engine's layout: per layer, one sink (reference frame + motion tokens) shared by the 4 denoising
+  steps' rings, each ring holding 3 history blocks; keys and values, `heads·head_dim` wide, bf16.
+* ISPA statistics during warmup: two D×D fp32 matrices per layer (G and C).
+* Encoders kept on the GPU: the VAE and wav2vec2 always (every block needs them when streaming), the umT5-XXL
+  encoder only when it is not offloaded to the CPU between prompts. Parameter counts were taken from the real
+  configurations built on `meta` (see the test).
+* Activations: an estimate (not a measurement) of one DiT block forward plus one VAE block decode, and a fixed
+  reserve for the CUDA context and allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from avatars.liveavatar.config import DiTConfig
+from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
+
+GB = 1e9
+
+UMT5_XXL_ENCODER_PARAMS = 5_680_910_336  # UMT5EncoderModel (d_model 4096, 24 layers, vocab 256384)
+WAV2VEC2_LARGE_PARAMS = 315_472_545  # Wav2Vec2ForCTC, wav2vec2-large-xlsr-53-english
+WAN21_VAE_PARAMS = 126_892_531  # AutoencoderKLWan with its default (Wan2.1) configuration
+
+DENOISING_STEPS = 4  # one KV ring per step, as LiveAvatar's single-GPU loop keeps them
+HISTORY_BLOCKS = 3  # blocks of 3 latent frames each ring keeps besides the current one
+FRAMES_PER_BLOCK = 3
+VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
+CUDA_RESERVE_BYTES = 2 * 10**9  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (estimate)
+
+
+class InsufficientGPUMemoryError(RuntimeError):
+    """The configuration does not fit the GPU (or there is no GPU); the message gives both numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """GPU bytes per part of one LiveAvatar configuration."""
+
+    dit_weights: int
+    kv_cache: int
+    ispa_statistics: int
+    encoders: int
+    activations: int
+    reserve: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{f.name.replace('_', ' ')} {getattr(self, f.name) / GB:.2f} GB" for f in fields(self)
+        )
+        return f"{self.total / GB:.2f} GB ({parts})"
+
+
+def dit_weight_bytes(model: nn.Module, fp8: bool, bytes_per_value: int = 2) -> int:
+    """Bytes of the DiT's weights as loaded (`model` may live on `meta`)."""
+    total = sum(t.numel() for t in model.state_dict().values()) * bytes_per_value
+    if not fp8:
+        return total
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not is_excluded_from_fp8(name):
+            total -= module.weight.numel() * (bytes_per_value - 1)  # 1 byte per FP8 weight
+            total += 4  # its fp32 scale
+    return total
+
+
+def kv_cache_bytes(
+    num_layers: int,
+    dim: int,
+    sink_tokens: int,
+    block_tokens: int,
+    *,
+    rings: int = DENOISING_STEPS,
+    history_blocks: int = HISTORY_BLOCKS,
+    bytes_per_value: int = 2,
+) -> int:
+    """Keys + values of every layer: one sink shared by all rings, plus `history_blocks` blocks per ring."""
+    tokens = sink_tokens + rings * history_blocks * block_tokens
+    return num_layers * 2 * tokens * dim * bytes_per_value
+
+
+def ispa_statistics_bytes(num_layers: int, dim: int) -> int:
+    """G and C, two D×D fp32 matrices per layer, held during ISPA's warmup."""
+    return num_layers * 2 * dim * dim * 4
+
+
+def encoder_bytes(text_encoder_on_gpu: bool, bytes_per_value: int = 2) -> int:
+    """VAE + wav2vec2 (always on the GPU) and the umT5-XXL encoder when it is not offloaded."""
+    params = (
+        WAN21_VAE_PARAMS + WAV2VEC2_LARGE_PARAMS + (UMT5_XXL_ENCODER_PARAMS if text_encoder_on_gpu else 0)
+    )
+    return params * bytes_per_value
+
+
+def activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int, height: int, width: int) -> int:
+    """Estimate of the largest live activations: one block forward of the DiT, then one block of VAE decode.
+
+    DiT: the gathered keys and values attended to (sink + history + current block), about twelve hidden-size
+    tensors of the block's tokens, and the FFN's two widest tensors. VAE: about eight full-resolution maps of
+    `VAE_DECODER_WIDTH` channels over the 4 video frames one latent frame decodes to. All bf16.
+    """
+    attended = sink_tokens + (HISTORY_BLOCKS + 1) * block_tokens
+    dit = 2 * (2 * attended * config.dim + 12 * block_tokens * config.dim + 2 * block_tokens * config.ffn_dim)
+    vae = 2 * 8 * 4 * height * width * VAE_DECODER_WIDTH
+    return dit + vae
+
+
+def plan_memory(
+    config: DiTConfig,
+    height: int,
+    width: int,
+    *,
+    fp8: bool,
+    ispa_warmup: bool = True,
+    text_encoder_on_gpu: bool = False,
+) -> MemoryPlan:
+    """GPU memory for generating `height`×`width` video with this DiT configuration (peak during warmup if asked)."""
+    if height <= 0 or width <= 0 or height % 64 or width % 64:
+        raise ValueError(f"video size must be positive multiples of 64, got {height}×{width}")
+    with torch.device("meta"):
+        model = LiveAvatarDiT.from_config(config)
+    latent_height, latent_width = height // 8, width // 8
+    sink_tokens = model.sink_token_count(latent_height, latent_width)
+    block_tokens = FRAMES_PER_BLOCK * model.tokens_per_frame(latent_height, latent_width)
+    return MemoryPlan(
+        dit_weights=dit_weight_bytes(model, fp8),
+        kv_cache=kv_cache_bytes(config.num_layers, config.dim, sink_tokens, block_tokens),
+        ispa_statistics=ispa_statistics_bytes(config.num_layers, config.dim) if ispa_warmup else 0,
+        encoders=encoder_bytes(text_encoder_on_gpu),
+        activations=activation_bytes(config, sink_tokens, block_tokens, height, width),
+        reserve=CUDA_RESERVE_BYTES,
+    )
+
+
+def check_gpu_memory(plan: MemoryPlan, device: torch.device | str | None = None) -> None:
+    """Raise InsufficientGPUMemoryError unless the plan fits the free memory of the CUDA device."""
+    if not torch.cuda.is_available():
+        raise InsufficientGPUMemoryError(
+            f"no CUDA GPU is available; this configuration needs {plan.describe()}"
+        )
+    device = torch.device("cuda" if device is None else device)
+    free, total = torch.cuda.mem_get_info(device)
+    if plan.total > free:
+        raise InsufficientGPUMemoryError(
+            f"not enough GPU memory on {torch.cuda.get_device_name(device)}: needs {plan.describe()}, "
+            f"but only {free / GB:.2f} GB of {total / GB:.2f} GB is free. Try FP8, a smaller video size, "
+            "offloading the text encoder, or a larger GPU."
+        )

@@ -1,0 +1,121 @@
+"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, with_weight_delta, and the model conversion."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avatars.liveavatar.weights.fp8 import (
+    EXCLUDED_FROM_FP8,
+    FP8_MAX,
+    FP8Linear,
+    convert_linears_to_fp8,
+    dequantize,
+    quantize_per_tensor,
+    with_weight_delta,
+)
+
+# e4m3 keeps 3 mantissa bits: rounding a normal number costs at most half a step, 2^-4 of its magnitude;
+# below 2^-6 (subnormals) the step is fixed at 2^-9, so the error is at most 2^-10 (in scaled units).
+_REL = 2.0**-4
+_SUBNORMAL_ABS = 2.0**-10
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 0.05, 1.0, 300.0])
+def test_round_trip_error_is_within_e4m3_precision(magnitude):
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * magnitude
+    x_fp8, scale = quantize_per_tensor(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.dim() == 0
+    back = dequantize(x_fp8, scale)
+    bound = torch.maximum(x.abs() * _REL, torch.full_like(x, _SUBNORMAL_ABS) * scale)
+    assert torch.all((back - x).abs() <= bound * 1.0001)
+    # The multiplier is FP8_MAX / amax, capped at FP8_MAX (official): the largest value lands on ±448 when amax ≥ 1.
+    amax = x.abs().max()
+    expected_scale = max(amax / FP8_MAX, torch.tensor(1.0 / FP8_MAX))
+    torch.testing.assert_close(scale, expected_scale.float(), rtol=1e-6, atol=0)
+
+
+def test_fallback_forward_is_the_dequantized_matmul():
+    linear = nn.Linear(32, 16)
+    layer = FP8Linear.from_linear(linear)
+    x = torch.randn(2, 5, 32)
+    expected = F.linear(x, layer.weight_fp8.float() * layer.weight_scale, linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # and it is close to the original layer (weights rounded to e4m3 only)
+    assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+
+
+def test_with_weight_delta_leaves_the_original_untouched_and_requantizes():
+    layer = FP8Linear.from_linear(nn.Linear(24, 12))
+    before = (layer.weight_fp8.clone(), layer.weight_scale.clone(), layer.bias.detach().clone())
+    delta = 0.1 * torch.randn(12, 24)
+    new = layer.with_weight_delta(delta)
+
+    assert new is not layer and new.weight_fp8.data_ptr() != layer.weight_fp8.data_ptr()
+    assert torch.equal(layer.weight_fp8.view(torch.uint8), before[0].view(torch.uint8))
+    assert torch.equal(layer.weight_scale, before[1]) and torch.equal(layer.bias, before[2])
+
+    target = dequantize(before[0], before[1]) + delta
+    target_fp8, target_scale = quantize_per_tensor(target)
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(
+        new(x), F.linear(x, dequantize(target_fp8, target_scale), before[2]), rtol=1e-6, atol=1e-6
+    )
+    assert torch.all(
+        (new.dequantized_weight() - target).abs() <= target.abs() * _REL + _SUBNORMAL_ABS * target_scale
+    )
+
+
+def test_with_weight_delta_on_a_plain_linear_copies():
+    linear = nn.Linear(8, 4)
+    weight = linear.weight.detach().clone()
+    delta = torch.randn(4, 8)
+    new = with_weight_delta(linear, delta)
+    assert torch.equal(linear.weight, weight)
+    torch.testing.assert_close(new.weight, weight + delta)
+    assert torch.equal(new.bias, linear.bias)
+    with pytest.raises(ValueError, match="shape"):
+        with_weight_delta(linear, torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="nn.Linear or FP8Linear"):
+        with_weight_delta(nn.Conv1d(1, 1, 1), delta)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.time_embedding = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"q": nn.Linear(8, 8), "o": nn.Linear(8, 8)}) for _ in range(2)
+        )
+        self.head = nn.Module()
+        self.head.head = nn.Linear(8, 4)
+        self.norm = nn.LayerNorm(8)
+
+
+def test_convert_linears_skips_the_official_exclusions():
+    model = _Toy()
+    reference = {
+        name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    assert convert_linears_to_fp8(model) == 4
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name in reference}
+    assert kinds == {
+        "time_embedding.0": "Linear",
+        "time_embedding.2": "Linear",
+        "blocks.0.q": "FP8Linear",
+        "blocks.0.o": "FP8Linear",
+        "blocks.1.q": "FP8Linear",
+        "blocks.1.o": "FP8Linear",
+        "head.head": "Linear",
+    }
+    fp8 = model.get_submodule("blocks.1.o")
+    w = reference["blocks.1.o"]
+    assert torch.all(
+        (fp8.dequantized_weight() - w).abs() <= w.abs() * _REL + _SUBNORMAL_ABS * fp8.weight_scale
+    )
+    assert "head.head" in EXCLUDED_FROM_FP8
+
+
+def test_rejects_a_non_fp8_weight():
+    with pytest.raises(ValueError, match="float8"):
+        FP8Linear(torch.zeros(4, 4), torch.tensor(1.0), None)
