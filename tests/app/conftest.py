@@ -1,8 +1,10 @@
-"""Shared fixtures for the app tests: temp-dir isolation and the example inputs beside the repo."""
+"""Shared fixtures for the app tests: temp-dir isolation, the example inputs beside the repo, the served app."""
 
 from __future__ import annotations
 
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,25 @@ def _isolated_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def examples_dir() -> Path:
     assert EXAMPLES_DIR.is_dir(), f"example inputs missing at {EXAMPLES_DIR}"
     return EXAMPLES_DIR
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(_isolated_temp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The whole app served on a free local port (temp files in this test's tmp_path, no analytics)."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.main import build_demo, serve
+
+    demo = build_demo()
+    _, url, _ = serve(
+        demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True
+    )
+    try:
+        yield url
+    finally:
+        demo.close()

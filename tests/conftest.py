@@ -1,7 +1,10 @@
-"""Point Hypothesis's on-disk cache at a temporary directory: tests must not write into the working tree.
+"""Suite-wide settings, applied at configure time (before collection).
 
-Hypothesis writes ./.hypothesis while pytest collects (its plugin caches source constants), so this has to happen
-at configure time, before collection, rather than in a fixture.
+* Hypothesis's on-disk cache goes to a temporary directory: tests must not write into the working tree, and
+  Hypothesis writes ./.hypothesis while pytest collects (its plugin caches source constants).
+* torch runs one intra-op thread: the tiny models gain nothing from two on a 2-core machine, and two threads
+  thrash badly whenever the served app or another process is busy at the same time (a tiny VAE decode went
+  from 0.3 s to 4 s).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import shutil
 import tempfile
 
 import pytest
+import torch
 from hypothesis.configuration import set_hypothesis_home_dir
 
 _hypothesis_dir: str | None = None
@@ -19,6 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _hypothesis_dir
     _hypothesis_dir = tempfile.mkdtemp(prefix="hypothesis-")
     set_hypothesis_home_dir(_hypothesis_dir)
+    torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,0 +1,3 @@
+from avatars.liveavatar.cli import main
+
+raise SystemExit(main())

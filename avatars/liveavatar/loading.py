@@ -1,0 +1,137 @@
+"""Building a ready pipeline: the tiny untrained test model, or LiveAvatar 14B from its real weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.encoders.audio import AudioEncoder
+from avatars.liveavatar.encoders.text import TextEncoder
+from avatars.liveavatar.encoders.tiny import tiny_tokenizer, tiny_umt5, tiny_vae, tiny_wav2vec2
+from avatars.liveavatar.encoders.vae import WanVAE
+from avatars.liveavatar.pipeline import LiveAvatarPipeline, SizeChoice
+from avatars.liveavatar.weights.dit_loader import load_dit
+from avatars.liveavatar.weights.errors import CheckpointError
+from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
+from avatars.liveavatar.weights.hub import WeightPaths, resolve_weights
+from avatars.liveavatar.weights.memory import check_gpu_memory, plan_memory
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES = ("tiny", "14b")
+WEIGHTS_ENV = "ISPA_WEIGHTS"  # where `python -m avatars.liveavatar.download` put the weights
+DEFAULT_WEIGHTS_DIR = Path("weights")
+TINY_LABEL = "tiny untrained test model (random weights): shows the engine working, not a real face"
+LIVEAVATAR_LABEL = "LiveAvatar (Wan2.2-S2V-14B + LiveAvatar LoRA)"
+TINY_SIZES = (SizeChoice("128×64 area", 128 * 64), SizeChoice("64×64 area", 64 * 64))
+LIVEAVATAR_SIZES = (SizeChoice("704×384 (official)", 720 * 400), SizeChoice("512×320 (faster)", 512 * 320))
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS_DIR))
+
+
+def available_models() -> dict[str, str | None]:
+    """Each model name → None when it can run here, else the reason it cannot (for the UI to show)."""
+    reasons: dict[str, str | None] = {"tiny": None}
+    if not torch.cuda.is_available():
+        reasons["14b"] = "needs an NVIDIA GPU (none found); the tiny test model runs instead"
+    else:
+        try:
+            resolve_weights(weights_dir())
+            reasons["14b"] = None
+        except CheckpointError as err:
+            reasons["14b"] = (
+                f"weights not found in {weights_dir()} ({str(err).splitlines()[0]}); "
+                "download them with `python -m avatars.liveavatar.download`"
+            )
+    return reasons
+
+
+def build_tiny_pipeline(seed: int = 0) -> LiveAvatarPipeline:
+    """The real classes at the tiny preset with seeded random weights, on CPU in fp32.
+
+    Zero-initialised tensors (the audio injector's output, adaLN) get small random values so that every input
+    — audio, history, prompt — visibly changes the output.
+    """
+    config = PRESETS["tiny"]
+    torch.manual_seed(seed)
+    dit = LiveAvatarDiT.from_config(config)
+    with torch.no_grad():
+        for tensor in dit.state_dict().values():
+            if tensor.is_floating_point() and not torch.any(tensor):
+                tensor.normal_(std=0.02)
+    dit.eval()
+    wav2vec2, extractor = tiny_wav2vec2(seed)
+    tokenizer = tiny_tokenizer()
+    text = TextEncoder(tiny_umt5(len(tokenizer), seed), tokenizer, text_len=config.text_len)
+    return LiveAvatarPipeline(
+        dit,
+        AudioEncoder(wav2vec2, extractor),
+        text,
+        WanVAE(tiny_vae(seed)),
+        label=TINY_LABEL,
+        is_test_model=True,
+        size_divisor=64,  # the FramePack 4× bucket needs latents in multiples of 8
+        sizes=TINY_SIZES,
+    )
+
+
+def build_liveavatar_pipeline(
+    paths: WeightPaths,
+    *,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+    offload_text_encoder: bool = True,
+) -> LiveAvatarPipeline:
+    """LiveAvatar 14B from local weights: DiT with the LoRA merged (then FP8 if asked), wav2vec2, umT5, VAE.
+
+    Checks the GPU has room for the default size first, so a too-small GPU fails with a clear message
+    before 40 GB are read from disk.
+    """
+    device = torch.device(device)
+    config = PRESETS["14b"]
+    height, width = 704, 384
+    plan = plan_memory(config, height, width, fp8=fp8, text_encoder_on_gpu=not offload_text_encoder)
+    if device.type == "cuda":
+        check_gpu_memory(plan, device)
+    logger.info("loading LiveAvatar 14B (%s)", plan.describe())
+    dit = load_dit(paths.dit_dir, lora_path=paths.lora_file, dtype=dtype, device=device)
+    if fp8:
+        convert_linears_to_fp8(dit)
+    text = TextEncoder.from_pretrained(
+        paths.text_encoder_dir,
+        paths.tokenizer_dir,
+        text_len=dit.config.text_len,
+        dtype=dtype,
+        device=device,
+        offload=offload_text_encoder,
+    )
+    return LiveAvatarPipeline(
+        dit,
+        AudioEncoder.from_pretrained(paths.wav2vec2_dir, dtype=torch.float32, device=device),
+        text,
+        WanVAE.from_pretrained(paths.vae_dir, dtype=dtype, device=device),
+        label=LIVEAVATAR_LABEL,
+        is_test_model=False,
+        size_divisor=64,
+        sizes=LIVEAVATAR_SIZES,
+    )
+
+
+def load_pipeline(name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
+    """'tiny' (CPU, no download) or '14b' (CUDA, weights under $ISPA_WEIGHTS or ./weights)."""
+    if name == "tiny":
+        return build_tiny_pipeline()
+    if name == "14b":
+        reason = available_models()["14b"]
+        if reason is not None:
+            raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
+        return build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

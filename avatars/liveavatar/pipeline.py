@@ -1,0 +1,386 @@
+"""LiveAvatar streaming generation: a portrait and speech in, one chunk of video per 12-frame block out.
+
+The loop, per block k (latent frames 3k..3k+2, video frames 12k..12k+11 at 25 fps):
+1. the block's 12 wav2vec2 features (computed as the audio arrives) → the DiT's audio tokens, padded with the
+   block's first frame as the official loop does;
+2. noise for the block from the run's own generator — one draw per 4-block clip seeded `seed + clip`, the
+   official single-GPU layout — then 4 Euler steps of the flow-matching schedule (shift 3), each attending
+   through the ISPA session to the sink and to that step's own history ring;
+3. `session.end_block()`: the policy may absorb or recalibrate here, and reports the KV figures;
+4. the VAE decodes the block with its causal cache (warmed once with the motion latents, as the official
+   decode sees them in front of the first clip); the first block drops its first 3 frames as the official
+   pipeline does, and the last block is cut where the audio ends.
+
+Nothing grows with video length: chunks are handed out, the audio buffers keep only what is still needed,
+RoPE angles come from positions (no table to run off), and the KV history is the session's bounded rings.
+Each `stream()` call owns its session, decoder cache and random generators, so two runs (Full and ISPA with
+the same seed) can share one loaded model and be advanced alternately, block by block.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avatars.base import AvatarChunk, GenerationRequest
+from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
+from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
+from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
+from avatars.liveavatar.encoders.text import TextEncoder
+from avatars.liveavatar.encoders.vae import MOTION_FRAMES, StreamingDecoder, WanVAE
+from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
+from avatars.liveavatar.sizing import choose_size, fit_portrait
+from ispa import AttentionSession, CacheLayout, Policy
+
+logger = logging.getLogger(__name__)
+
+FPS = 25
+LATENT_FRAMES_PER_BLOCK = 3
+VIDEO_FRAMES_PER_BLOCK = 12
+BLOCKS_PER_CLIP = 4  # the official noise is drawn per clip of 12 latent frames
+HISTORY_BLOCKS = 3  # the ring window: the current block plus the 3 before it (12 latent frames)
+DROPPED_FIRST_FRAMES = 3  # the official pipeline cuts the first 3 frames of the video
+DENOISING_STEPS = 4
+SCHEDULE_SHIFT = 3.0
+REF_SHIFT_RANGE = (4, 30)  # the official `random.randint(4, 30)`, redrawn every forward
+AUDIO_PIECE_SECONDS = 1.0  # whole-file audio is fed to the feature encoder in pieces of this length
+
+
+def available_models() -> dict[str, str | None]:
+    """Each model name → None when it can run here, else why not (see `avatars.liveavatar.loading`)."""
+    from avatars.liveavatar.loading import available_models as reasons  # loading builds on this module
+
+    return reasons()
+
+
+class RunControl:
+    """Flags the app flips while a run streams; the run reads them between blocks. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recalibrate = False
+        self._cancelled = False
+
+    def request_recalibration(self) -> None:
+        with self._lock:
+            self._recalibrate = True
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        with self._lock:
+            return self._cancelled
+
+    def take_recalibration(self) -> bool:
+        """True once per request."""
+        with self._lock:
+            requested, self._recalibrate = self._recalibrate, False
+            return requested
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    label: str
+    max_area: int
+
+
+class LiveAvatarPipeline:
+    """The DiT and its three encoders, loaded once; `stream()` runs one generation."""
+
+    def __init__(
+        self,
+        dit: LiveAvatarDiT,
+        audio_encoder: AudioEncoder,
+        text_encoder: TextEncoder,
+        vae: WanVAE,
+        *,
+        label: str,
+        is_test_model: bool,
+        size_divisor: int,
+        sizes: tuple[SizeChoice, ...],
+    ) -> None:
+        if not sizes:
+            raise ValueError("a pipeline needs at least one size choice")
+        self.dit = dit
+        self.audio_encoder = audio_encoder
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.label = label
+        self.is_test_model = is_test_model
+        self.size_divisor = size_divisor
+        self.sizes = sizes
+        self.sample_rate = SAMPLE_RATE
+        self.fps = FPS
+        sigmas = flow_match_sigmas(DENOISING_STEPS, SCHEDULE_SHIFT)
+        self._sigmas = sigmas.tolist()
+        self._timesteps = timesteps_from_sigmas(sigmas).tolist()
+
+    @classmethod
+    def load(cls, name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
+        """'tiny' or '14b' (see `avatars.liveavatar.loading`)."""
+        from avatars.liveavatar.loading import load_pipeline  # loading builds on this module
+
+        return load_pipeline(name, fp8=fp8)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.device
+
+    def size_choices(self) -> list[tuple[str, int]]:
+        """(label, max pixel area) for a size dropdown; the first is the default."""
+        return [(s.label, s.max_area) for s in self.sizes]
+
+    def output_size(self, portrait: np.ndarray, max_area: int | None = None) -> tuple[int, int]:
+        """(height, width) of the video made from this portrait under `max_area` (default: the first choice)."""
+        area = self.sizes[0].max_area if max_area is None else max_area
+        if not isinstance(area, int) or area <= 0:
+            raise ValueError(f"max_area must be a positive number of pixels, got {area!r}")
+        return choose_size(portrait.shape[0], portrait.shape[1], area, self.size_divisor)
+
+    # ---- one run -------------------------------------------------------------------------------------------
+    def stream(
+        self,
+        request: GenerationRequest,
+        policy: Policy,
+        *,
+        max_area: int | None = None,
+        control: RunControl | None = None,
+    ) -> Iterator[AvatarChunk]:
+        """Generate chunk by chunk. Bad input raises ValueError before anything runs.
+
+        Closing the generator (or `control.cancel()`, honoured between blocks) ends the run and frees what it
+        held on the device.
+        """
+        portrait = _check_portrait(request.portrait)
+        if not isinstance(request.sample_rate, int) or request.sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, got {request.sample_rate!r}")
+        if not isinstance(request.seed, int) or request.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {request.seed!r}")
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be an ISPA Policy (FullPolicy or ISPAPolicy), got {policy!r}")
+        height, width = self.output_size(portrait, max_area)
+        return self._run(request, policy, height, width, control or RunControl())
+
+    def _run(
+        self, request: GenerationRequest, policy: Policy, height: int, width: int, control: RunControl
+    ) -> Iterator[AvatarChunk]:
+        dit, device = self.dit, self.device
+        audio = _AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
+        fitted = fit_portrait(request.portrait, height, width)
+        latent_h, latent_w = height // 8, width // 8
+
+        # 1. Conditioning: text, reference latent, motion latents
+        context = dit.embed_text(self.text_encoder.encode(request.prompt)[None].to(device))
+        ref_latent = self.vae.encode_reference(fitted).to(device)
+        motion_latents = self.vae.encode_motion(fitted, MOTION_FRAMES).to(device)
+
+        # 2. The run's KV state and sink
+        layout = CacheLayout(
+            block_tokens=LATENT_FRAMES_PER_BLOCK * dit.tokens_per_frame(latent_h, latent_w),
+            history_blocks=HISTORY_BLOCKS,
+            num_rings=DENOISING_STEPS,
+            frames_per_block=LATENT_FRAMES_PER_BLOCK,
+        )
+        session = AttentionSession(policy, num_layers=dit.config.num_layers, layout=layout)
+        decoder = self.vae.stream_decoder()
+        try:
+            dit.prefill_sink(session, ref_latent, motion_latents, context)
+            decoder.decode_block(motion_latents)  # warms the causal cache; those frames are not shown
+            del ref_latent, motion_latents
+            yield from self._blocks(
+                request.seed, session, decoder, audio, context, latent_h, latent_w, control
+            )
+        finally:
+            session.close()
+            del decoder
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _blocks(
+        self,
+        seed: int,
+        session: AttentionSession,
+        decoder: StreamingDecoder,
+        audio: _AudioTimeline,
+        context: torch.Tensor,
+        latent_h: int,
+        latent_w: int,
+        control: RunControl,
+    ) -> Iterator[AvatarChunk]:
+        dit, device = self.dit, self.device
+        ref_shifts = random.Random(seed)
+        clip_noise = None
+        video_frames_done = 0  # frames of the model's timeline handed out or dropped
+        for block, (features, valid_frames) in enumerate(audio.feature_blocks()):
+            if control.cancelled:
+                return
+            if control.take_recalibration():
+                session.request_recalibration()
+            started = time.perf_counter()
+
+            # 1. Noise: one draw per clip of 4 blocks, from the run's own generator
+            within_clip = block % BLOCKS_PER_CLIP
+            if within_clip == 0:
+                generator = torch.Generator(device).manual_seed(seed + block // BLOCKS_PER_CLIP)
+                shape = (1, dit.config.in_dim, LATENT_FRAMES_PER_BLOCK * BLOCKS_PER_CLIP, latent_h, latent_w)
+                clip_noise = torch.randn(shape, generator=generator, device=device, dtype=dit.dtype)
+            first = within_clip * LATENT_FRAMES_PER_BLOCK
+            latents = clip_noise[:, :, first : first + LATENT_FRAMES_PER_BLOCK]
+
+            # 2. Denoise: 4 Euler steps, step i reading and extending history ring i
+            window = block_audio_window(features.permute(1, 2, 0)[None].to(device), 0, VIDEO_FRAMES_PER_BLOCK)
+            audio_tokens = dit.encode_audio(window)
+            for step, timestep in enumerate(self._timesteps):
+                flow = dit.forward_block(
+                    session,
+                    latents,
+                    timestep,
+                    context,
+                    audio_tokens,
+                    frame_index=block * LATENT_FRAMES_PER_BLOCK,
+                    ring=step,
+                    ref_shift=ref_shifts.randint(*REF_SHIFT_RANGE),
+                )
+                latents = euler_step(latents, flow, self._sigmas[step], self._sigmas[step + 1])
+            report = session.end_block()
+            _synchronize(device)
+            model_seconds = time.perf_counter() - started
+
+            # 3. Decode with the causal cache; keep the frames the audio covers
+            started = time.perf_counter()
+            video = decoder.decode_block(latents)  # [1, 3, 12, H, W] in [-1, 1]
+            frames = _to_uint8_frames(video)
+            decode_seconds = time.perf_counter() - started
+            start = DROPPED_FIRST_FRAMES if block == 0 else 0
+            stop = min(VIDEO_FRAMES_PER_BLOCK, valid_frames)
+            first_frame = video_frames_done + start
+            video_frames_done += VIDEO_FRAMES_PER_BLOCK
+            if stop <= start:
+                continue
+            frames = frames[start:stop]
+            last_frame = first_frame + len(frames)
+
+            yield AvatarChunk(
+                index=block,
+                frames=frames,
+                audio=audio.samples_for_frames(first_frame, last_frame, FPS),
+                sample_rate=audio.sample_rate,
+                fps=FPS,
+                report={
+                    **report.to_dict(),
+                    "seconds": model_seconds,
+                    "decode_seconds": decode_seconds,
+                    "num_layers": dit.config.num_layers,
+                    "frames": len(frames),
+                    "t_seconds": last_frame / FPS,
+                },
+            )
+
+
+class _AudioTimeline:
+    """The request's audio as it arrives: wav2vec2 features in blocks of 12 frames, and raw slices per chunk.
+
+    Whole-file audio and live pieces take the same path (the streaming feature encoder), so a live run
+    equals an offline run of the same audio. Raw samples are kept only until their chunk is handed out.
+    """
+
+    def __init__(
+        self, audio: np.ndarray | Iterable[np.ndarray], sample_rate: int, encoder: AudioEncoder
+    ) -> None:
+        self.sample_rate = sample_rate
+        self._encoder = StreamingAudioEncoder(encoder, sample_rate, group_frames=VIDEO_FRAMES_PER_BLOCK)
+        if isinstance(audio, np.ndarray):
+            whole = _check_piece(audio)
+            if whole.size == 0:
+                raise ValueError("audio is empty (zero samples)")
+            step = max(1, round(AUDIO_PIECE_SECONDS * sample_rate))
+            self._pieces: Iterable[np.ndarray] = (whole[i : i + step] for i in range(0, whole.size, step))
+        else:
+            self._pieces = audio
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._buffer_start = 0  # sample index of _buffer[0]
+        self._features = None  # features not yet handed out, [n, layers, dim]
+
+    def feature_blocks(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """(features [12, layers, dim], frames with real audio) per block, as soon as each is computable."""
+        for piece in self._pieces:
+            if piece is None:
+                break
+            samples = _check_piece(piece)
+            self._buffer = np.concatenate([self._buffer, samples])
+            yield from self._take(self._encoder.push(samples), final=False)
+        if self._encoder.frames_done == 0 and self._received() == 0:
+            raise ValueError("audio is empty (zero samples)")
+        yield from self._take(self._encoder.finish(), final=True)
+
+    def _take(self, new: torch.Tensor, final: bool) -> Iterator[tuple[torch.Tensor, int]]:
+        pending = new if self._features is None else torch.cat([self._features, new])
+        while len(pending) >= VIDEO_FRAMES_PER_BLOCK:
+            yield pending[:VIDEO_FRAMES_PER_BLOCK], VIDEO_FRAMES_PER_BLOCK
+            pending = pending[VIDEO_FRAMES_PER_BLOCK:]
+        if final and len(pending):
+            # The official code zero-fills the features past the end of the audio; those frames are cut.
+            padding = pending.new_zeros(VIDEO_FRAMES_PER_BLOCK - len(pending), *pending.shape[1:])
+            yield torch.cat([pending, padding]), len(pending)
+            pending = pending[:0]
+        self._features = pending
+
+    def _received(self) -> int:
+        return self._buffer_start + self._buffer.size
+
+    def samples_for_frames(self, first_frame: int, last_frame: int, fps: int) -> np.ndarray:
+        """The audio that plays with video frames [first_frame, last_frame), zero-padded past the end."""
+        start = round(first_frame * self.sample_rate / fps)
+        stop = round(last_frame * self.sample_rate / fps)
+        begin = start - self._buffer_start
+        out = self._buffer[max(0, begin) : stop - self._buffer_start]
+        if begin < 0:  # never: chunks are handed out in order
+            raise RuntimeError("audio for an earlier chunk was already released")
+        if out.size < stop - start:
+            out = np.concatenate([out, np.zeros(stop - start - out.size, dtype=np.float32)])
+        self._buffer = self._buffer[max(0, stop - self._buffer_start) :]
+        self._buffer_start = max(self._buffer_start, stop)
+        return out
+
+
+def _check_portrait(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"portrait must be a uint8 RGB image [H, W, 3], got {got}")
+    if min(image.shape[:2]) < 16:
+        raise ValueError(f"portrait is too small ({image.shape[1]}×{image.shape[0]} pixels)")
+    return image
+
+
+def _check_piece(piece: np.ndarray) -> np.ndarray:
+    samples = np.asarray(piece, dtype=np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(
+            f"audio must be mono samples (1-D) or (samples, channels), got shape {samples.shape}"
+        )
+    if not np.all(np.isfinite(samples)):
+        raise ValueError("audio contains NaN or infinite samples")
+    return samples
+
+
+def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] → [T, H, W, 3] uint8 on the host."""
+    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

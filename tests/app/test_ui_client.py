@@ -1,0 +1,272 @@
+"""The app end to end through gradio_client, on the tiny test model: the `/generate` stream, its side panel
+and final files checked against the engine's own per-chunk reports, compare mode, Stop and Recalibrate, and
+clear errors for bad input with the server still serving afterwards."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app.models import model_availability
+from app.panels import FULL_RING, FULL_RUN, ISPA_RUN, THIS_RUN
+
+PLAYER_A, PLAYER_B, PLOT, CAPTION, LAYERS, SUMMARY, DRIFT, STATUS, FILES, REPORT = range(10)
+SMALL = "64×64 area"  # the tiny model's smaller size keeps every run short
+FPS = 25
+TINY_LAYERS = 4
+
+
+@pytest.fixture
+def client(app_url: str):
+    c = Client(app_url, verbose=False, download_files=False)
+    yield c
+    c.close()
+
+
+def speech_clip(examples_dir: Path, tmp_path: Path, seconds: float) -> Path:
+    audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
+    path = tmp_path / f"speech-{seconds}s.wav"
+    sf.write(path, audio[: round(seconds * rate)], rate)
+    return path
+
+
+def submit(
+    client: Client,
+    portrait,
+    audio,
+    *,
+    policy="ISPA",
+    t_warm=6,
+    text="",
+    k=0.5,
+    seed=1,
+    model="tiny",
+    size=SMALL,
+):
+    return client.submit(
+        handle_file(str(portrait)) if portrait else None,
+        handle_file(str(audio)) if audio else None,
+        text,
+        "",
+        policy,
+        k,
+        t_warm,
+        seed,
+        model,
+        1e-3,
+        size,
+        api_name="/generate",
+    )
+
+
+def run(client: Client, portrait, audio, **kwargs) -> list[tuple]:
+    job = submit(client, portrait, audio, **kwargs)
+    job.result()
+    assert job.status().success
+    return job.outputs()
+
+
+def plot_frame(value: dict) -> pd.DataFrame:
+    return pd.DataFrame(value["data"], columns=value["columns"])
+
+
+def local_cells(layer_map: str) -> int:
+    states = re.findall(r'data-state="([LF])"', layer_map)
+    assert len(states) == TINY_LAYERS
+    return states.count("L")
+
+
+def fetch(url: str) -> bytes:
+    response = httpx.get(url, timeout=60)
+    response.raise_for_status()
+    return response.content
+
+
+def video_frames(data: bytes) -> int:
+    with av.open(io.BytesIO(data)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def streamed(outputs: list[tuple], index: int) -> list[dict]:
+    return [o[index] for o in outputs if isinstance(o[index], dict) and o[index].get("is_stream")]
+
+
+def check_stream(outputs: list[tuple], index: int, frames: int) -> str:
+    """The player got a live stream whose playlist ends, and whose segments hold exactly the run's frames."""
+    values = streamed(outputs, index)
+    assert values, "the player never received a stream segment"
+    url = values[-1]["url"]
+    assert {v["url"] for v in values} == {url}  # one stream per run, extended segment by segment
+    playlist = fetch(url).decode()
+    assert playlist.startswith("#EXTM3U") and playlist.rstrip().endswith("#EXT-X-ENDLIST")
+    durations = [float(d) for d in re.findall(r"#EXTINF:([0-9.]+)", playlist)]
+    print("DUR", durations, frames / FPS)
+    # One segment per yielded file; Gradio may append one more holding the tail of its audio encoder.
+    assert len(values) <= len(durations) <= len(values) + 1
+    assert sum(durations[: len(values)]) == pytest.approx(frames / FPS, abs=0.05)
+    assert video_frames(fetch(url.replace("playlist.m3u8", "playlist-file"))) == frames
+    return url
+
+
+def check_final_files(outputs: list[tuple], names: list[str]) -> dict:
+    """The downloads are the run's mp4(s) with all its frames and a report.json equal to the JSON shown."""
+    final = outputs[-1]
+    report = final[REPORT]
+    files = {f["orig_name"]: f for f in final[FILES]}
+    assert set(files) == {*(f"avatar-{n.lower()}.mp4" for n in names), "report.json"}
+    assert json.loads(fetch(files["report.json"]["url"])) == report
+    for name in names:
+        frames = round(report["runs"][name]["video_seconds"] * FPS)
+        assert frames == sum(c["frames"] for c in report["runs"][name]["chunks"])
+        assert video_frames(fetch(files[f"avatar-{name.lower()}.mp4"]["url"])) == frames
+    return report
+
+
+def test_ispa_run_streams_and_its_panels_follow_the_engine(
+    client, examples_dir: Path, tmp_path: Path
+) -> None:
+    outputs = run(client, examples_dir / "fashion_blogger.jpg", speech_clip(examples_dir, tmp_path, 2.0))
+    report = check_final_files(outputs, ["ISPA"])
+    chunks = report["runs"]["ISPA"]["chunks"]
+    assert len(chunks) >= 3
+    assert len(outputs) == len(chunks) + 1  # one update per chunk, then the final one
+    assert report["is_test_model"] and "untrained" in report["model"]
+    assert all("untrained" in o[STATUS] for o in outputs)
+
+    # The plot grows by one point per chunk and carries the engine's own byte counts.
+    for i, out in enumerate(outputs[:-1]):
+        df = plot_frame(out[PLOT])
+        mine, ring = df[df.series == THIS_RUN], df[df.series == FULL_RING]
+        assert len(mine) == len(ring) == i + 1
+        np.testing.assert_allclose(mine.GB, [c["kv_bytes"] / 1e9 for c in chunks[: i + 1]], rtol=1e-12)
+        np.testing.assert_allclose(
+            ring.GB, [c["kv_bytes_full_ring"] / 1e9 for c in chunks[: i + 1]], rtol=1e-12
+        )
+
+    # The absorb is marked on the plot where it happened, and layers are local from then on, not before.
+    absorb = next(i for i, c in enumerate(chunks) if c["event"] == "absorbed")
+    seconds_to_absorb = sum(c["frames"] for c in chunks[: absorb + 1]) / FPS
+    marker = plot_frame(outputs[-1][PLOT]).query("series == 'absorbed'")
+    assert marker.t_seconds.tolist() == pytest.approx([seconds_to_absorb] * 2)
+    assert f"absorbed at {seconds_to_absorb:.2f} s" in outputs[-1][CAPTION]
+    for i, out in enumerate(outputs[:-1]):
+        assert local_cells(out[LAYERS]) == len(chunks[i]["l_layers"])
+        assert (local_cells(out[LAYERS]) > 0) == (i >= absorb)
+    assert local_cells(outputs[-1][LAYERS]) == round(0.5 * TINY_LAYERS)
+
+    total_frames = round(report["runs"]["ISPA"]["video_seconds"] * FPS)
+    check_stream(outputs, PLAYER_A, total_frames)
+    assert not streamed(outputs, PLAYER_B)  # the second player is for compare mode only
+    assert report["first_video_after_s"] > 0 and not report["stopped_early"]
+
+
+def test_full_run_never_turns_a_layer_local(client, examples_dir: Path, tmp_path: Path) -> None:
+    outputs = run(
+        client, examples_dir / "fashion_blogger.jpg", speech_clip(examples_dir, tmp_path, 1.0), policy="Full"
+    )
+    report = check_final_files(outputs, ["Full"])
+    chunks = report["runs"]["Full"]["chunks"]
+    assert len(chunks) >= 2
+    assert all(local_cells(o[LAYERS]) == 0 for o in outputs)
+    assert all(c["l_layers"] == [] and c["event"] is None for c in chunks)
+    assert set(plot_frame(outputs[-1][PLOT]).series) == {THIS_RUN, FULL_RING, "Full (unbounded)"}
+    check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
+
+
+def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Path, tmp_path: Path) -> None:
+    speech = speech_clip(examples_dir, tmp_path, 2.0)
+    outputs = run(client, examples_dir / "fashion_blogger.jpg", speech, policy="Compare")
+    report = check_final_files(outputs, ["Full", "ISPA"])
+    full, ispa = report["runs"]["Full"]["chunks"], report["runs"]["ISPA"]["chunks"]
+    assert len(full) == len(ispa) >= 3
+    url_a = check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
+    url_b = check_stream(outputs, PLAYER_B, round(report["runs"]["ISPA"]["video_seconds"] * FPS))
+    assert url_a != url_b
+
+    # Both KV curves on one plot, one point per chunk each.
+    for i, out in enumerate(outputs[:-1]):
+        df = plot_frame(out[PLOT])
+        assert (df.series == FULL_RUN).sum() == (df.series == ISPA_RUN).sum() == i + 1
+
+    # Full and ISPA are the same computation until ISPA's absorb, so their frames agree exactly up to that
+    # block and differ after it.
+    absorb = next(i for i, c in enumerate(ispa) if c["event"] == "absorbed")
+    assert [d["index"] for d in report["drift"]] == [c["index"] for c in ispa]
+    assert [d["identical"] for d in report["drift"]] == [i <= absorb for i in range(len(ispa))]
+    assert all(d["psnr_db"] > 20 and 0 < d["ssim"] < 1 for d in report["drift"][absorb + 1 :])
+    drift_rows = re.findall(r"<tr>(.*?)</tr>", outputs[-1][DRIFT])
+    assert len(drift_rows) == len(ispa) and sum("identical" in row for row in drift_rows) == absorb + 1
+
+
+def test_stop_and_recalibrate_reach_the_running_run(client, examples_dir: Path, tmp_path: Path) -> None:
+    speech = speech_clip(examples_dir, tmp_path, 5.0)  # about 11 chunks if nothing stops it
+    job = submit(client, examples_dir / "fashion_blogger.jpg", speech, policy="ISPA")
+    stopped = None
+    asked_to_recalibrate = False
+    for out in job:
+        header = out[LAYERS]
+        if not asked_to_recalibrate and local_cells(header) > 0:
+            client.predict(api_name="/recalibrate")
+            asked_to_recalibrate = True
+        elif stopped is None and "recalibrations: 1" in header:
+            stopped = client.predict(api_name="/stop")
+    assert job.status().success and asked_to_recalibrate and stopped is not None
+    files, report = stopped
+    chunks = report["runs"]["ISPA"]["chunks"]
+    assert report["stopped_early"]
+    assert 3 <= len(chunks) < 10
+    assert [c["event"] for c in chunks].count("recalibration_started") == 1
+    # What the Stop button hands over is what was generated, and the stream's last update says so.
+    names = {f["orig_name"]: f for f in files}
+    assert video_frames(fetch(names["avatar-ispa.mp4"]["url"])) == sum(c["frames"] for c in chunks)
+    assert "stopped" in job.outputs()[-1][STATUS]
+
+
+def bad_requests(examples_dir: Path, tmp_path: Path) -> list[tuple[dict, str]]:
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    not_an_image = tmp_path / "portrait.png"
+    not_an_image.write_bytes(b"this is not a picture")
+    portrait = examples_dir / "fashion_blogger.jpg"
+    speech = speech_clip(examples_dir, tmp_path, 1.0)
+    cases = [
+        ({"portrait": None, "audio": speech}, "Please provide a portrait image."),
+        ({"portrait": not_an_image, "audio": speech}, "The portrait is not a readable image."),
+        ({"portrait": portrait, "audio": silent}, "The audio is silent"),
+        ({"portrait": portrait, "audio": None}, "Please provide the driving audio"),
+        ({"portrait": portrait, "audio": None, "text": "word " * 120}, "The text is 600 characters long"),
+        ({"portrait": portrait, "audio": speech, "seed": -1}, "The seed must be between 0 and"),
+        ({"portrait": portrait, "audio": speech, "size": "huge"}, "The size must be 'default' or one of"),
+        ({"portrait": portrait, "audio": speech, "k": 0}, "less than minimum value"),
+    ]
+    reason = model_availability().get("14b")
+    if reason is not None:  # on a machine that can run it, asking for 14B is not an error
+        cases.append(({"portrait": portrait, "audio": speech, "model": "14b"}, "not available here"))
+    return cases
+
+
+def test_bad_inputs_get_clear_errors_and_the_app_keeps_serving(
+    client, examples_dir: Path, tmp_path: Path
+) -> None:
+    for kwargs, message in bad_requests(examples_dir, tmp_path):
+        portrait, audio = kwargs.pop("portrait"), kwargs.pop("audio")
+        with pytest.raises(AppError) as caught:
+            submit(client, portrait, audio, **kwargs).result()
+        text = str(caught.value)
+        assert message in text
+        assert str(tmp_path) not in text and "Traceback" not in text
+    outputs = run(
+        client, examples_dir / "fashion_blogger.jpg", speech_clip(examples_dir, tmp_path, 1.0), policy="Full"
+    )
+    assert len(outputs[-1][REPORT]["runs"]["Full"]["chunks"]) >= 2

@@ -1,0 +1,179 @@
+"""The streaming loop on the tiny model: frame and sample counts, Full/ISPA equivalence and memory, live input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avatars.base import GenerationRequest
+from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder, num_video_frames
+from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.pipeline import DROPPED_FIRST_FRAMES, FPS, RunControl, _AudioTimeline
+from ispa import FullPolicy, ISPAPolicy
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(180, 100, 3), dtype=np.uint8)
+
+
+def speech(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """A voiced-sounding signal: harmonics with a syllable-rate envelope plus a little noise."""
+    t = np.arange(round(seconds * rate)) / rate
+    rng = np.random.default_rng(seed)
+    voice = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((140, 280, 420, 560)))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t)
+    return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def expected_frames(pipe, audio: np.ndarray, rate: int) -> int:
+    """Video frames the model's timeline has for this audio (the official count), minus the 3 dropped."""
+    resampled = round(audio.size * SAMPLE_RATE / rate)
+    steps_50hz = pipe.audio_encoder.num_steps(resampled)
+    return num_video_frames(int(steps_50hz / 50 * 30)) - DROPPED_FIRST_FRAMES
+
+
+def run(pipe, portrait, audio, rate, policy, seed=3, **kwargs):
+    request = GenerationRequest(
+        portrait=portrait, audio=audio, sample_rate=rate, prompt="a person speaks", seed=seed
+    )
+    return list(pipe.stream(request, policy, **kwargs))
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 44100])
+def test_frames_and_audio_samples_match_the_audio_length(pipe, portrait, rate):
+    audio = speech(2.3, rate)
+    chunks = run(pipe, portrait, audio, rate, FullPolicy())
+    frames = sum(len(c.frames) for c in chunks)
+    assert frames == expected_frames(pipe, audio, rate)
+    assert [len(c.frames) for c in chunks][:2] == [12 - DROPPED_FIRST_FRAMES, 12]
+    for c in chunks:
+        assert c.fps == FPS and c.sample_rate == rate
+        assert c.frames.dtype == np.uint8 and c.frames.shape[1:] == chunks[0].frames.shape[1:]
+        assert abs(len(c.audio) - len(c.frames) / FPS * rate) <= 1
+    played = np.concatenate([c.audio for c in chunks])
+    assert len(played) == round(frames / FPS * rate)
+    # The played audio is the input from the first kept frame on: frame k plays with time k / fps.
+    start = round(DROPPED_FIRST_FRAMES * rate / FPS)
+    np.testing.assert_array_equal(played, audio[start : start + len(played)])
+
+
+def test_ispa_matches_full_before_absorbing_then_holds_less(pipe, portrait):
+    audio = speech(2.5, 16000)
+    full = run(pipe, portrait, audio, 16000, FullPolicy())
+    ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
+    absorbed_at = next(i for i, c in enumerate(ispa) if c.report["event"] == "absorbed")
+    assert absorbed_at == 1  # t_warm = 6 latent frames = 2 blocks
+    for a, b in zip(full[: absorbed_at + 1], ispa[: absorbed_at + 1], strict=True):
+        assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(full[-1].frames, ispa[-1].frames)
+
+    after = ispa[absorbed_at].report
+    local = after["l_layers"]
+    assert len(local) == 2  # round(0.5 · 4)
+    per_layer_full = full[absorbed_at].report["kv_bytes_per_layer"]
+    height, width = full[0].frames.shape[1:3]
+    sink_tokens = pipe.dit.sink_token_count(height // 8, width // 8)
+    sink_only = sink_tokens * pipe.dit.config.dim * 2 * 4  # keys and values, fp32: all a local layer keeps
+    expected = sum(sink_only if i in local else b for i, b in enumerate(per_layer_full))
+    assert after["kv_bytes"] == expected < full[absorbed_at].report["kv_bytes"]
+    assert after["kv_bytes_full_ring"] == full[absorbed_at].report["kv_bytes"]
+
+
+def test_full_and_ispa_interleaved_on_one_pipeline_equal_separate_runs(pipe, portrait):
+    audio = speech(1.6, 16000)
+    alone = [run(pipe, portrait, audio, 16000, p) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
+    request = GenerationRequest(
+        portrait=portrait, audio=audio, sample_rate=16000, prompt="a person speaks", seed=3
+    )
+    streams = [pipe.stream(request, p) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
+    together = [[], []]
+    for pair in zip(*streams, strict=True):
+        for i, chunk in enumerate(pair):
+            together[i].append(chunk)
+    for ours, reference in zip(together, alone, strict=True):
+        assert [c.index for c in ours] == [c.index for c in reference]
+        for a, b in zip(ours, reference, strict=True):
+            assert np.array_equal(a.frames, b.frames)
+
+
+def test_live_pieces_give_the_same_video_as_the_whole_file(pipe, portrait):
+    audio = speech(1.7, 48000)
+    whole = run(pipe, portrait, audio, 48000, ISPAPolicy(t_warm=6))
+    rng = np.random.default_rng(1)
+    cuts = np.sort(rng.integers(1, audio.size, size=9))
+    pieces = iter(np.split(audio, cuts))
+    live = run(pipe, portrait, pieces, 48000, ISPAPolicy(t_warm=6))
+    assert len(live) == len(whole)
+    for a, b in zip(live, whole, strict=True):
+        assert np.array_equal(a.frames, b.frames)
+        assert np.array_equal(a.audio, b.audio)
+
+
+def test_seed_changes_the_video_and_is_reproducible(pipe, portrait):
+    audio = speech(1.0, 16000)
+    a, b, c = (run(pipe, portrait, audio, 16000, FullPolicy(), seed=s) for s in (5, 5, 6))
+    assert np.array_equal(a[0].frames, b[0].frames)
+    assert not np.array_equal(a[0].frames, c[0].frames)
+
+
+def test_cancel_and_recalibration_are_honoured_between_blocks(pipe, portrait):
+    audio = speech(3.0, 16000)
+    control = RunControl()
+    request = GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=0)
+    chunks = []
+    for chunk in pipe.stream(request, ISPAPolicy(t_warm=6), control=control):
+        chunks.append(chunk)
+        if chunk.report["event"] == "absorbed":
+            control.request_recalibration()
+        if len(chunks) == 4:
+            control.cancel()
+    assert len(chunks) == 4
+    assert chunks[2].report["event"] == "recalibration_started"
+    assert chunks[3].report["phase"] == "recalibrating"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"audio": np.zeros(0, np.float32)}, "empty"),
+        ({"audio": np.full(16000, np.nan, np.float32)}, "NaN"),
+        ({"audio": np.zeros(100, np.float32)}, "too short"),
+        ({"portrait": np.zeros((8, 8, 3), np.uint8)}, "too small"),
+        ({"portrait": np.zeros((64, 64), np.uint8)}, "RGB"),
+        ({"portrait": np.zeros((64, 64, 3), np.float32)}, "uint8"),
+        ({"sample_rate": 0}, "sample_rate"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, portrait, change, message):
+    fields = {"portrait": portrait, "audio": speech(1.0, 16000), "sample_rate": 16000, "seed": 0} | change
+    with pytest.raises(ValueError, match=message):
+        list(pipe.stream(GenerationRequest(**fields), FullPolicy()))
+
+
+@pytest.mark.parametrize("max_area", [0, -5, 10])
+def test_absurd_sizes_are_refused(pipe, portrait, max_area):
+    request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
+    with pytest.raises(ValueError, match="max_area"):
+        pipe.stream(request, FullPolicy(), max_area=max_area)
+
+
+def test_audio_buffers_stay_bounded_over_a_long_input(pipe):
+    encoder: AudioEncoder = pipe.audio_encoder
+    rate = 16000
+    timeline = _AudioTimeline(speech(40.0, rate), rate, encoder)
+    largest, frame = 0, DROPPED_FIRST_FRAMES
+    for block, (_, valid) in enumerate(timeline.feature_blocks()):
+        stop = block * 12 + valid
+        timeline.samples_for_frames(frame, stop, FPS)
+        frame = stop
+        largest = max(largest, timeline._buffer.size)
+    assert frame > 900  # the whole 40 s went through
+    assert largest <= 2.5 * rate  # at most ~one feed piece plus a block and the lookahead
