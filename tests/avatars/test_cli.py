@@ -1,0 +1,109 @@
+"""`python -m avatars.liveavatar`: an mp4 with audio and the JSON report from the shared example inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+from avatars.liveavatar.cli import main
+from avatars.liveavatar.loading import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT.parent / "shared" / "examples"
+BLOCK_KEYS = {"index", "phase", "kv_bytes", "kv_bytes_full_ring", "kv_bytes_full_unbounded", "stats_bytes", "l_layers", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture
+def short_speech(tmp_path: Path) -> Path:
+    """The first 2.5 s of an example recording (24 kHz), so the test runs a handful of blocks."""
+    samples, rate = sf.read(EXAMPLES / "fashion_blogger.wav", dtype="float32")
+    path = tmp_path / "speech.wav"
+    sf.write(path, samples[: int(2.5 * rate)], rate)
+    return path
+
+
+def test_cli_writes_mp4_with_audio_and_report(tmp_path, short_speech):
+    out, report_path = tmp_path / "out" / "video.mp4", tmp_path / "out" / "report.json"
+    command = [
+        sys.executable, "-m", "avatars.liveavatar", "--model", "tiny",
+        "--portrait", str(EXAMPLES / "fashion_blogger.jpg"), "--audio", str(short_speech),
+        "--policy", "ispa", "--k-fraction", "0.5", "--t-warm", "6", "--out", str(out), "--report", str(report_path),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # the tests' one-thread setting, for the child process too
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "tiny" and report["policy"] == "ispa" and report["fps"] == 25
+    assert "untrained" in report["model_label"]
+    assert all(BLOCK_KEYS <= set(block) for block in report["blocks"])
+    assert report["frames"] == sum(block["frames"] for block in report["blocks"])
+    phases = [block["phase"] for block in report["blocks"]]
+    assert phases[:2] == ["warmup", "warmup"] and set(phases[2:]) == {"absorbed"}
+    assert len(report["blocks"][-1]["l_layers"]) == 2
+
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert video.codec_context.name == "h264" and audio.codec_context.name == "aac"
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == report["frames"]
+    with av.open(str(out)) as container:
+        samples = sum(f.samples for f in container.decode(audio=0))
+    rate = sf.info(short_speech).samplerate
+    assert abs(samples - frames / 25 * rate) <= 1024 + 2  # within one AAC frame (encoder priming trimmed)
+
+
+def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe):
+    out, report_path = tmp_path / "v.mp4", tmp_path / "r.json"
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+            "--out", str(out), "--report", str(report_path)]  # fmt: skip
+    assert main(argv, pipeline=pipe) == 0
+    report = json.loads(report_path.read_text())
+    assert {block["phase"] for block in report["blocks"]} == {"full"}
+    assert all(block["l_layers"] == [] for block in report["blocks"])
+    assert report["blocks"][-1]["kv_bytes"] == report["blocks"][-1]["kv_bytes_full_ring"]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    text = tmp_path / "notes.txt"
+    text.write_text("not media")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes((EXAMPLES / "cyclops_baker.jpg").read_bytes()[:200])
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    portrait, speech = str(EXAMPLES / "cyclops_baker.jpg"), str(EXAMPLES / "cyclops_baker.wav")
+    return {
+        "text as portrait": (["--portrait", str(text), "--audio", speech], "portrait"),
+        "truncated jpeg": (["--portrait", str(truncated), "--audio", speech], "portrait"),
+        "missing portrait": (["--portrait", str(tmp_path / "nope.png"), "--audio", speech], "not found"),
+        "text as audio": (["--portrait", portrait, "--audio", str(text)], "audio"),
+        "empty audio": (["--portrait", portrait, "--audio", str(empty)], "empty"),
+        "absurd size": (["--portrait", portrait, "--audio", speech, "--max-area", "7"], "max_area"),
+        "bad k": (["--portrait", portrait, "--audio", speech, "--k-fraction", "1.5"], "k_fraction"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["text as portrait", "truncated jpeg", "missing portrait", "text as audio", "empty audio", "absurd size", "bad k"],
+)
+def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path, capsys, pipe, case):
+    argv, expected = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "video.mp4"
+    assert main([*argv, "--out", str(out)], pipeline=pipe) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and expected in err and "\n" not in err
+    assert not out.exists()
