@@ -4,7 +4,7 @@ Measures, for one layer's self-attention at LiveAvatar's shapes (40 heads x 128,
 2,640-token sink, itself and 9,504 history tokens):
   (a) full attention in one call vs local + history + LSE merge  -> the warmup overhead (ratio),
   (b) local-only attention vs full                                  -> the L-layer speedup (ratio),
-  (c) one absorb step at D = 5,120 (Cholesky solve + delta + eps)   -> seconds per layer,
+  (c) one layer's absorb step at D = 5,120 (`solve_layer`: Cholesky solve, delta and eps) -> seconds,
   plus one streaming statistics update (what every warmup forward adds).
 
 On CUDA it runs at full size in bf16. On CPU it defaults to --scale 0.125 (token counts and D scaled) in fp32 so it
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from ispa import AbsorptionStats, attention_with_lse, merge_attention, reconstruction_error, solve_delta
+from ispa import AbsorptionStats, attention_with_lse, merge_attention, solve_layer
 
 LIVEAVATAR = {
     "heads": 40,
@@ -150,9 +150,8 @@ def absorb_timings(args: argparse.Namespace) -> dict[str, float]:
     stats = AbsorptionStats(1, dim, device)
     stats.update(0, a_loc, a_full, weight)
 
-    def absorb_step() -> None:
-        delta = solve_delta(stats.G(0), stats.C(0), weight, args.lam)
-        reconstruction_error(stats.G(0), stats.C(0), stats.s(0), delta, weight)
+    def absorb_step() -> None:  # what the session runs per layer at the absorb
+        solve_layer(stats.G(0), stats.C(0), stats.s(0), weight, args.lam)
 
     return {
         "absorb_step": median_seconds(absorb_step, device, args.warmup, args.repeats),

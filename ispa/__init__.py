@@ -4,7 +4,14 @@ Attention with log-sum-exp and exact merging, sink + ring KV storage per layer, 
 history into output projections, and the Full / ISPA policies that drive a generation session.
 """
 
-from ispa.absorption import AbsorptionStats, reconstruction_error, select_local_layers, solve_delta
+from ispa.absorption import (
+    AbsorptionStats,
+    reconstruction_error,
+    select_local_layers,
+    solve_delta,
+    solve_layer,
+    statistics_nbytes,
+)
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, SinkRingLayer
 from ispa.policies import FullPolicy, ISPAPolicy, Policy, PolicyState
@@ -29,4 +36,6 @@ __all__ = [
     "reconstruction_error",
     "select_local_layers",
     "solve_delta",
+    "solve_layer",
+    "statistics_nbytes",
 ]

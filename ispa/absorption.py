@@ -19,13 +19,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AbsorptionStats", "solve_delta", "reconstruction_error", "select_local_layers"]
+__all__ = [
+    "AbsorptionStats",
+    "reconstruction_error",
+    "select_local_layers",
+    "solve_delta",
+    "solve_layer",
+    "statistics_nbytes",
+]
+
+# Rows of G per product: smaller panels skip more of the upper triangle but run smaller GEMMs.
+_GRAM_PANEL_ROWS = 512
 
 
 class AbsorptionStats:
     """Streaming G, C, s per layer, allocated on a layer's first update.
 
-    Memory: 2 x D^2 x 4 bytes per layer in fp32 (210 MB at D = 5120), held only while ISPA warms up.
+    Memory layout. G is symmetric, so only its lower triangle is accumulated, and two layers share one D x D buffer:
+    layer 2i keeps its lower triangle (diagonal included) in the buffer's lower triangle, layer 2i+1 keeps its
+    lower triangle transposed in the buffer's strict upper triangle and its diagonal in a D-vector. C is not
+    symmetric and takes a full D x D per layer. Per layer that is 1.5 D^2 + O(D) values instead of 2 D^2: at
+    D = 5120 over 40 layers, 6.29 GB instead of 8.39 GB in fp32 (`statistics_nbytes`). Only the lower triangle's
+    row panels are multiplied, which also saves about 45 % of G's FLOPs. Every sum is the same as with full
+    matrices (the same products, accumulated in `dtype`), so the statistics stay exact; `G(layer)` returns the
+    full symmetric matrix.
     """
 
     def __init__(
@@ -39,7 +56,8 @@ class AbsorptionStats:
         self.dim = dim
         self.device = torch.device(device)
         self.dtype = dtype
-        self._G: list[Tensor | None] = [None] * num_layers
+        self._G_pairs: list[Tensor | None] = [None] * ((num_layers + 1) // 2)  # shared by layers 2i and 2i+1
+        self._G_diagonal: list[Tensor | None] = [None] * num_layers  # only odd layers use theirs
         self._C: list[Tensor | None] = [None] * num_layers
         self._s: list[Tensor | None] = [None] * num_layers
         self._count = [0] * num_layers
@@ -47,6 +65,18 @@ class AbsorptionStats:
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _start(self, layer: int) -> None:
+        pair = layer // 2
+        if self._G_pairs[pair] is None:
+            self._G_pairs[pair] = self._zeros(self.dim, self.dim)
+        if layer % 2:
+            self._G_diagonal[layer] = self._zeros(self.dim)
+        self._C[layer] = self._zeros(self.dim, self.dim)
+        self._s[layer] = self._zeros()
 
     @torch.no_grad()
     def update(self, layer: int, a_loc: Tensor, a_full: Tensor, weight: Tensor) -> None:
@@ -58,17 +88,36 @@ class AbsorptionStats:
             )
         if weight.ndim != 2 or weight.shape[1] != self.dim:
             raise ValueError(f"weight must be [D_out, {self.dim}], got {tuple(weight.shape)}")
-        if self._G[layer] is None:
-            self._G[layer] = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-            self._C[layer] = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-            self._s[layer] = torch.zeros((), dtype=self.dtype, device=self.device)
+        if self._C[layer] is None:
+            self._start(layer)
         local = a_loc.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         gap = a_full.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype) - local
-        self._G[layer].addmm_(local.T, local)
+        self._add_gram(layer, local)
         self._C[layer].addmm_(local.T, gap)
         residual = gap @ weight.detach().to(device=self.device, dtype=self.dtype).T  # R = (A_full - A_loc) W
         self._s[layer].add_(residual.square().sum())
         self._count[layer] += local.shape[0]
+
+    def _add_gram(self, layer: int, local: Tensor) -> None:
+        """Add the lower triangle of local^T local to the layer's half of its pair buffer, one row panel at a time."""
+        buffer = self._G_pairs[layer // 2]
+        upper = layer % 2 == 1
+        for start in range(0, self.dim, _GRAM_PANEL_ROWS):
+            stop = min(start + _GRAM_PANEL_ROWS, self.dim)
+            rows = local[:, start:stop]
+            # Off-diagonal panel G[start:stop, :start], accumulated in place (transposed for the upper layer).
+            if start > 0:
+                if upper:
+                    buffer[:start, start:stop].addmm_(local[:, :start].T, rows)
+                else:
+                    buffer[start:stop, :start].addmm_(rows.T, local[:, :start])
+            # Diagonal block: only its lower triangle belongs to this layer.
+            block = rows.T @ rows
+            if upper:
+                buffer[start:stop, start:stop].add_(block.tril(-1).T)
+                self._G_diagonal[layer][start:stop].add_(block.diagonal())
+            else:
+                buffer[start:stop, start:stop].add_(block.tril())
 
     def _get(self, store: list[Tensor | None], layer: int) -> Tensor:
         self._check_layer(layer)
@@ -78,8 +127,12 @@ class AbsorptionStats:
         return value
 
     def G(self, layer: int) -> Tensor:
-        """Sum of A_loc^T A_loc, [D, D]."""
-        return self._get(self._G, layer)
+        """Sum of A_loc^T A_loc, [D, D] (a new full symmetric matrix built from the stored triangle)."""
+        self._get(self._C, layer)  # raises if the layer has no statistics
+        buffer = self._G_pairs[layer // 2]
+        # The layer's lower triangle, diagonal included, rebuilt from whichever half of the buffer it owns.
+        lower = buffer.triu(1).T + torch.diag(self._G_diagonal[layer]) if layer % 2 else buffer.tril()
+        return lower + lower.tril(-1).T
 
     def C(self, layer: int) -> Tensor:
         """Sum of A_loc^T (A_full - A_loc), [D, D]."""
@@ -95,7 +148,7 @@ class AbsorptionStats:
         return self._count[layer]
 
     def nbytes(self) -> int:
-        stores = (*self._G, *self._C, *self._s)
+        stores = (*self._G_pairs, *self._G_diagonal, *self._C, *self._s)
         return sum(t.nbytes for t in stores if t is not None)
 
     def free(self, layer: int | None = None) -> None:
@@ -103,13 +156,53 @@ class AbsorptionStats:
         layers = range(self.num_layers) if layer is None else [layer]
         for index in layers:
             self._check_layer(index)
-            self._G[index] = self._C[index] = self._s[index] = None
-            self._count[index] = 0
+            self._release(index)
+
+    def _release(self, layer: int) -> None:
+        if self._C[layer] is None:
+            return
+        pair = layer // 2
+        partner = layer ^ 1
+        if partner < self.num_layers and self._C[partner] is not None:
+            # The partner still accumulates in the other half: zero ours in place, so a restart begins at 0.
+            if layer % 2:
+                self._G_pairs[pair].tril_()
+            else:
+                self._G_pairs[pair].triu_(1)
+        else:
+            self._G_pairs[pair] = None
+        self._G_diagonal[layer] = self._C[layer] = self._s[layer] = None
+        self._count[layer] = 0
+
+
+def statistics_nbytes(num_layers: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes `AbsorptionStats` holds once every layer has statistics: G pair buffers, odd layers' diagonals, C, s."""
+    values = (num_layers + 1) // 2 * dim * dim + num_layers // 2 * dim + num_layers * (dim * dim + 1)
+    return values * dtype.itemsize
 
 
 def _check_square(name: str, matrix: Tensor, dim: int) -> None:
     if matrix.shape != (dim, dim):
         raise ValueError(f"{name} must be [{dim}, {dim}], got {tuple(matrix.shape)}")
+
+
+def _check_solve_inputs(G: Tensor, C: Tensor, weight: Tensor, lam: float) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [D_out, D], got {tuple(weight.shape)}")
+    dim = weight.shape[1]
+    _check_square("G", G, dim)
+    _check_square("C", C, dim)
+    if not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a positive finite number, got {lam}")
+
+
+def _ridge_solve(G: Tensor, C: Tensor, weight: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dW [D, D_out], C W [D, D_out], Cholesky info) in fp64; info != 0 means G + lam I is not positive definite."""
+    regularised = G.to(torch.float64, copy=True)
+    regularised.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(regularised)
+    target = C.to(torch.float64) @ weight.to(torch.float64).T  # C W = A_loc^T R, [D, D_out]
+    return torch.cholesky_solve(target, factor), target, info
 
 
 @torch.no_grad()
@@ -119,21 +212,30 @@ def solve_delta(G: Tensor, C: Tensor, weight: Tensor, lam: float) -> Tensor:
     Solved by Cholesky in fp64: lam (1e-3) is tiny against G's scale (a sum over tens of thousands of tokens), so G +
     lam I can be ill-conditioned in fp32, while fp64 costs one D x D factorisation per layer once per warmup.
     """
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be [D_out, D], got {tuple(weight.shape)}")
-    dim = weight.shape[1]
-    _check_square("G", G, dim)
-    _check_square("C", C, dim)
-    if not (math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be a positive finite number, got {lam}")
-    regularised = G.to(torch.float64, copy=True)
-    regularised.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(regularised)
+    _check_solve_inputs(G, C, weight, lam)
+    delta_w, _, info = _ridge_solve(G, C, weight, lam)
     if int(info) != 0:
         raise RuntimeError(f"G + lam I is not positive definite (Cholesky failed at minor {int(info)})")
-    target = C.to(torch.float64) @ weight.to(torch.float64).T  # C W = A_loc^T R, [D, D_out]
-    delta_w = torch.cholesky_solve(target, factor)  # paper's dW, [D, D_out]
     return delta_w.T.to(torch.float32).contiguous()
+
+
+@torch.no_grad()
+def solve_layer(G: Tensor, C: Tensor, s: Tensor | float, weight: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """`solve_delta` and its error in one pass, without a host sync: (delta_weight [D_out, D] fp32, eps 0-dim fp64).
+
+    At the ridge optimum (G + lam I) dW = C W, so tr(dW^T G dW) = tr(dW^T C W) - lam ||dW||^2 and
+    eps = s - tr(dW^T C W) - lam ||dW||^2: no D^3 product beyond the solve's (`reconstruction_error` needs two
+    more). eps is NaN when G + lam I is not positive definite; the caller then leaves that layer alone.
+    """
+    _check_solve_inputs(G, C, weight, lam)
+    delta_w, target, info = _ridge_solve(G, C, weight, lam)
+    if isinstance(s, Tensor):
+        s64 = s.to(device=delta_w.device, dtype=torch.float64)
+    else:
+        s64 = torch.full((), float(s), dtype=torch.float64, device=delta_w.device)
+    eps = s64 - (delta_w * target).sum() - lam * delta_w.square().sum()
+    eps = torch.where(info == 0, eps, torch.full_like(eps, math.nan))
+    return delta_w.T.to(torch.float32).contiguous(), eps
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ class BlockReport:
         before the first absorb.
     l_layers : sorted indices of the local layers after the block.
     merge_seconds : time spent in LSE merges during the block.
+    statistics_seconds : time spent accumulating absorption statistics during the block (warmup/recalibration).
     absorb_seconds : time of the absorb step, 0 unless it ran at this block's end.
     history_mass : per layer, the mean share of softmax mass that went to history during the block (None for
         layers that attended to no history); None when no layer did.
@@ -49,6 +50,7 @@ class BlockReport:
     recalibrations: int
     event: str | None
     delta_weight_bytes: int = 0
+    statistics_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite floats become None)."""

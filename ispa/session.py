@@ -12,8 +12,10 @@ Per block, for every self-attention layer and every ring (LiveAvatar: one ring p
 3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
 `end_block()` then advances the policy and returns a `BlockReport`.
 
-Costs to budget: each warmup forward with history adds three D x D-sized fp32 matmuls per layer to the statistics
-(G, C and the residual for s), and the statistics hold 2 D^2 fp32 per layer until the absorb frees them. The
+Costs to budget: each warmup forward with history adds about 2.5 tokens x D x D-sized fp32 matmuls per layer to the
+statistics (G's lower triangle, C and the residual for s), and the statistics hold about 1.5 D^2 fp32 per layer
+until the absorb frees them (see `ispa.absorption.AbsorptionStats`). Nothing in a forward reads a value back to
+the host; `end_block()` does, once per block (history mass, timings), and the absorb once more. The
 output projection's `.weight` must be the real-valued weight in Linear convention ([D_out, D]): the statistics and
 the solve read it (a quantized module may offer `dequantized_weight()` instead, see `ispa.projection`).
 """
@@ -26,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ispa.absorption import AbsorptionStats, reconstruction_error, select_local_layers, solve_delta
+from ispa.absorption import AbsorptionStats, select_local_layers, solve_layer
 from ispa.attention import attention_with_lse, merge_attention
 from ispa.cache import CacheLayout, KVCache
 from ispa.policies.base import Phase, Policy, PolicyState
@@ -74,6 +76,7 @@ class AttentionSession:
         self._mass_sum: list[Tensor | None] = [None] * num_layers
         self._mass_count = [0] * num_layers
         self._merge_timer = SpanTimer()
+        self._statistics_timer = SpanTimer()
         self._absorb_timer = SpanTimer()
         self._closed = False
 
@@ -156,9 +159,10 @@ class AttentionSession:
                 out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
             self._add_history_mass(layer, lse_loc, lse_hist)
             if self.policy.collects_statistics(self.state):
-                self._statistics(out).update(
-                    layer, out_loc.flatten(-2), out.flatten(-2), base_weight(out_proj)
-                )
+                with self._statistics_timer.span(q.device):
+                    self._statistics(out).update(
+                        layer, out_loc.flatten(-2), out.flatten(-2), base_weight(out_proj)
+                    )
         cache_layer.append(ring, new_k, new_v)
         return out_proj(out.flatten(-2))
 
@@ -173,6 +177,7 @@ class AttentionSession:
         self.state.frames_in_phase += self.layout.frames_per_block
         stats_bytes = 0 if self._stats is None else self._stats.nbytes()
         merge_seconds = self._merge_timer.pop_seconds()
+        statistics_seconds = self._statistics_timer.pop_seconds()
         history_mass = self._pop_history_mass()
 
         event = None
@@ -187,7 +192,9 @@ class AttentionSession:
             event = "recalibration_started"
         absorb_seconds = self._absorb_timer.pop_seconds()
 
-        report = self._report(phase, stats_bytes, merge_seconds, absorb_seconds, history_mass, event)
+        report = self._report(
+            phase, stats_bytes, merge_seconds, statistics_seconds, absorb_seconds, history_mass, event
+        )
         self.block_index += 1
         return report
 
@@ -210,17 +217,24 @@ class AttentionSession:
 
     # ---- transitions -------------------------------------------------------------------------------------------
     def _absorb(self, history_mass: list[float | None] | None) -> None:
-        """Solve every layer's update, turn the K best layers local, free the statistics."""
-        eps: list[float | None] = [None] * self.num_layers
-        deltas: dict[int, Tensor] = {}
+        """Solve every layer's update, turn the K best layers local, free the statistics.
+
+        The solves are queued without reading anything back; all errors come to the host in one transfer.
+        """
+        solved: dict[int, tuple[Tensor, Tensor]] = {}
         stats, self._stats = self._stats, None
         for layer in range(self.num_layers):
             if stats is None or stats.count(layer) == 0:
                 continue
             weight = base_weight(self._out_projs[layer])
-            delta = solve_delta(stats.G(layer), stats.C(layer), weight, self.policy.ridge_lambda())
-            error = reconstruction_error(stats.G(layer), stats.C(layer), stats.s(layer), delta, weight)
-            stats.free(layer)  # frees 2 D^2 floats while the delta adds D^2: memory only goes down
+            solved[layer] = solve_layer(
+                stats.G(layer), stats.C(layer), stats.s(layer), weight, self.policy.ridge_lambda()
+            )
+            stats.free(layer)  # frees D^2 (C), or 2 D^2 with the pair's G, while the delta adds D^2
+        errors = torch.stack([error for _, error in solved.values()]).tolist() if solved else []
+        eps: list[float | None] = [None] * self.num_layers
+        deltas: dict[int, Tensor] = {}
+        for (layer, (delta, _)), error in zip(solved.items(), errors, strict=True):
             if math.isfinite(error):
                 eps[layer] = error
                 deltas[layer] = delta
@@ -301,6 +315,7 @@ class AttentionSession:
         phase: Phase,
         stats_bytes: int,
         merge_seconds: float,
+        statistics_seconds: float,
         absorb_seconds: float,
         history_mass: list[float | None] | None,
         event: str | None,
@@ -326,6 +341,7 @@ class AttentionSession:
             epsilon=None if self._epsilon is None else list(self._epsilon),
             l_layers=self.local_layers,
             merge_seconds=merge_seconds,
+            statistics_seconds=statistics_seconds,
             absorb_seconds=absorb_seconds,
             history_mass=history_mass,
             recalibrations=self.state.recalibrations,

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ispa import AbsorptionStats, reconstruction_error, select_local_layers, solve_delta
+from ispa import (
+    AbsorptionStats,
+    absorption,
+    reconstruction_error,
+    select_local_layers,
+    solve_delta,
+    solve_layer,
+    statistics_nbytes,
+)
 
 DIM, DIM_OUT, LAM = 12, 10, 1e-3
 
@@ -60,6 +68,78 @@ def test_streaming_statistics_equal_the_stacked_products(dtype, tolerance):
     )
     assert stats.count(1) == a_loc.shape[0] and stats.count(0) == 0
     assert stats.G(1).dtype == dtype
+
+
+@pytest.mark.parametrize("panel_rows", [5, 12, 512])
+def test_paired_triangles_keep_every_layers_gram_matrix_exact(monkeypatch, panel_rows):
+    """Three layers: 0 and 1 share one G buffer (lower / upper half), 2 has one alone; panels of 5 rows end mid-way."""
+    monkeypatch.setattr(absorption, "_GRAM_PANEL_ROWS", panel_rows)
+    w = weight()
+    stats = AbsorptionStats(num_layers=3, dim=DIM, device="cpu", dtype=torch.float64)
+    data = {layer: activation_chunks(10 + layer) for layer in range(3)}
+    for step in range(3):  # interleaved, as a forward pass visits the layers
+        for layer in range(3):
+            stats.update(layer, *data[layer][step], w)
+    for layer in range(3):
+        a_loc, a_full = stacked(data[layer])
+        assert relative(stats.G(layer), a_loc.T @ a_loc) <= 1e-12, layer
+        assert torch.equal(stats.G(layer), stats.G(layer).T)
+        assert relative(stats.C(layer), a_loc.T @ (a_full - a_loc)) <= 1e-12, layer
+    assert stats.nbytes() == statistics_nbytes(3, DIM, torch.float64)
+
+
+def test_a_restarted_layer_starts_from_zero_and_leaves_its_partner_alone():
+    w = weight()
+    stats = AbsorptionStats(num_layers=2, dim=DIM, device="cpu", dtype=torch.float64)
+    first, second, third = activation_chunks(20), activation_chunks(21), activation_chunks(22)
+    for layer, chunks in ((0, first), (1, second)):
+        for a_loc, a_full in chunks:
+            stats.update(layer, a_loc, a_full, w)
+    for layer in (1, 0):  # the odd layer first, then the even one
+        stats.free(layer)
+        for a_loc, a_full in third:
+            stats.update(layer, a_loc, a_full, w)
+        partner_data = first if layer == 1 else third
+        a_loc, _ = stacked(partner_data)
+        assert relative(stats.G(1 - layer), a_loc.T @ a_loc) <= 1e-12
+    a_loc, _ = stacked(third)
+    for layer in (0, 1):
+        assert relative(stats.G(layer), a_loc.T @ a_loc) <= 1e-12
+    assert stats.nbytes() == statistics_nbytes(2, DIM, torch.float64)
+
+
+@pytest.mark.parametrize(("num_layers", "dim"), [(1, 7), (2, 12), (5, 3), (40, 5120)])
+def test_statistics_nbytes_is_the_layout_arithmetic(num_layers, dim):
+    pairs, odd_layers = (num_layers + 1) // 2, num_layers // 2
+    expected = 4 * (pairs * dim * dim + odd_layers * dim + num_layers * dim * dim + num_layers)
+    assert statistics_nbytes(num_layers, dim) == expected
+    if dim == 5120:  # LiveAvatar 14B: 1.5 D^2 per layer instead of 2 D^2
+        assert f"{expected / 1e9:.2f}" == "6.29"
+
+
+def test_solve_layer_gives_solve_delta_and_the_error_without_extra_products():
+    chunks = activation_chunks(6)
+    w = weight()
+    stats = accumulate(chunks, w, torch.float64)
+    delta, eps = solve_layer(stats.G(1), stats.C(1), stats.s(1), w, LAM)
+    assert torch.equal(delta, solve_delta(stats.G(1), stats.C(1), w, LAM))
+    assert eps.dtype == torch.float64 and eps.ndim == 0
+    a_loc, a_full = stacked(chunks)
+    direct = (F.linear(a_loc, w.double() + delta.double()) - F.linear(a_full, w.double())).square().sum()
+    assert abs(eps.item() - direct.item()) / direct.item() <= 1e-9
+    assert eps.item() == pytest.approx(
+        reconstruction_error(stats.G(1), stats.C(1), stats.s(1), delta, w), rel=1e-9
+    )
+    _, eps_from_float = solve_layer(stats.G(1), stats.C(1), stats.s(1).item(), w, LAM)
+    assert eps_from_float.item() == pytest.approx(eps.item(), rel=1e-12)
+
+
+def test_solve_layer_reports_nan_when_g_is_not_positive_definite():
+    negative = -torch.eye(DIM, dtype=torch.float64)
+    _, eps = solve_layer(negative, torch.zeros(DIM, DIM), torch.tensor(1.0), weight(), LAM)
+    assert math.isnan(eps.item())
+    with pytest.raises(ValueError, match="lam"):
+        solve_layer(torch.eye(DIM), torch.eye(DIM), 0.0, weight(), -1.0)
 
 
 def direct_ridge_solution(a_loc, a_full, w, lam):

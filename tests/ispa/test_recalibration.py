@@ -7,7 +7,7 @@ import math
 import torch
 from toy_model import ToyConfig, ToyRun, ToyTransformer
 
-from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy, attention_with_lse
+from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy, attention_with_lse, statistics_nbytes
 
 HEADS, HEAD_DIM, SINK, BLOCK = 2, 8, 4, 8
 DIM = HEADS * HEAD_DIM
@@ -95,12 +95,14 @@ def test_the_re_warming_layers_collect_statistics_again():
     driver = SceneDriver(session, seed=1)
     for _ in range(3):
         driver.block(axis=0)
+    (f_layer,) = set(range(2)) - set(session.local_layers)
     session.request_recalibration()
     driver.block(axis=0)
     stats_bytes = [driver.block(axis=0)[1].stats_bytes for _ in range(3)]
-    per_layer = 2 * DIM * DIM * 4 + 4
+    # One layer alone holds the pair's shared G buffer, its C and s (and its own diagonal if it is the odd one).
+    alone = (2 * DIM * DIM + 1 + (DIM if f_layer % 2 else 0)) * 4
     # block 1 of recalibration: only the F-layer sees history; from block 2 on both layers do
-    assert stats_bytes == [per_layer, 2 * per_layer, 2 * per_layer]
+    assert stats_bytes == [alone, statistics_nbytes(2, DIM), statistics_nbytes(2, DIM)]
 
 
 def run_scenes(auto: bool, axes: list[int], seed: int = 2):

@@ -7,7 +7,7 @@ import json
 import torch
 from toy_model import ToyConfig, ToyRun, ToyTransformer
 
-from ispa import AttentionSession, FullPolicy, ISPAPolicy
+from ispa import AttentionSession, FullPolicy, ISPAPolicy, statistics_nbytes
 
 CONFIG = ToyConfig()  # 4 layers, 2 rings of 2 history blocks of 5 tokens, 1 latent frame per block
 T_WARM = (
@@ -88,7 +88,7 @@ def test_report_contents_across_the_transition():
     model = ToyTransformer(CONFIG)
     _, reports, _ = run(model, ispa_policy())
     dim = CONFIG.dim
-    stats_bytes = CONFIG.num_layers * (2 * dim * dim * FLOAT_BYTES + FLOAT_BYTES)
+    stats_bytes = statistics_nbytes(CONFIG.num_layers, dim)
     assert [r.stats_bytes for r in reports] == [0, stats_bytes, stats_bytes, 0, 0, 0]
     assert [r.index for r in reports] == list(range(BLOCKS))
 

@@ -6,9 +6,14 @@
   `30 + max(0, frame_index − (30 − ref_shift))` (LiveAvatar draws ref_shift from randint(4, 30) per forward).
 - FramePack motion tokens (sink): fixed negative times, with the compressed buckets' spatial indices stretched
   over the full token grid (np.linspace, truncated), exactly as Wan's `rope_precompute` places them.
+
+Given a `device`, positions are built there: the block and reference grids from `arange` (no host-to-device copy,
+which on CUDA would wait for all queued work), the motion grid copied once per size and device and then reused.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -30,11 +35,24 @@ def grid_positions(times: list[int], rows: list[int], cols: list[int]) -> torch.
     return torch.stack((t, h, w), dim=-1).reshape(-1, 3)
 
 
-def block_positions(frame_index: int, frames: int, height: int, width: int) -> torch.Tensor:
-    """Positions of a block's noisy tokens: `frames` latent frames from `frame_index`, height×width grid."""
-    return grid_positions(
-        list(range(frame_index, frame_index + frames)), list(range(height)), list(range(width))
+def _arange_grid(
+    first_time: int, times: int, height: int, width: int, device: torch.device | None
+) -> torch.Tensor:
+    """`grid_positions` of consecutive times and the full height×width grid, built on `device`."""
+    t, h, w = torch.meshgrid(
+        torch.arange(first_time, first_time + times, device=device),
+        torch.arange(height, device=device),
+        torch.arange(width, device=device),
+        indexing="ij",
     )
+    return torch.stack((t, h, w), dim=-1).reshape(-1, 3)
+
+
+def block_positions(
+    frame_index: int, frames: int, height: int, width: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Positions of a block's noisy tokens: `frames` latent frames from `frame_index`, height×width grid."""
+    return _arange_grid(frame_index, frames, height, width, device)
 
 
 def ref_time(frame_index: int, ref_shift: int) -> int:
@@ -65,10 +83,21 @@ def motion_positions(height: int, width: int) -> torch.Tensor:
     return torch.cat(groups)
 
 
-def sink_positions(height: int, width: int, reference_time: int) -> torch.Tensor:
+@lru_cache(maxsize=16)
+def _motion_positions_on(height: int, width: int, device: torch.device) -> torch.Tensor:
+    # Shared between calls: callers only read it (sink_positions concatenates it into a new tensor).
+    return motion_positions(height, width).to(device)
+
+
+def sink_positions(
+    height: int, width: int, reference_time: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Positions of the sink tokens: the reference frame's grid at `reference_time`, then motion tokens."""
-    ref = grid_positions([reference_time], list(range(height)), list(range(width)))
-    return torch.cat((ref, motion_positions(height, width)))
+    ref = _arange_grid(reference_time, 1, height, width, device)
+    motion = _motion_positions_on(
+        height, width, torch.device("cpu") if device is None else torch.device(device)
+    )
+    return torch.cat((ref, motion))
 
 
 def motion_token_count(height: int, width: int) -> int:

@@ -219,7 +219,11 @@ class LiveAvatarDiT(nn.Module):
         return _fp32_sequential(self.time_projection, time_embedding).unflatten(-1, (6, self.config.dim))
 
     def _frame_timesteps(self, timestep: float | torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-        t = torch.as_tensor(timestep, dtype=torch.float64, device=self.device)
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.to(device=self.device, dtype=torch.float64)
+        else:
+            # A fill on the device, not a copy from the host (which on CUDA waits for all queued work).
+            t = torch.full((), float(timestep), dtype=torch.float64, device=self.device)
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape == (batch,):
@@ -273,7 +277,7 @@ class LiveAvatarDiT(nn.Module):
         modulation = self._modulation(self._time_embedding(zero_t))  # [B, 1, 6, dim]
 
         # 3. Blocks: self-attention within the sink, storing each layer's K/V in the session
-        positions = sink_positions(height, width, REF_BASE_TIME).to(self.device)
+        positions = sink_positions(height, width, REF_BASE_TIME, self.device)
         attention = SinkPrefillAttention(session, rope_angles(positions, c.head_dim))
         for layer, block in enumerate(self.blocks):
             x = block(x, modulation, context, partial(attention, layer=layer))
@@ -330,8 +334,8 @@ class LiveAvatarDiT(nn.Module):
         modulation = self._modulation(time_embedding)  # [B, F, 6, dim]
 
         # 3. RoPE: the block at its absolute frames, the sink with the rolling reference
-        query_positions = block_positions(frame_index, frames, height, width).to(self.device)
-        sink = sink_positions(height, width, ref_time(frame_index, ref_shift)).to(self.device)
+        query_positions = block_positions(frame_index, frames, height, width, self.device)
+        sink = sink_positions(height, width, ref_time(frame_index, ref_shift), self.device)
         attention = StreamingAttention(
             session, ring, rope_angles(query_positions, c.head_dim), rope_angles(sink, c.head_dim)
         )

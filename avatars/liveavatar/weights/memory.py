@@ -5,7 +5,9 @@ Parts (bytes, 1 GB = 1e9 B):
   official conversion quantizes stored as 1 byte per weight plus a 4-byte scale (biases stay bf16).
 * KV cache in the engine's layout: per layer, one sink (reference frame + motion tokens) shared by the 4 denoising
   steps' rings, each ring holding 3 history blocks; keys and values, `heads·head_dim` wide, bf16.
-* ISPA statistics during warmup: two D×D fp32 matrices per layer (G and C).
+* ISPA statistics during warmup: G (symmetric, half a D×D) and C (a full D×D) per layer in fp32, in the engine's
+  paired-triangle layout (`ispa.statistics_nbytes`). After the absorb the statistics are gone and the L-layers'
+  rings too (`kv_cache_bytes_after_absorb`).
 * Encoders kept on the GPU: the VAE and wav2vec2 always (every block needs them when streaming), the umT5-XXL
   encoder only when it is not offloaded to the CPU between prompts. Parameter counts were taken from the real
   configurations built on `meta` (see the test).
@@ -23,6 +25,7 @@ from torch import nn
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
+from ispa import ISPAPolicy, statistics_nbytes
 
 GB = 1e9
 
@@ -90,9 +93,40 @@ def kv_cache_bytes(
     return num_layers * 2 * tokens * dim * bytes_per_value
 
 
+def kv_cache_bytes_after_absorb(
+    num_layers: int,
+    dim: int,
+    sink_tokens: int,
+    block_tokens: int,
+    k_fraction: float,
+    *,
+    rings: int = DENOISING_STEPS,
+    history_blocks: int = HISTORY_BLOCKS,
+    bytes_per_value: int = 2,
+) -> int:
+    """KV bytes once ISPA has absorbed: every layer keeps its sink, only the F-layers keep their rings.
+
+    The number of L-layers follows the policy's own rounding (`ISPAPolicy.num_local_layers`).
+    """
+    local = ISPAPolicy(k_fraction=k_fraction).num_local_layers(num_layers)
+    sink_only = kv_cache_bytes(
+        local, dim, sink_tokens, block_tokens, rings=0, bytes_per_value=bytes_per_value
+    )
+    f_layers = kv_cache_bytes(
+        num_layers - local,
+        dim,
+        sink_tokens,
+        block_tokens,
+        rings=rings,
+        history_blocks=history_blocks,
+        bytes_per_value=bytes_per_value,
+    )
+    return sink_only + f_layers
+
+
 def ispa_statistics_bytes(num_layers: int, dim: int) -> int:
-    """G and C, two D×D fp32 matrices per layer, held during ISPA's warmup."""
-    return num_layers * 2 * dim * dim * 4
+    """G (half of it, by symmetry) and C per layer in fp32, plus small vectors, held during ISPA's warmup."""
+    return statistics_nbytes(num_layers, dim)
 
 
 def encoder_bytes(text_encoder_on_gpu: bool, bytes_per_value: int = 2) -> int:

@@ -1,0 +1,97 @@
+"""The memory model against live tensors: KV and statistics bytes of real DiT runs at small sizes, and the 14B
+weights as built on `meta`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.dit.audio_encoder import AudioTokens
+from avatars.liveavatar.weights import memory
+from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
+from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
+
+FIVE_LAYERS = dataclasses.replace(
+    PRESETS["tiny"], num_layers=5, dim=96, num_heads=4, ffn_dim=192, audio_inject_layers=(0, 3)
+)
+CASES = {  # config, latent size, k_fraction, L-layers expected
+    "tiny-64x64": (PRESETS["tiny"], (8, 8), 0.5, 2),
+    "tiny-128x64": (PRESETS["tiny"], (16, 8), 0.5, 2),
+    "five-layers-half": (FIVE_LAYERS, (8, 8), 0.5, 3),  # 2.5 rounds up
+    "five-layers-quarter": (FIVE_LAYERS, (8, 8), 0.25, 1),
+}
+
+
+def run_blocks(config, latent, policy, blocks: int):
+    """A bf16 DiT streaming `blocks` blocks of 4 steps through a session; reports and the session."""
+    torch.manual_seed(0)
+    model = LiveAvatarDiT.from_config(config).to(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    layout = CacheLayout(
+        block_tokens=3 * model.tokens_per_frame(*latent), history_blocks=3, num_rings=4, frames_per_block=3
+    )
+    session = AttentionSession(policy, config.num_layers, layout)
+    context = model.embed_text(randn(1, config.text_len, config.text_dim))
+    model.prefill_sink(session, randn(1, 16, 1, *latent), randn(1, 16, 19, *latent), context)
+    audio = AudioTokens(randn(1, 3, config.num_audio_token + 1, config.dim), randn(1, 3, 1, config.dim))
+    reports = []
+    for block in range(blocks):
+        for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)):
+            model.forward_block(
+                session, randn(1, 16, 3, *latent), timestep, context, audio, 3 * block, step, ref_shift=4
+            )
+        reports.append(session.end_block())
+    return model, session, reports
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kv_and_statistics_predictions_equal_live_tensors(case):
+    config, latent, k_fraction, local = CASES[case]
+    plan = memory.plan_memory(config, 8 * latent[0], 8 * latent[1], fp8=False)
+
+    model, full_session, full = run_blocks(config, latent, FullPolicy(), blocks=2)
+    # every ring is allocated whole at its first write: the prediction holds from block 0 on
+    assert [r.kv_bytes for r in full] == [plan.kv_cache] * 2 == [full_session.cache.nbytes()] * 2
+    assert {r.stats_bytes for r in full} == {0}
+
+    _, session, ispa = run_blocks(config, latent, ISPAPolicy(k_fraction=k_fraction, t_warm=6), blocks=3)
+    assert [r.phase for r in ispa] == ["warmup", "warmup", "absorbed"]
+    assert [r.stats_bytes for r in ispa] == [0, plan.ispa_statistics, 0]
+    after = memory.kv_cache_bytes_after_absorb(
+        config.num_layers,
+        config.dim,
+        model.sink_token_count(*latent),
+        3 * model.tokens_per_frame(*latent),
+        k_fraction,
+    )
+    assert [r.kv_bytes for r in ispa] == [plan.kv_cache, after, after] and session.cache.nbytes() == after
+    assert len(ispa[-1].l_layers) == local
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_14b_weight_bytes_equal_the_meta_built_model(fp8):
+    with torch.device("meta"):
+        model = LiveAvatarDiT.from_config(PRESETS["14b"]).to(torch.bfloat16)
+    if fp8:
+        convert_linears_to_fp8(model)
+    live = sum(t.nbytes for t in model.state_dict().values())
+    assert memory.plan_memory(PRESETS["14b"], 384, 704, fp8=fp8).dit_weights == live
+
+
+def test_14b_kv_after_absorbing_half_the_layers():
+    sink, block, dim = 2640, 3168, 5120
+    sink_only = 2 * sink * dim * 2  # keys and values, bf16
+    with_rings = 2 * (sink + 4 * 3 * block) * dim * 2  # 4 rings of 3 history blocks
+    after = memory.kv_cache_bytes_after_absorb(40, dim, sink, block, 0.5)
+    assert after == 20 * sink_only + 20 * with_rings
+    full = memory.kv_cache_bytes(40, dim, sink, block)
+    assert after / full == (sink + 6 * block) / (sink + 12 * block)  # 0.532: the sink is 6.5 % of Full's KV
+    assert (f"{full / 1e9:.2f}", f"{after / 1e9:.2f}") == ("33.31", "17.73")

@@ -1,0 +1,114 @@
+"""bench/streaming.py on the tiny model: the JSON contract, its definitions, and the memory model against live bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.streaming import parse_args
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BLOCKS, T_WARM = 3, 6  # warmup = 2 blocks, so the last block runs absorbed
+POLICY_KEYS = {"kv_bytes_peak", "stats_bytes_peak", "peak_allocated_bytes", "block_seconds_median", "fps"}
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    command = [sys.executable, "bench/streaming.py", "--model", "tiny", "--blocks", str(BLOCKS)]
+    command += ["--t-warm", str(T_WARM), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_prints_a_table_then_one_json_object_with_the_contract_keys(bench_run):
+    lines, result = bench_run
+    assert lines[0].startswith("device: CPU") and "model: tiny" in lines[0]
+    assert sum(line.startswith("{") for line in lines) == 1
+    assert {"warmup_overhead_ratio", "absorb_seconds", "device"} <= set(result)
+    for policy in ("full", "ispa"):
+        assert set(result[policy]) >= POLICY_KEYS, policy
+        assert result[policy]["peak_allocated_bytes"] is None  # CUDA only
+        assert len(result[policy]["blocks"]) == BLOCKS
+
+
+def test_ispa_warms_up_absorbs_and_then_holds_what_the_memory_model_predicts(bench_run):
+    _, result = bench_run
+    full, ispa, predicted = result["full"], result["ispa"], result["predicted"]
+    assert [b["phase"] for b in ispa["blocks"]] == ["warmup", "warmup", "absorbed"]
+    assert [b["event"] for b in ispa["blocks"]] == [None, "absorbed", None]
+    assert {b["phase"] for b in full["blocks"]} == {"full"}
+    # live tensors against the memory model, before and after the absorb
+    assert full["kv_bytes_peak"] == full["kv_bytes_after_warmup"] == predicted["kv_bytes_full"]
+    assert ispa["kv_bytes_peak"] == predicted["kv_bytes_full"]  # the warmup peak is Full's
+    assert (
+        ispa["kv_bytes_after_warmup"]
+        == predicted["kv_bytes_ispa_after_warmup"]
+        < full["kv_bytes_after_warmup"]
+    )
+    assert result["kv_ratio_after_warmup"] == ispa["kv_bytes_after_warmup"] / full["kv_bytes_after_warmup"]
+    assert full["stats_bytes_peak"] == 0
+    assert ispa["stats_bytes_peak"] == predicted["stats_bytes"] > 0
+    assert [b["stats_bytes"] for b in ispa["blocks"]] == [0, predicted["stats_bytes"], 0]
+    assert ispa["absorb_seconds"] == result["absorb_seconds"] == ispa["blocks"][1]["absorb_seconds"] > 0
+    assert full["absorb_seconds"] == 0
+
+
+def test_timings_follow_their_definitions(bench_run):
+    _, result = bench_run
+    for name in ("full", "ispa"):
+        policy = result[name]
+        blocks = policy["blocks"]
+        assert [b["frames"] for b in blocks] == [9, 12, 12]
+        steady = blocks[1:]
+        seconds = sum(b["dit_seconds"] + b["decode_seconds"] for b in steady)
+        assert (
+            policy["fps"] == pytest.approx(sum(b["frames"] for b in steady) / seconds) and policy["fps"] > 0
+        )
+        after = blocks[2:]
+        assert policy["fps_after_warmup"] == pytest.approx(
+            12 / (after[0]["dit_seconds"] + after[0]["decode_seconds"])
+        )
+        assert policy["dit_seconds_median_after_warmup"] == after[0]["dit_seconds"]
+    ispa_blocks = result["ispa"]["blocks"]
+    merge, stats, dit = (
+        ispa_blocks[1][key] for key in ("merge_seconds", "statistics_seconds", "dit_seconds")
+    )
+    assert result["warmup_overhead_ratio"] == pytest.approx(merge / dit) and 0 < merge < dit
+    assert result["statistics_overhead_ratio"] == pytest.approx(stats / dit) and 0 < stats < dit
+    assert ispa_blocks[0]["merge_seconds"] == 0  # no history, nothing to merge
+    attention = result["attention_decomposition"]
+    extra = (attention["decomposed_seconds"] - attention["plain_seconds"]) * 4 * 4  # tiny: 4 layers x 4 steps
+    assert result["decomposition_overhead_ratio"] == pytest.approx(
+        extra / result["full"]["dit_seconds_median"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--blocks", "0"], "--blocks"),
+        (["--t-warm", "3"], "t_warm"),
+        (["--k-fraction", "1.5"], "k_fraction"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_bad_arguments_are_refused(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(bad)
+    assert message in capsys.readouterr().err
+
+
+def test_the_14b_model_needs_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "14b"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
