@@ -20,28 +20,16 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from avatars.liveavatar.dit.layers import RMSNorm
+from avatars.liveavatar.dit.layers import AttentionProjections
 from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope
 
 if TYPE_CHECKING:
     from ispa import AttentionSession
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(AttentionProjections):
     """Projections of one block's self-attention; q/k are RMS-normalised over all heads before the split."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised, not rotated) and v, each [B, L, heads, head_dim], from x [B, L, dim]."""

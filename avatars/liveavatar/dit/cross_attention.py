@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from avatars.liveavatar.dit.layers import RMSNorm
+from avatars.liveavatar.dit.layers import AttentionProjections
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Wan's cross-attention: no RoPE, q/k RMS-normalised over all heads, every context token visible."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, Lq, dim] attends to context [B, Lk, dim]; returns [B, Lq, dim]."""

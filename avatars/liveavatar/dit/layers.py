@@ -33,3 +33,18 @@ def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = torch.outer(t, freqs)
     return torch.cat((args.cos(), args.sin()), dim=1)
+
+
+class AttentionProjections(nn.Module):
+    """Wan's attention parameters: q, k, v, o projections, q/k RMS-normalised over all heads before the split."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
