@@ -133,6 +133,14 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def format_bytes(count: float) -> str:
+    """Bytes in the unit that keeps a few significant digits: the tiny model holds kilobytes, 14B gigabytes."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     th = "".join(f'<th style="{_TD_STYLE}">{escape(h)}</th>' for h in head)
     body = "".join(
@@ -154,12 +162,11 @@ def run_summary_html(
     for report in reports:
         _require(report, (*keys, "kv_bytes"))
     mux = mux_seconds or {}
-    stats_now = reports[-1]["stats_bytes"] / BYTES_PER_GB
-    stats_peak = max(r["stats_bytes"] for r in reports) / BYTES_PER_GB
+    stats_now = format_bytes(reports[-1]["stats_bytes"])
+    stats_peak = format_bytes(max(r["stats_bytes"] for r in reports))
     absorb_total = sum(r["absorb_seconds"] for r in reports)
     lines = [
-        f"Statistics memory: <b>{stats_now:.3f} GB</b> now, {stats_peak:.3f} GB at most "
-        "(held during warmup only).",
+        f"Statistics memory: <b>{stats_now}</b> now, {stats_peak} at most (held during warmup only).",
         f"Absorb step: {absorb_total:.3f} s in all.",
     ]
     rows = [
@@ -170,7 +177,7 @@ def run_summary_html(
             _seconds(r["decode_seconds"]),
             _seconds(mux.get(int(r["index"]))),
             _seconds(r["merge_seconds"]),
-            f"{r['kv_bytes'] / BYTES_PER_GB:.3f}",
+            format_bytes(r["kv_bytes"]),
         ]
         for r in reports[-max_rows:]
     ]
@@ -183,7 +190,7 @@ def run_summary_html(
         _seconds(sum(r["merge_seconds"] for r in reports)),
         "",
     ]
-    head = ["chunk", "phase", "model s", "decode s", "mux s", "merge s", "KV GB"]
+    head = ["chunk", "phase", "model s", "decode s", "mux s", "merge s", "KV"]
     summary = "".join(f"<div>{line}</div>" for line in lines)
     return f'<div class="run-summary">{summary}{_table(head, [*rows, totals])}</div>'
 

@@ -18,6 +18,7 @@ from app.panels import (
     THIS_RUN,
     KVTimeline,
     drift_table_html,
+    format_bytes,
     layer_map_html,
     run_summary_html,
 )
@@ -234,20 +235,20 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
     assert as_floats(table["model s"][:3]) == pytest.approx([r["seconds"] for r in last], abs=5e-4)
     assert as_floats(table["decode s"][:3]) == pytest.approx([r["decode_seconds"] for r in last], abs=5e-4)
     assert as_floats(table["mux s"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
-    assert as_floats(table["KV GB"][:3]) == pytest.approx([r["kv_bytes"] / GB for r in last], abs=5e-4)
+    assert table["KV"][:3].tolist() == [f"{r['kv_bytes'] / GB:.2f} GB" for r in last]
     assert float(table["model s"].iloc[-1]) == pytest.approx(sum(r["seconds"] for r in reports), abs=5e-4)
     assert float(table["mux s"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
     assert float(table["merge s"].iloc[-1]) == pytest.approx(
         sum(r["merge_seconds"] for r in reports), abs=5e-4
     )
-    assert "Statistics memory: <b>0.000 GB</b> now, 2.100 GB at most" in html
+    assert "Statistics memory: <b>0 B</b> now, 2.10 GB at most" in html
     assert "Absorb step: 0.800 s in all." in html
 
 
 def test_run_summary_without_mux_times_and_without_reports() -> None:
     html = run_summary_html([make_report(0)])
     assert parse_table(html)["mux s"].tolist() == ["—", "0.000"]
-    assert "Statistics memory: <b>2.100 GB</b> now" in html
+    assert "Statistics memory: <b>2.10 GB</b> now" in html
     assert run_summary_html([]) == "<div>No chunks yet.</div>"
     with pytest.raises(ValueError, match="lacks decode_seconds"):
         run_summary_html([{k: v for k, v in make_report(0).items() if k != "decode_seconds"}])
@@ -259,3 +260,11 @@ def test_drift_table_marks_identical_chunks() -> None:
     assert table.chunk.tolist() == ["0", "1"]
     assert table["PSNR dB"].tolist() == ["identical", "31.42"]
     assert table["SSIM"].tolist() == ["1.0000", "0.9877"]
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (999, "999 B"), (99_328, "99.33 kB"), (1_343_488, "1.34 MB"), (33_310_000_000, "33.31 GB")],
+)
+def test_bytes_are_shown_in_a_readable_unit(count, text) -> None:
+    assert format_bytes(count) == text

@@ -158,3 +158,52 @@ def test_ending_a_session_stops_its_run_closes_its_feed_and_deletes_its_files(tm
     assert control.cancelled == 1 and feed.closed and not run_dir.path.exists()
     assert sessions.run("s1") is None and sessions.feed("s1") is None
     sessions.end("never-seen")  # harmless
+
+
+def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app import models
+
+    loads: list[tuple[str, bool]] = []
+
+    def fake_load(cls, name: str, *, fp8: bool = False) -> object:
+        loads.append((name, fp8))
+        return object()
+
+    monkeypatch.setattr(models, "_loaded", {})
+    monkeypatch.setattr(models.LiveAvatarPipeline, "load", classmethod(fake_load))
+    monkeypatch.setattr(models, "model_availability", lambda: {"tiny": None, "14b": None})
+    monkeypatch.setenv(models.FP8_ENV, "1")
+    first = models.get_pipeline("tiny")
+    assert models.get_pipeline("tiny") is first
+    models.get_pipeline("14b")
+    assert loads == [("tiny", False), ("14b", True)]
+
+    monkeypatch.setattr(models, "model_availability", lambda: {"tiny": None, "14b": "needs an NVIDIA GPU"})
+    assert models.default_model() == "tiny"
+    with pytest.raises(
+        ValidationError, match="LiveAvatar 14B model is not available here: needs an NVIDIA GPU"
+    ):
+        models.get_pipeline("14b")
+    with pytest.raises(ValidationError, match="Unknown model 'huge'"):
+        models.check_model("huge")
+
+
+def test_sessions_idle_for_too_long_are_forgotten_with_their_files(tmp_path: Path) -> None:
+    now = [0.0]
+    sessions = Sessions(max_idle_seconds=100.0, clock=lambda: now[0])
+    api_dir, live_dir, busy_dir = RunDir(tmp_path), RunDir(tmp_path), RunDir(tmp_path)
+    sessions.finish(sessions.begin_run("api-client", api_dir, [FakeControl()]), None)
+    sessions.finish(sessions.begin_run("live", live_dir, [FakeControl()]), None)
+    sessions.open_feed("live")  # still recording: kept however old its last run is
+    sessions.begin_run("busy", busy_dir, [FakeControl()])  # never finished: kept
+    now[0] = 100.0
+    sessions.begin_run("newcomer", RunDir(tmp_path), [FakeControl()])
+    assert sessions.run("api-client") is not None  # exactly at the limit: kept
+    now[0] = 100.5
+    sessions.begin_run("another", RunDir(tmp_path), [FakeControl()])
+    assert sessions.run("api-client") is None and not api_dir.path.exists()
+    assert sessions.run("live") is not None and live_dir.path.exists()
+    assert sessions.run("busy") is not None and busy_dir.path.exists()
+    assert sessions.run("newcomer") is not None

@@ -1,4 +1,4 @@
-"""Live microphone feed: every reader gets all the audio at its rate, arrivals are logged for the delay figure,
+"""Live microphone feed: each reader gets all the audio at its rate, arrivals are logged for the delay figure,
 and the feed ends cleanly (on close, or at the length limit)."""
 
 from __future__ import annotations

@@ -1,0 +1,210 @@
+"""One generation request, run: the backend's chunk streams in, per chunk the new video segment(s), the side
+panel and the status out, and at the end the final mp4(s) and the report.
+
+This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
+opens a Full and an ISPA stream on the same pipeline and advances them in lockstep, so both players and both
+KV curves move together. The yielded tuples follow the order of the outputs wired in `app.main.build_demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.gpu import gpu
+from app.inputs import ISPA, RunSpec
+from app.media import RunDir, ffmpeg_status
+from app.models import get_pipeline
+from app.run_recorder import RunRecorder
+from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
+from app.sessions import SESSIONS, FinalOutputs
+from app.validation import MAX_AUDIO_SECONDS, ValidationError
+from avatars.base import AvatarChunk, GenerationRequest
+from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl
+
+logger = logging.getLogger(__name__)
+
+# ZeroGPU time asked per request: a fixed start-up share plus a share per second of speech and per run.
+GPU_BASE_SECONDS = 60
+GPU_SECONDS_PER_SPEECH_SECOND = 8
+GPU_MAX_SECONDS = 900
+
+
+def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
+    speech = MAX_AUDIO_SECONDS if spec.speech_seconds is None else spec.speech_seconds
+    runs = len(spec.policies())
+    return min(GPU_MAX_SECONDS, int(GPU_BASE_SECONDS + GPU_SECONDS_PER_SPEECH_SECOND * speech * runs))
+
+
+@gpu(duration=_gpu_seconds)
+def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[tuple]:
+    """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
+    at the end the final mp4(s) and the report. Compare mode advances its Full and ISPA runs in lockstep."""
+    pipe = get_pipeline(model)
+    streaming = ffmpeg_status().can_stream
+    feed = SESSIONS.feed(session) if live else None
+    if live and feed is None:
+        raise ValidationError("Start the live microphone first.")
+    run_dir = RunDir()
+    runs = spec.policies()
+    controls = {name: RunControl() for name, _ in runs}
+    active = SESSIONS.begin_run(
+        session, run_dir, list(controls.values()), [controls[ISPA]] if ISPA in controls else []
+    )
+    recorders = {name: RunRecorder(run_dir, f"avatar-{name.lower()}.mp4", streaming) for name, _ in runs}
+    panels = RunPanels(spec, recorders)
+    meter = DelayMeter(feed) if feed is not None else None
+    timed_run = runs[-1][0]  # in compare mode the ISPA run, which is advanced second
+    streams: dict[str, Iterator[AvatarChunk]] = {}
+    started = time.monotonic()
+    first_video_s: float | None = None
+    try:
+        for name, policy in runs:
+            request = GenerationRequest(
+                portrait=spec.portrait,
+                audio=spec.audio if feed is None else feed.pieces(pipe.sample_rate),
+                sample_rate=pipe.sample_rate,
+                prompt=spec.prompt,
+                seed=spec.settings.seed,
+            )
+            streams[name] = pipe.stream(
+                request, policy=policy, max_area=spec.max_area, control=controls[name]
+            )
+        for step in _lockstep(streams):
+            panels.add(step)
+            segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
+            if meter is not None and timed_run in step:
+                meter.chunk_ready(_chunk_end_seconds(step[timed_run], recorders[timed_run]))
+                if segments.get(timed_run) is not None:
+                    meter.handed_over()
+            if first_video_s is None and any(segments.values()):
+                first_video_s = time.monotonic() - started
+            status = status_markdown(
+                pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
+            )
+            yield _outputs(runs, segments, panels, status)
+            _remove(segments)  # Gradio has encoded them into its own stream by the time the generator resumes
+        _close(streams)
+        last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
+        if meter is not None:
+            meter.handed_over()
+        if first_video_s is None:
+            first_video_s = time.monotonic() - started
+        final = _finish(pipe, spec, recorders, panels, run_dir, first_video_s, meter, active.stop_requested)
+        SESSIONS.finish(active, final)
+    except BaseException:
+        # Stopped (Gradio closes the generator) or failed: the files of what exists go to the session, where
+        # the Stop button collects them.
+        _close(streams)
+        if not active.finished.is_set():
+            final = _finish(pipe, spec, recorders, panels, run_dir, first_video_s, meter, stopped=True)
+            SESSIONS.finish(active, final)
+        raise
+    if not streaming and final is not None:
+        last = {name: recorder.final_video for name, recorder in recorders.items()}
+    state = "stopped" if active.stop_requested else "finished"
+    status = status_markdown(pipe.label, spec, recorders, first_video_s, meter and meter.summary(), state)
+    yield _outputs(runs, last, panels, status, final)
+    if streaming:
+        _remove(last)
+
+
+def _lockstep(streams: Mapping[str, Iterator[AvatarChunk]]) -> Iterator[dict[str, AvatarChunk]]:
+    """One chunk from each stream per step, so compare mode's two players advance together."""
+    running = dict(streams)
+    while running:
+        step = {}
+        for name, stream in list(running.items()):
+            chunk = next(stream, None)
+            if chunk is None:
+                del running[name]
+            else:
+                step[name] = chunk
+        if step:
+            yield step
+
+
+def _chunk_end_seconds(chunk: AvatarChunk, recorder: RunRecorder) -> float:
+    """Where the chunk ends on the audio's clock: `t_seconds`, else the frames counted so far."""
+    return float(chunk.report.get("t_seconds", recorder.video_seconds))
+
+
+def _close(streams: Mapping[str, Iterator[AvatarChunk]]) -> None:
+    """Close the backend's generators: that frees what their runs hold (KV caches, GPU memory)."""
+    for stream in streams.values():
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _remove(paths: Mapping[str, Path | None]) -> None:
+    for path in paths.values():
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _finish(
+    pipe: LiveAvatarPipeline,
+    spec: RunSpec,
+    recorders: Mapping[str, RunRecorder],
+    panels: RunPanels,
+    run_dir: RunDir,
+    first_video_s: float | None,
+    meter: DelayMeter | None,
+    stopped: bool,
+) -> FinalOutputs | None:
+    """Close every run's mp4 and write the report; None when that fails (logged, the run still ends)."""
+    try:
+        files = []
+        for recorder in recorders.values():
+            recorder.finish(flush_stream=False)  # no-op when the run already finished normally
+            if recorder.final_video is not None:
+                files.append(recorder.final_video)
+        report = run_report(
+            pipe.label,
+            pipe.is_test_model,
+            spec,
+            recorders,
+            panels.drifts,
+            first_video_s,
+            meter and meter.summary(),
+            stopped_early=stopped,
+        )
+        report_path = run_dir.path / "report.json"
+        report_path.write_text(json.dumps(report, indent=1))
+        return FinalOutputs(files=[*files, report_path], report=report)
+    except Exception:
+        logger.exception("could not finish the run's files")
+        for recorder in recorders.values():
+            recorder.discard()
+        return None
+
+
+def _outputs(
+    runs: list[tuple[str, Any]],
+    videos: Mapping[str, Path | None],
+    panels: RunPanels,
+    status: str,
+    final: FinalOutputs | None = None,
+) -> tuple:
+    """Values for the generation events' outputs, in order (see `build_demo`); a player without a new segment
+    is skipped, which leaves its stream as it is."""
+    names = [name for name, _ in runs]
+    players = [videos.get(names[i]) if i < len(names) else None for i in range(2)]
+    plot = panels.plot()
+    return (
+        *(str(p) if p is not None else gr.skip() for p in players),
+        gr.LinePlot(value=plot, color_map=panels.plot_colors(plot), caption=panels.caption()),
+        panels.layer_map(),
+        panels.summary(),
+        panels.drift(),
+        status,
+        [str(p) for p in final.files] if final is not None else gr.skip(),
+        final.report if final is not None else gr.skip(),
+    )

@@ -1,0 +1,137 @@
+"""Everything a user hands the Generate button, checked and turned into what the backend takes.
+
+The order of the checks is cheap first (settings and names), then the portrait, then the speech, which may
+have to be synthesised from text. Every problem is a `ValidationError` whose message can be shown as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app import tts
+from app.validation import Settings, ValidationError, validate_audio, validate_portrait, validate_settings
+from ispa import FullPolicy, ISPAPolicy, Policy
+
+ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
+POLICY_CHOICES = (ISPA, FULL, COMPARE)
+DEFAULT_SIZE = "default"
+MAX_PROMPT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A checked request: the portrait, the speech (None in live mode: it arrives later) and the settings."""
+
+    portrait: np.ndarray  # [H, W, 3] uint8 RGB
+    audio: np.ndarray | None  # mono float32 at the pipeline's sample rate
+    audio_source: str  # "audio", "text" or "live"
+    speech_seconds: float | None  # None in live mode
+    prompt: str
+    mode: str  # one of POLICY_CHOICES
+    settings: Settings
+    size_label: str
+    max_area: int
+    warnings: list[str] = field(default_factory=list)
+
+    def policies(self) -> list[tuple[str, Policy]]:
+        """(run name, policy) for each run this request makes: two, Full then ISPA, in compare mode."""
+        ispa = ISPAPolicy(
+            k_fraction=self.settings.k_fraction, t_warm=self.settings.t_warm, lam=self.settings.lam
+        )
+        return {
+            ISPA: [(ISPA, ispa)],
+            FULL: [(FULL, FullPolicy())],
+            COMPARE: [(FULL, FullPolicy()), (ISPA, ispa)],
+        }[self.mode]
+
+
+def check_mode(policy: Any) -> str:
+    if policy not in POLICY_CHOICES:
+        raise ValidationError(f"The policy must be one of: {', '.join(POLICY_CHOICES)}.")
+    return policy
+
+
+def check_prompt(prompt: Any) -> str:
+    text = " ".join(str(prompt or "").split())
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValidationError(f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+    return text
+
+
+def choose_size(size: Any, size_choices: Sequence[tuple[str, int]]) -> tuple[str, int]:
+    """(label, max_area) for a size label from the dropdown; "default" is the model's first choice."""
+    if not size_choices:
+        raise ValueError("the pipeline offers no sizes")
+    if size in (None, "", DEFAULT_SIZE):
+        return size_choices[0]
+    for label, area in size_choices:
+        if size == label:
+            return label, area
+    labels = ", ".join(label for label, _ in size_choices)
+    raise ValidationError(f"The size must be '{DEFAULT_SIZE}' or one of: {labels}.")
+
+
+def prepare_run(
+    *,
+    portrait: str | Path | None,
+    audio: str | Path | None,
+    text: str | None,
+    prompt: Any,
+    policy: Any,
+    k_fraction: Any,
+    t_warm: Any,
+    lam: Any,
+    seed: Any,
+    size: Any,
+    size_choices: Sequence[tuple[str, int]],
+    sample_rate: int,
+    speech_dir: Path,
+    live: bool = False,
+) -> RunSpec:
+    """Check every input; speech comes from the audio file, else from `text` (synthesised into `speech_dir`),
+    and in `live` mode from the microphone later on."""
+    mode = check_mode(policy)
+    prompt_text = check_prompt(prompt)
+    settings = validate_settings(k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed)
+    size_label, max_area = choose_size(size, size_choices)
+    portrait_check = validate_portrait(portrait)
+    notes = [*settings.warnings, *portrait_check.warnings]
+    samples, source = None, "live"
+    if not live:
+        samples, source, speech_notes = _speech(audio, text, sample_rate, speech_dir)
+        notes += speech_notes
+    return RunSpec(
+        portrait=portrait_check.image,
+        audio=samples,
+        audio_source=source,
+        speech_seconds=None if samples is None else len(samples) / sample_rate,
+        prompt=prompt_text,
+        mode=mode,
+        settings=settings,
+        size_label=size_label,
+        max_area=max_area,
+        warnings=notes,
+    )
+
+
+def _speech(
+    audio: str | Path | None, text: str | None, sample_rate: int, speech_dir: Path
+) -> tuple[np.ndarray, str, list[str]]:
+    has_text = bool(text and text.strip())
+    if audio is not None:
+        check = validate_audio(audio, target_rate=sample_rate)
+        notes = ["Both audio and text were given; the audio was used."] if has_text else []
+        return check.samples, "audio", [*check.warnings, *notes]
+    if has_text:
+        try:
+            speech = tts.synthesize(str(text), speech_dir)
+        except tts.TextToSpeechError as exc:
+            raise ValidationError(str(exc)) from None
+        check = validate_audio((speech.sample_rate, speech.samples), target_rate=sample_rate)
+        return check.samples, "text", check.warnings
+    raise ValidationError("Please provide the driving audio: upload or record it, or type text to speak.")

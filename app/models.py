@@ -1,0 +1,63 @@
+"""The app's models: which ones this machine can run, and each loaded once per process on first use.
+
+Nothing is loaded at import time, so the app starts at once and a machine without a GPU or weights still
+serves the tiny test model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from functools import lru_cache
+
+from app.validation import ValidationError
+from avatars.liveavatar.pipeline import LiveAvatarPipeline, available_models
+
+TEST_MODEL = "tiny"
+REAL_MODEL = "14b"
+MODEL_LABELS = {TEST_MODEL: "Tiny test model (untrained, CPU)", REAL_MODEL: "LiveAvatar 14B"}
+FP8_ENV = "ISPA_FP8"  # "1": load the 14B DiT's linear layers in FP8 (about half the weight memory)
+
+_load_lock = threading.Lock()
+_loaded: dict[str, LiveAvatarPipeline] = {}
+
+
+@lru_cache(maxsize=1)
+def model_availability() -> dict[str, str | None]:
+    """Model name -> None when it can run here, else the reason it cannot (asked once per process)."""
+    return {name: hide_paths(reason) if reason else None for name, reason in available_models().items()}
+
+
+def hide_paths(text: str) -> str:
+    """Replace absolute file paths with '…': messages reach the browser, server paths should not."""
+    return re.sub(r"(?<![\w.])(?:~|/)[^\s'\"()<>,;]*(?:/[^\s'\"()<>,;]*)+", "…", text)
+
+
+def default_model() -> str:
+    """The real model when it can run here, else the test model."""
+    return REAL_MODEL if model_availability().get(REAL_MODEL, "unknown") is None else TEST_MODEL
+
+
+def check_model(name: str) -> str:
+    """The model name if this machine can run it; a `ValidationError` naming the reason otherwise."""
+    availability = model_availability()
+    if name not in availability:
+        raise ValidationError(f"Unknown model {name!r}; choose one of: {', '.join(availability)}.")
+    reason = availability[name]
+    if reason is not None:
+        raise ValidationError(f"The {MODEL_LABELS.get(name, name)} model is not available here: {reason}")
+    return name
+
+
+def get_pipeline(name: str) -> LiveAvatarPipeline:
+    """The loaded pipeline for `name`, loading it on first use; concurrent callers wait for one load."""
+    check_model(name)
+    with _load_lock:
+        if name not in _loaded:
+            _loaded[name] = LiveAvatarPipeline.load(name, fp8=name == REAL_MODEL and wants_fp8())
+        return _loaded[name]
+
+
+def wants_fp8() -> bool:
+    return os.environ.get(FP8_ENV, "") == "1"

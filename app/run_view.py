@@ -1,0 +1,205 @@
+"""What the user sees of a run while it streams and after it ends: the side panels, the status line, the
+speech-to-video delay in live mode, and the report that is offered as JSON."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+import pandas as pd
+
+from app.inputs import COMPARE, FULL, ISPA, RunSpec
+from app.live_audio import LiveAudioFeed
+from app.metrics import ChunkDrift, chunk_drift
+from app.panels import (
+    FULL_RING,
+    FULL_RUN,
+    FULL_UNBOUNDED,
+    ISPA_RUN,
+    THIS_RUN,
+    KVTimeline,
+    drift_table_html,
+    layer_map_html,
+    run_summary_html,
+)
+from app.run_recorder import RunRecorder
+from avatars.base import AvatarChunk
+
+_TIMELINE_RUNS = {FULL: FULL_RUN, ISPA: ISPA_RUN}
+SERIES_COLORS = {
+    THIS_RUN: "#4f46e5",
+    ISPA_RUN: "#4f46e5",
+    FULL_RUN: "#dc2626",
+    FULL_RING: "#dc2626",
+    FULL_UNBOUNDED: "#9ca3af",
+}
+EVENT_COLORS = {"absorbed": "#15803d", "recalibration": "#d97706"}  # by prefix: "absorbed 2" is green too
+
+
+class DelayMeter:
+    """Live mode's speech-to-video delay, per chunk: from the moment the microphone audio up to the chunk's
+    end time had arrived on the server to the moment the video holding that chunk is handed to Gradio.
+
+    It leaves out what happens before the server has the audio (the browser sends a piece every
+    `stream_every` seconds) and after the hand-over (Gradio's segment encoding, the browser fetching and
+    buffering it); it includes waiting for the model, the VAE, and a segment's worth of chunks.
+    """
+
+    def __init__(self, feed: LiveAudioFeed, clock: Callable[[], float] = time.monotonic) -> None:
+        self.feed = feed
+        self._clock = clock
+        self._waiting: list[float] = []  # chunk end times (s of audio) not yet handed over
+        self.delays: list[float] = []
+
+    def chunk_ready(self, end_seconds: float) -> None:
+        self._waiting.append(end_seconds)
+
+    def handed_over(self) -> None:
+        """The video of every waiting chunk is being yielded now."""
+        now = self._clock()
+        for end in self._waiting:
+            arrived = self.feed.arrival_time(end)
+            if arrived is not None:
+                self.delays.append(now - arrived)
+        self._waiting.clear()
+
+    def summary(self) -> dict[str, float | int] | None:
+        if not self.delays:
+            return None
+        return {
+            "latest_s": self.delays[-1],
+            "mean_s": sum(self.delays) / len(self.delays),
+            "max_s": max(self.delays),
+            "chunks": len(self.delays),
+        }
+
+
+class RunPanels:
+    """The side panel's contents for the run(s) of one request, updated chunk by chunk."""
+
+    def __init__(self, spec: RunSpec, recorders: Mapping[str, RunRecorder]) -> None:
+        self.spec = spec
+        self.recorders = recorders
+        self.compare = spec.mode == COMPARE
+        self.timeline = KVTimeline(compare=self.compare)
+        self.drifts: list[ChunkDrift] = []
+
+    def add(self, step: Mapping[str, AvatarChunk]) -> None:
+        """One step: a chunk from each run (compare mode advances both runs together)."""
+        for name, chunk in step.items():
+            run = _TIMELINE_RUNS[name] if self.compare else THIS_RUN
+            self.timeline.add(chunk.report, seconds=len(chunk.frames) / chunk.fps, run=run)
+        full, ispa = step.get(FULL), step.get(ISPA)
+        if self.compare and full is not None and ispa is not None and full.frames.shape == ispa.frames.shape:
+            self.drifts.append(chunk_drift(ispa.index, full.frames, ispa.frames))
+
+    def plot(self) -> pd.DataFrame:
+        return self.timeline.dataframe()
+
+    def plot_colors(self, plot: pd.DataFrame) -> dict[str, str]:
+        """A colour for every series in `plot`: the runs in fixed colours, absorb markers green and
+        recalibration markers amber, however many there are."""
+        colors = {}
+        for series in plot["series"].unique():
+            event = next((c for prefix, c in EVENT_COLORS.items() if series.startswith(prefix)), None)
+            colors[series] = SERIES_COLORS.get(series, event or "#6b7280")
+        return colors
+
+    def caption(self) -> str:
+        """The absorb moments in words, and how far the plot goes. It changes with every chunk on purpose:
+        Gradio's LinePlot redraws its legend and colours only when a property such as the caption changes
+        (new data alone is drawn into the old legend, which would leave an absorb marker out)."""
+        longest = max(recorder.video_seconds for recorder in self.recorders.values())
+        progress = f"up to {longest:.2f} s of video"
+        note = self.timeline.annotation()
+        return f"{note} ({progress})" if note else progress
+
+    def layer_map(self) -> str:
+        """The layer map of the run that can have local layers (the ISPA one, or the only one)."""
+        name = ISPA if ISPA in self.recorders else next(iter(self.recorders))
+        reports = self.recorders[name].reports
+        return layer_map_html(reports[-1]) if reports else ""
+
+    def summary(self) -> str:
+        parts = []
+        for name, recorder in self.recorders.items():
+            heading = f"<h4>{escape(name)}</h4>" if self.compare else ""
+            parts.append(heading + run_summary_html(recorder.reports, recorder.mux_seconds))
+        return f'<div style="overflow-x:auto">{"".join(parts)}</div>'
+
+    def drift(self) -> str:
+        return drift_table_html(self.drifts) if self.compare else ""
+
+
+def status_markdown(
+    model_label: str,
+    spec: RunSpec,
+    recorders: Mapping[str, RunRecorder],
+    first_video_s: float | None,
+    delay: dict[str, float | int] | None,
+    state: str,
+) -> str:
+    """One or two lines on the run: the model, progress and speed, and in live mode the measured delay."""
+    longest = max(recorders.values(), key=lambda r: len(r.reports))
+    chunks = len(longest.reports)
+    model_s = sum(r.get("seconds", 0.0) for r in longest.reports)
+    line = f"**{escape(model_label)}** · {escape(spec.mode)} · {state} · {chunks} chunks · "
+    line += f"{longest.video_seconds:.2f} s of video"
+    if longest.video_seconds > 0:
+        line += f" · model {model_s / longest.video_seconds:.2f} s per second of video"
+    if first_video_s is not None:
+        line += f" · first video {first_video_s:.2f} s after the start"
+    if delay is not None:
+        line += (
+            f"  \nSpeech → video delay: {delay['latest_s']:.2f} s now, {delay['mean_s']:.2f} s on average, "
+            f"{delay['max_s']:.2f} s at most (over {delay['chunks']} chunks)"
+        )
+    return line
+
+
+def run_report(
+    model_label: str,
+    is_test_model: bool,
+    spec: RunSpec,
+    recorders: Mapping[str, RunRecorder],
+    drifts: Sequence[ChunkDrift],
+    first_video_s: float | None,
+    delay: dict[str, float | int] | None,
+    stopped_early: bool,
+) -> dict[str, Any]:
+    """The whole run as JSON-ready data: inputs, the engine's report for every chunk, drift and timings."""
+    settings = spec.settings
+    return {
+        "model": model_label,
+        "is_test_model": is_test_model,
+        "mode": spec.mode,
+        "speech": spec.audio_source,
+        "prompt": spec.prompt,
+        "settings": {
+            "k_fraction": settings.k_fraction,
+            "t_warm": settings.t_warm,
+            "lam": settings.lam,
+            "seed": settings.seed,
+            "size": spec.size_label,
+            "max_area": spec.max_area,
+        },
+        "stopped_early": stopped_early,
+        "first_video_after_s": first_video_s,
+        "speech_to_video_delay": delay,
+        "runs": {
+            name: {"video_seconds": recorder.video_seconds, "chunks": recorder.reports}
+            for name, recorder in recorders.items()
+        },
+        "drift": [
+            {
+                "index": d.index,
+                "psnr_db": d.psnr_db if math.isfinite(d.psnr_db) else None,
+                "identical": math.isinf(d.psnr_db),
+                "ssim": d.ssim,
+            }
+            for d in drifts
+        ],
+    }

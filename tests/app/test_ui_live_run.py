@@ -1,0 +1,112 @@
+"""Live mode through the app's own handlers (as the microphone's events call them): video comes out while the
+speech is still arriving, every chunk gets a measured speech-to-video delay, and the result is the same as
+generating from the finished recording."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import soundfile as sf
+
+from app import main
+
+SMALL = "64×64 area"
+STATUS = 6  # index of the status line among the generation outputs
+
+
+def engine_view(report: dict) -> list[dict]:
+    """The chunk reports without wall-clock timings (`seconds`, `*_seconds`; `t_seconds` is video time)."""
+    chunks = report["runs"]["ISPA"]["chunks"]
+    return [{k: v for k, v in c.items() if k == "t_seconds" or not k.endswith("seconds")} for c in chunks]
+
+
+def test_live_run_streams_while_speech_arrives_and_matches_the_offline_run(
+    examples_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
+    audio = audio[: 3 * rate]
+    piece = rate // 4  # the browser sends a piece every 0.25 s
+    pieces = [audio[i : i + piece] for i in range(0, len(audio), piece)]
+    portrait = str(examples_dir / "fashion_blogger.jpg")
+    settings = ("ISPA", 0.5, 6, 1, "tiny", 1e-3, SMALL)
+    request = gr.Request(session_hash="live-session")
+
+    main.open_live_feed(request)
+    feed = main.SESSIONS.feed("live-session")
+    for p in pieces[:6]:  # the first 1.5 s of speech is in before generation starts
+        main.push_live_audio((rate, p), request)
+
+    two_chunks_out = threading.Event()
+
+    def speak_the_rest() -> None:
+        two_chunks_out.wait(timeout=300)  # a guard against a hang; the assertion below catches that case
+        for p in pieces[6:]:
+            main.push_live_audio((rate, p), request)
+        main.close_live_feed(request)
+
+    speaker = threading.Thread(target=speak_the_rest)
+    speaker.start()
+    outputs = []
+    still_speaking_after_two_chunks = None
+    for out in main.generate_live(portrait, "", *settings, request=request):
+        outputs.append(out)
+        if len(outputs) == 2:
+            still_speaking_after_two_chunks = not feed.closed
+            two_chunks_out.set()
+    speaker.join()
+    assert still_speaking_after_two_chunks, "live mode waited for the end of the speech"
+
+    live = outputs[-1][-1]
+    chunks = live["runs"]["ISPA"]["chunks"]
+    delay = live["speech_to_video_delay"]
+    assert delay["chunks"] == len(chunks) >= 5
+    assert 0 <= delay["latest_s"] <= delay["max_s"] and delay["mean_s"] <= delay["max_s"]
+    assert "Speech → video delay" in outputs[-1][STATUS]
+    assert main.SESSIONS.run("live-session").finished.is_set()
+
+    # The same speech as one file: the engine does exactly the same work.
+    recording = tmp_path / "recording.wav"
+    sf.write(recording, audio, rate, subtype="FLOAT")
+    offline_request = gr.Request(session_hash="offline-session")
+    offline = list(main.generate(portrait, str(recording), "", "", *settings, request=offline_request))[-1][
+        -1
+    ]
+    assert engine_view(live) == engine_view(offline)
+    assert live["runs"]["ISPA"]["video_seconds"] == offline["runs"]["ISPA"]["video_seconds"]
+    assert offline["speech_to_video_delay"] is None
+    main.SESSIONS.end("live-session")
+    main.SESSIONS.end("offline-session")
+    assert not any(Path(main.temp_root()).glob("ispa-run-*"))
+
+
+def test_stop_ends_a_live_run_that_waits_for_speech(
+    examples_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop closes the feed, so a run blocked on the microphone ends and hands over what exists."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
+    request = gr.Request(session_hash="stop-session")
+    main.open_live_feed(request)
+    main.push_live_audio((rate, np.ascontiguousarray(audio[:rate])), request)
+    stream = main.generate_live(
+        str(examples_dir / "fashion_blogger.jpg"), "", "Full", 0.5, 6, 1, "tiny", 1e-3, SMALL, request=request
+    )
+    first = next(stream)  # the first block; the run now waits for more speech
+    assert first[STATUS].startswith("**")
+    handed_over: list = []
+    stopper = threading.Thread(target=lambda: handed_over.append(main.stop_run(request)))
+    stopper.start()
+    rest = list(stream)  # ends once Stop has closed the feed
+    stopper.join()
+    files, report = handed_over[0]
+    assert report["stopped_early"] and "stopped" in rest[-1][STATUS]
+    assert {Path(f).name for f in files} == {"avatar-full.mp4", "report.json"}
+    assert len(report["runs"]["Full"]["chunks"]) == len(
+        rest
+    )  # one update per chunk after the first, then the final one
+    main.SESSIONS.end("stop-session")
