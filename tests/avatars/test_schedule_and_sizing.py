@@ -13,7 +13,9 @@ def test_schedule_matches_diffusers(steps, shift):
     reference.set_timesteps(steps)
     sigmas = flow_match_sigmas(steps, shift)
     torch.testing.assert_close(sigmas.float(), reference.sigmas.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(timesteps_from_sigmas(sigmas).float(), reference.timesteps.float(), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(
+        timesteps_from_sigmas(sigmas).float(), reference.timesteps.float(), rtol=1e-6, atol=1e-4
+    )
 
 
 def test_euler_step_matches_diffusers_step():
