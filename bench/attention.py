@@ -10,7 +10,7 @@ Measures, for one layer's self-attention at LiveAvatar's shapes (40 heads x 128,
 On CUDA it runs at full size in bf16. On CPU it defaults to --scale 0.125 (token counts and D scaled) in fp32 so it
 finishes in well under a minute on two cores. Run from the repository root:
 
-    python -m bench.attention [--json] [--scale S] [--device cuda] [--backend torch_cuda] ...
+    python bench/attention.py [--json] [--scale S] [--device cuda] [--backend torch_cuda] ...
 
 Prints a table; with --json the last line is one JSON object (device, shapes, seconds, ratios).
 """
@@ -21,10 +21,15 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as `python bench/attention.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ispa import AbsorptionStats, attention_with_lse, merge_attention, solve_layer
 
