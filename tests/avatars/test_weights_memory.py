@@ -9,6 +9,7 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2ForCTC
 
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import EXCLUDED_FROM_FP8
 
@@ -98,6 +99,7 @@ def test_total_is_the_sum_of_its_parts(plan_14b):
         plan_14b.ispa_statistics,
         plan_14b.encoders,
         plan_14b.activations,
+        plan_14b.vae_decoder_cache,
         plan_14b.reserve,
     ]
     assert plan_14b.total == sum(parts)
@@ -130,3 +132,13 @@ def test_check_names_needed_and_free(plan_14b, monkeypatch):
     assert "only 48.00 GB of 50.00 GB is free" in str(err.value) and "Fake GPU" in str(err.value)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (plan_14b.total, 141 * 10**9))
     memory.check_gpu_memory(plan_14b)  # fits exactly: no error
+
+
+def test_vae_decoder_cache_constant_matches_a_real_config_decode():
+    """The streaming decoder's carried cache, counted from its live tensors, per output pixel in bf16."""
+    vae = WanVAE(AutoencoderKLWan().eval())  # the Wan2.1 architecture, random weights
+    decoder = vae.stream_decoder()
+    decoder.decode_block(torch.randn(1, 16, 2, 8, 8))  # a 64×64 video; the cache is full after two frames
+    values = sum(t.numel() for t in decoder._cache if isinstance(t, torch.Tensor))
+    assert 2 * values == memory.VAE_DECODER_CACHE_BYTES_PER_PIXEL * 64 * 64
+    assert memory.plan_memory(PRESETS["14b"], 704, 384, fp8=True).vae_decoder_cache == 4729 * 704 * 384

@@ -37,6 +37,9 @@ DENOISING_STEPS = 4  # one KV ring per step, as LiveAvatar's single-GPU loop kee
 HISTORY_BLOCKS = 3  # blocks of 3 latent frames each ring keeps besides the current one
 FRAMES_PER_BLOCK = 3
 VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
+# The Wan2.1 decoder's causal-conv cache, carried from block to block, per output pixel in bf16: read off a
+# decode with the real config (exactly linear in pixels; checked in tests/avatars/test_weights_memory.py).
+VAE_DECODER_CACHE_BYTES_PER_PIXEL = 4729
 CUDA_RESERVE_BYTES = 2 * 10**9  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (estimate)
 
 
@@ -53,6 +56,7 @@ class MemoryPlan:
     ispa_statistics: int
     encoders: int
     activations: int
+    vae_decoder_cache: int
     reserve: int
 
     @property
@@ -173,6 +177,7 @@ def plan_memory(
         ispa_statistics=ispa_statistics_bytes(config.num_layers, config.dim) if ispa_warmup else 0,
         encoders=encoder_bytes(text_encoder_on_gpu),
         activations=activation_bytes(config, sink_tokens, block_tokens, height, width),
+        vae_decoder_cache=VAE_DECODER_CACHE_BYTES_PER_PIXEL * height * width,
         reserve=CUDA_RESERVE_BYTES,
     )
 
