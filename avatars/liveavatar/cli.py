@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from avatars.base import GenerationRequest
-from avatars.liveavatar.encoders.audio import to_mono_float32
+from avatars.liveavatar.encoders.audio import read_audio_file
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
 from avatars.liveavatar.pipeline import FPS, LiveAvatarPipeline
 from avatars.liveavatar.weights.errors import CheckpointError
@@ -80,18 +80,10 @@ def read_portrait(path: Path) -> np.ndarray:
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """The file's samples at its own rate (mono float32); the pipeline resamples for the model itself."""
-    import librosa
-
-    if not path.is_file():
-        raise InputError(f"audio not found: {path}")
     try:
-        samples, rate = librosa.load(str(path), sr=None, mono=True)
-    except Exception as err:  # soundfile/audioread raise many types for unreadable files
-        raise InputError(f"cannot read the audio {path.name}: not audio or damaged") from err
-    samples = to_mono_float32(samples)
-    if samples.size == 0:
-        raise InputError(f"the audio {path.name} is empty")
-    return samples, int(rate)
+        return read_audio_file(path)
+    except ValueError as err:
+        raise InputError(str(err)) from err
 
 
 def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) -> dict:

@@ -47,17 +47,25 @@ def to_mono_float32(samples: np.ndarray) -> np.ndarray:
     return samples
 
 
+def read_audio_file(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, rate) of any file librosa reads, at `sample_rate` or the file's own rate (None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio file not found: {path}")
+    try:
+        samples, rate = librosa.load(str(path), sr=sample_rate, mono=True)
+    except Exception as err:  # soundfile/audioread raise many types for unreadable files
+        raise ValueError(f"cannot read audio file {path.name}: not audio or damaged ({err})") from err
+    samples = to_mono_float32(samples)
+    if samples.size == 0:
+        raise ValueError(f"audio file {path.name} is empty (zero samples)")
+    return samples, int(rate)
+
+
 def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
     """Mono float32 audio at 16 kHz from a file (any format librosa reads) or from an array at `sample_rate`."""
     if isinstance(source, str | Path):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"audio file not found: {path}")
-        try:
-            samples, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=True)
-        except Exception as err:  # soundfile/audioread raise many types for unreadable files
-            raise ValueError(f"cannot read audio file {path.name}: {err}") from err
-        samples = to_mono_float32(samples)
+        samples, _ = read_audio_file(source, SAMPLE_RATE)
     else:
         if sample_rate is None or sample_rate <= 0:
             raise ValueError(f"an audio array needs a positive sample_rate, got {sample_rate!r}")
