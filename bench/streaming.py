@@ -58,24 +58,21 @@ if __package__ in (None, ""):  # run as `python bench/streaming.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avatars.base import GenerationRequest
-from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import (
+from avatars.liveavatar.block_layout import (
     DENOISING_STEPS,
     FPS,
     HISTORY_BLOCKS,
     LATENT_FRAMES_PER_BLOCK,
     VIDEO_FRAMES_PER_BLOCK,
-    LiveAvatarPipeline,
+    cache_layout,
 )
+from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
-from avatars.liveavatar.weights.memory import (
-    ispa_statistics_bytes,
-    kv_cache_bytes,
-    kv_cache_bytes_after_absorb,
-)
+from avatars.liveavatar.weights.memory import kv_cache_bytes, kv_cache_bytes_after_absorb
 from bench.attention import device_name, median_seconds
 from bench.random_pipeline import LIVEAVATAR_14B, build_random_pipeline
-from ispa import CacheLayout, FullPolicy, ISPAPolicy, Policy, attention_with_lse, merge_attention
+from ispa import FullPolicy, ISPAPolicy, Policy, attention_with_lse, merge_attention, statistics_nbytes
 
 PORTRAIT_SHAPES = {
     "tiny": (128, 64),
@@ -102,9 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--blocks must be at least 1")
     if args.seed < 0:
         parser.error("--seed must be non-negative")
-    layout = CacheLayout(
-        1, HISTORY_BLOCKS, DENOISING_STEPS, LATENT_FRAMES_PER_BLOCK
-    )  # LiveAvatar's, token count aside
+    layout = cache_layout(tokens_per_frame=1)  # LiveAvatar's, token count aside
     try:
         ISPAPolicy(k_fraction=args.k_fraction, t_warm=args.t_warm).check_layout(layout, num_layers=1)
     except ValueError as err:
@@ -271,7 +266,7 @@ def predictions(pipe: LiveAvatarPipeline, height: int, width: int, k_fraction: f
     return {
         "kv_bytes_full": kv_cache_bytes(**sizes),
         "kv_bytes_ispa_after_warmup": kv_cache_bytes_after_absorb(**sizes, k_fraction=k_fraction),
-        "stats_bytes": ispa_statistics_bytes(config.num_layers, config.dim),
+        "stats_bytes": statistics_nbytes(config.num_layers, config.dim),
     }
 
 

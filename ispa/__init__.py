@@ -13,7 +13,7 @@ from ispa.absorption import (
     statistics_nbytes,
 )
 from ispa.attention import attention_with_lse, available_backends, merge_attention
-from ispa.cache import CacheLayout, KVCache, KVLayer, SinkRingLayer
+from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
 from ispa.policies import FullPolicy, ISPAPolicy, Policy, PolicyState
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
@@ -27,6 +27,7 @@ __all__ = [
     "ISPAPolicy",
     "KVCache",
     "KVLayer",
+    "KVLayerFactory",
     "Policy",
     "PolicyState",
     "SinkRingLayer",

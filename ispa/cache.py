@@ -1,6 +1,6 @@
 """Per-layer KV storage: a persistent sink plus bounded rings of whole-block history slots.
 
-One `SinkRingLayer` per self-attention layer, collected in a `KVCache` (the shape of transformers' per-layer cache
+One `KVLayer` per self-attention layer (today's storage: `SinkRingLayer`), collected in a `KVCache` (the shape of transformers' per-layer cache
 objects). History lives in preallocated rings written in place, one block slot at a time, with explicit counters:
 no `torch.cat` growth and no shift-copy per step. A layer can be switched local (ISPA's L-layers): its ring storage
 is dropped so the allocator gets the bytes back, and only the sink remains.
@@ -15,12 +15,13 @@ the ring memory with identical attention.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["CacheLayout", "KVLayer", "SinkRingLayer", "KVCache"]
+__all__ = ["CacheLayout", "KVCache", "KVLayer", "KVLayerFactory", "SinkRingLayer"]
 
 
 @dataclass(frozen=True)
@@ -74,24 +75,75 @@ class _TokenSpec:
 
 
 class KVLayer(ABC):
-    """One layer's KV storage. `is_local` layers keep no history."""
+    """One layer's KV storage: the contract `AttentionSession` relies on.
 
-    is_local: bool = False
+    A storage (bf16 rings today; quantized or offloaded ones later) plugs in by subclassing this and passing a
+    factory to `KVCache` / `AttentionSession`. Every method below is called by the session; a subclass may store
+    tensors however it likes as long as `sink()` and `history()` return what attention should see.
+    """
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self.is_local = False  # a local layer keeps no history (ISPA's L-layers)
+
+    # ---- sink
+    @abstractmethod
+    def write_sink(self, k: Tensor, v: Tensor) -> None:
+        """Store exactly these sink tokens [B, S, H, D]; writing again replaces them."""
+
+    @abstractmethod
+    def sink(self) -> tuple[Tensor, Tensor]:
+        """The stored sink (k, v), [B, S, H, D]; raises RuntimeError before `write_sink`."""
+
+    # ---- history
+    @abstractmethod
+    def history(self, ring: int) -> tuple[Tensor, Tensor]:
+        """The valid history of `ring` as attention sees it, [B, n, H, D] (n may be 0)."""
+
+    @abstractmethod
+    def append(self, ring: int, k: Tensor, v: Tensor) -> None:
+        """Keep one block [B, block_tokens, H, D] as the newest history of `ring` (after it was attended to)."""
+
+    @abstractmethod
+    def filled_blocks(self, ring: int) -> int:
+        """Whole blocks of valid history in `ring`."""
+
+    # ---- local / full switch
+    @abstractmethod
+    def make_local(self) -> None:
+        """Release all history for good; from now on the layer holds only its sink."""
+
+    @abstractmethod
+    def make_full(self) -> None:
+        """Keep history again, starting empty (ISPA's recalibration)."""
+
+    # ---- bookkeeping
+    @property
+    @abstractmethod
+    def bytes_per_token(self) -> int | None:
+        """Bytes one history token (key + value) occupies in this storage; None before any tensor was seen."""
+
+    @abstractmethod
+    def sink_nbytes(self) -> int:
+        """Bytes of the sink tensors held right now."""
 
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes of the tensors this layer holds right now."""
+        """Bytes of all the tensors this layer holds right now (sink, history, and any scales)."""
 
     @abstractmethod
     def reset(self) -> None:
         """Drop everything, as if newly built."""
 
 
+KVLayerFactory = Callable[[CacheLayout], KVLayer]
+
+
 class SinkRingLayer(KVLayer):
     """Sink tokens written once, plus `num_rings` rings of `history_blocks` block slots, allocated on first use."""
 
     def __init__(self, layout: CacheLayout) -> None:
-        self.layout = layout
+        super().__init__(layout)
         self.reset()
 
     def reset(self) -> None:
@@ -210,13 +262,20 @@ class SinkRingLayer(KVLayer):
 
 
 class KVCache:
-    """All layers' storage, one `SinkRingLayer` per self-attention layer."""
+    """All layers' storage, one `KVLayer` per self-attention layer, each built by `layer_factory(layout)`."""
 
-    def __init__(self, num_layers: int, layout: CacheLayout) -> None:
+    def __init__(
+        self, num_layers: int, layout: CacheLayout, layer_factory: KVLayerFactory = SinkRingLayer
+    ) -> None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         self.layout = layout
-        self.layers = [SinkRingLayer(layout) for _ in range(num_layers)]
+        self.layers: list[KVLayer] = []
+        for _ in range(num_layers):
+            layer = layer_factory(layout)
+            if not isinstance(layer, KVLayer):
+                raise ValueError(f"layer_factory must build KVLayer objects, got {type(layer).__name__}")
+            self.layers.append(layer)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ispa.absorption import AbsorptionStats, select_local_layers, solve_layer
 from ispa.attention import attention_with_lse, merge_attention
-from ispa.cache import CacheLayout, KVCache
+from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
@@ -50,16 +50,23 @@ class AttentionSession:
     num_layers : self-attention layers of the model.
     layout : how history is stored (block size, ring length, rings, frames per block).
     backend : attention backend name for every call (see `ispa.attention`); None picks the best available.
+    kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
     """
 
     def __init__(
-        self, policy: Policy, num_layers: int, layout: CacheLayout, *, backend: str | None = None
+        self,
+        policy: Policy,
+        num_layers: int,
+        layout: CacheLayout,
+        *,
+        backend: str | None = None,
+        kv_layer: KVLayerFactory = SinkRingLayer,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
         if not isinstance(layout, CacheLayout):
             raise ValueError(f"layout must be a CacheLayout, got {layout!r}")
-        self.cache = KVCache(num_layers, layout)
+        self.cache = KVCache(num_layers, layout, kv_layer)
         policy.check_layout(layout, num_layers)
         self.policy = policy
         self.layout = layout

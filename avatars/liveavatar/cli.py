@@ -18,9 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from avatars.base import GenerationRequest
+from avatars.liveavatar.block_layout import FPS
 from avatars.liveavatar.encoders.audio import read_audio_file
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
-from avatars.liveavatar.pipeline import FPS, LiveAvatarPipeline
+from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.media.run_video import RunVideoWriter
 from ispa import FullPolicy, ISPAPolicy, Policy

@@ -30,6 +30,15 @@ import numpy as np
 import torch
 
 from avatars.base import AvatarChunk, GenerationRequest
+from avatars.liveavatar.block_layout import (
+    BLOCKS_PER_CLIP,
+    DENOISING_STEPS,
+    DROPPED_FIRST_FRAMES,
+    FPS,
+    LATENT_FRAMES_PER_BLOCK,
+    VIDEO_FRAMES_PER_BLOCK,
+    cache_layout,
+)
 from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
@@ -37,17 +46,10 @@ from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.vae import MOTION_FRAMES, StreamingDecoder, WanVAE
 from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
 from avatars.liveavatar.sizing import choose_size, fit_portrait
-from ispa import AttentionSession, CacheLayout, Policy
+from ispa import AttentionSession, Policy
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
-LATENT_FRAMES_PER_BLOCK = 3
-VIDEO_FRAMES_PER_BLOCK = 12
-BLOCKS_PER_CLIP = 4  # the official noise is drawn per clip of 12 latent frames
-HISTORY_BLOCKS = 3  # the ring window: the current block plus the 3 before it (12 latent frames)
-DROPPED_FIRST_FRAMES = 3  # the official pipeline cuts the first 3 frames of the video
-DENOISING_STEPS = 4
 SCHEDULE_SHIFT = 3.0
 REF_SHIFT_RANGE = (4, 30)  # the official `random.randint(4, 30)`, redrawn every forward
 AUDIO_PIECE_SECONDS = 1.0  # whole-file audio is fed to the feature encoder in pieces of this length
@@ -185,12 +187,7 @@ class LiveAvatarPipeline:
         motion_latents = self.vae.encode_motion(fitted, MOTION_FRAMES).to(device)
 
         # 2. The run's KV state and sink
-        layout = CacheLayout(
-            block_tokens=LATENT_FRAMES_PER_BLOCK * dit.tokens_per_frame(latent_h, latent_w),
-            history_blocks=HISTORY_BLOCKS,
-            num_rings=DENOISING_STEPS,
-            frames_per_block=LATENT_FRAMES_PER_BLOCK,
-        )
+        layout = cache_layout(dit.tokens_per_frame(latent_h, latent_w))
         session = AttentionSession(policy, num_layers=dit.config.num_layers, layout=layout)
         decoder = self.vae.stream_decoder()
         try:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from avatars.base import GenerationRequest
+from avatars.liveavatar.block_layout import DROPPED_FIRST_FRAMES, FPS
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder, num_video_frames
 from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import DROPPED_FIRST_FRAMES, FPS, RunControl, _AudioTimeline
+from avatars.liveavatar.pipeline import RunControl, _AudioTimeline
 from ispa import FullPolicy, ISPAPolicy
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from avatars.liveavatar.block_layout import DENOISING_STEPS, HISTORY_BLOCKS, cache_layout
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
@@ -33,9 +34,6 @@ UMT5_XXL_ENCODER_PARAMS = 5_680_910_336  # UMT5EncoderModel (d_model 4096, 24 la
 WAV2VEC2_LARGE_PARAMS = 315_472_545  # Wav2Vec2ForCTC, wav2vec2-large-xlsr-53-english
 WAN21_VAE_PARAMS = 126_892_531  # AutoencoderKLWan with its default (Wan2.1) configuration
 
-DENOISING_STEPS = 4  # one KV ring per step, as LiveAvatar's single-GPU loop keeps them
-HISTORY_BLOCKS = 3  # blocks of 3 latent frames each ring keeps besides the current one
-FRAMES_PER_BLOCK = 3
 VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
 # The Wan2.1 decoder's causal-conv cache, carried from block to block, per output pixel in bf16: read off a
 # decode with the real config (exactly linear in pixels; checked in tests/avatars/test_weights_memory.py).
@@ -128,11 +126,6 @@ def kv_cache_bytes_after_absorb(
     return sink_only + f_layers
 
 
-def ispa_statistics_bytes(num_layers: int, dim: int) -> int:
-    """G (half of it, by symmetry) and C per layer in fp32, plus small vectors, held during ISPA's warmup."""
-    return statistics_nbytes(num_layers, dim)
-
-
 def encoder_bytes(text_encoder_on_gpu: bool, bytes_per_value: int = 2) -> int:
     """VAE + wav2vec2 (always on the GPU) and the umT5-XXL encoder when it is not offloaded."""
     params = (
@@ -170,11 +163,11 @@ def plan_memory(
         model = LiveAvatarDiT.from_config(config)
     latent_height, latent_width = height // 8, width // 8
     sink_tokens = model.sink_token_count(latent_height, latent_width)
-    block_tokens = FRAMES_PER_BLOCK * model.tokens_per_frame(latent_height, latent_width)
+    block_tokens = cache_layout(model.tokens_per_frame(latent_height, latent_width)).block_tokens
     return MemoryPlan(
         dit_weights=dit_weight_bytes(model, fp8),
         kv_cache=kv_cache_bytes(config.num_layers, config.dim, sink_tokens, block_tokens),
-        ispa_statistics=ispa_statistics_bytes(config.num_layers, config.dim) if ispa_warmup else 0,
+        ispa_statistics=statistics_nbytes(config.num_layers, config.dim) if ispa_warmup else 0,
         encoders=encoder_bytes(text_encoder_on_gpu),
         activations=activation_bytes(config, sink_tokens, block_tokens, height, width),
         vae_decoder_cache=VAE_DECODER_CACHE_BYTES_PER_PIXEL * height * width,
