@@ -3,7 +3,7 @@ panel and the status out, and at the end the final mp4(s) and the report.
 
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
 opens a Full and an ISPA stream on the same pipeline and advances them in lockstep, so both players and both
-KV curves move together. The yielded tuples follow the order of the outputs wired in `app.main.build_demo`.
+KV curves move together. Each step yields an `app.layout.RunOutputs` of values, by name.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import gradio as gr
 
 from app.gpu import gpu
 from app.inputs import ISPA, RunSpec
+from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
 from app.models import get_pipeline
 from app.run_recorder import RunRecorder
@@ -43,7 +44,7 @@ def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
 
 
 @gpu(duration=_gpu_seconds)
-def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[tuple]:
+def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
     at the end the final mp4(s) and the report. Compare mode advances its Full and ISPA runs in lockstep."""
     pipe = get_pipeline(model)
@@ -80,7 +81,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
             panels.add(step)
             segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
             if meter is not None and timed_run in step:
-                meter.chunk_ready(_chunk_end_seconds(step[timed_run], recorders[timed_run]))
+                meter.chunk_ready(step[timed_run].report.end_seconds)
                 if segments.get(timed_run) is not None:
                     meter.handed_over()
             if first_video_s is None and any(segments.values()):
@@ -128,11 +129,6 @@ def _lockstep(streams: Mapping[str, Iterator[AvatarChunk]]) -> Iterator[dict[str
                 step[name] = chunk
         if step:
             yield step
-
-
-def _chunk_end_seconds(chunk: AvatarChunk, recorder: RunRecorder) -> float:
-    """Where the chunk ends on the audio's clock: `t_seconds`, else the frames counted so far."""
-    return float(chunk.report.get("t_seconds", recorder.video_seconds))
 
 
 def _close(streams: Mapping[str, Iterator[AvatarChunk]]) -> None:
@@ -192,19 +188,20 @@ def _outputs(
     panels: RunPanels,
     status: str,
     final: FinalOutputs | None = None,
-) -> tuple:
-    """Values for the generation events' outputs, in order (see `build_demo`); a player without a new segment
-    is skipped, which leaves its stream as it is."""
+) -> RunOutputs[Any]:
+    """The values of one step; a player without a new segment is skipped, which leaves its stream as it is."""
     names = [name for name, _ in runs]
     players = [videos.get(names[i]) if i < len(names) else None for i in range(2)]
+    player_a, player_b = (str(p) if p is not None else gr.skip() for p in players)
     plot = panels.plot()
-    return (
-        *(str(p) if p is not None else gr.skip() for p in players),
-        gr.LinePlot(value=plot, color_map=panels.plot_colors(plot), caption=panels.caption()),
-        panels.layer_map(),
-        panels.summary(),
-        panels.drift(),
-        status,
-        [str(p) for p in final.files] if final is not None else gr.skip(),
-        final.report if final is not None else gr.skip(),
+    return RunOutputs(
+        player_a=player_a,
+        player_b=player_b,
+        kv_plot=gr.LinePlot(value=plot, color_map=panels.plot_colors(plot), caption=panels.caption()),
+        layer_map=panels.layer_map(),
+        run_summary=panels.summary(),
+        drift_table=panels.drift(),
+        status=status,
+        downloads=[str(p) for p in final.files] if final is not None else gr.skip(),
+        report=final.report if final is not None else gr.skip(),
     )

@@ -15,12 +15,27 @@ import numpy as np
 
 from app import tts
 from app.validation import Settings, ValidationError, validate_audio, validate_portrait, validate_settings
-from ispa import FullPolicy, ISPAPolicy, Policy
+from ispa import FullPolicy, ISPAPolicy, Policy, make_policy
 
 ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
 POLICY_CHOICES = (ISPA, FULL, COMPARE)
+MODE_RUNS = {ISPA: (ISPA,), FULL: (FULL,), COMPARE: (FULL, ISPA)}  # compare mode: Full first, then ISPA
+ENGINE_POLICY = {ISPA: ISPAPolicy.name, FULL: FullPolicy.name}  # run name -> the engine's policy name
 DEFAULT_SIZE = "default"
 MAX_PROMPT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class EngineChoices:
+    """The engine panel's values as the page sends them, before any check (numbers may be strings)."""
+
+    policy: Any
+    k_fraction: Any
+    t_warm: Any
+    lam: Any
+    seed: Any
+    size: Any
+    model: Any
 
 
 @dataclass(frozen=True)
@@ -40,14 +55,19 @@ class RunSpec:
 
     def policies(self) -> list[tuple[str, Policy]]:
         """(run name, policy) for each run this request makes: two, Full then ISPA, in compare mode."""
-        ispa = ISPAPolicy(
-            k_fraction=self.settings.k_fraction, t_warm=self.settings.t_warm, lam=self.settings.lam
-        )
-        return {
-            ISPA: [(ISPA, ispa)],
-            FULL: [(FULL, FullPolicy())],
-            COMPARE: [(FULL, FullPolicy()), (ISPA, ispa)],
-        }[self.mode]
+        settings = self.settings
+        return [
+            (
+                run,
+                make_policy(
+                    ENGINE_POLICY[run],
+                    k_fraction=settings.k_fraction,
+                    t_warm=settings.t_warm,
+                    lam=settings.lam,
+                ),
+            )
+            for run in MODE_RUNS[self.mode]
+        ]
 
 
 def check_mode(policy: Any) -> str:

@@ -17,40 +17,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import soxr
 
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
-
-
-def to_mono_float(samples: np.ndarray) -> np.ndarray:
-    """Mono float32 in [-1, 1] from integer or float PCM shaped [N] or [N, channels]."""
-    data = np.asarray(samples)
-    if data.dtype.kind in "iu":
-        info = np.iinfo(data.dtype)
-        middle = (int(info.max) + int(info.min) + 1) / 2  # 0 for signed PCM, 2**(bits-1) for unsigned
-        data = (data.astype(np.float64) - middle) / (info.max - middle + 1)
-    elif data.dtype.kind != "f":
-        raise ValidationError("The microphone audio has an unsupported sample type.")
-    if data.ndim == 2:
-        data = data.mean(axis=1)
-    if data.ndim != 1:
-        raise ValidationError("The microphone audio has an unexpected layout.")
-    return np.clip(data, -1.0, 1.0).astype(np.float32)
+from avatars.media.audio import AudioReadError, pcm_to_float32, read_audio_file
 
 
 def decode_mic_piece(value: str | Path | tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
-    """One streamed microphone piece (a small WAV file from the browser, or Gradio's `(rate, samples)`)."""
-    if isinstance(value, tuple):
-        rate, samples = value
-    else:
-        try:
-            samples, rate = sf.read(str(value), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError):
-            raise ValidationError("A piece of microphone audio could not be decoded.") from None
+    """One streamed microphone piece (a small WAV file from the browser, or Gradio's `(rate, samples)`), as mono
+    float32 within full scale."""
+    try:
+        if isinstance(value, tuple):
+            rate, samples = value
+            mono = pcm_to_float32(samples)
+        else:
+            mono, rate, _ = read_audio_file(value)
+    except AudioReadError:
+        raise ValidationError("A piece of microphone audio could not be decoded.") from None
     if not (isinstance(rate, int | np.integer) and rate > 0):
         raise ValidationError("The microphone audio has an invalid sample rate.")
-    return int(rate), to_mono_float(samples)
+    return int(rate), np.clip(mono, -1.0, 1.0)
 
 
 class LiveAudioFeed:

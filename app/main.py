@@ -1,10 +1,10 @@
 """The Gradio app: a portrait and speech in, a talking-head video streamed out while it is generated, with the
 ISPA engine's KV-cache memory, layer map and timings beside it.
 
-Order, as in Gradio's own demos: handlers (module-level functions), then `build_demo` with the layout and
-the events, then `serve`. The generation itself is `app.generation.run_generation`; per-session server state
-(run controls, live microphone audio, run folders) lives in `app.sessions.SESSIONS`, keyed by Gradio's
-session hash.
+Order, as in Gradio's own demos: handlers (module-level functions), then `build_demo` (the columns come from
+`app.layout`) and the events, then `serve`. The generation itself is `app.generation.run_generation`, which
+yields `app.layout.RunOutputs` records; per-session server state (run controls, live microphone audio, run
+folders) lives in `app.sessions.SESSIONS`, keyed by Gradio's session hash.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import gradio as gr
 from app.examples import bundled_example
 from app.generation import run_generation
 from app.gpu import ON_ZERO_GPU
-from app.inputs import COMPARE, DEFAULT_SIZE, ISPA, POLICY_CHOICES, RunSpec, prepare_run
+from app.inputs import COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_run
+from app.layout import PLAYER_HEIGHT, InputControls, RunOutputs, input_column, output_columns
 from app.live_audio import decode_mic_piece
 from app.media import ffmpeg_status, remove_stale_run_dirs, temp_root
 from app.models import (
-    MODEL_LABELS,
     REAL_MODEL,
     check_model,
     default_model,
@@ -32,24 +32,19 @@ from app.models import (
     hide_paths,
     model_availability,
 )
-from app.portrait_input import portrait_image
 from app.sessions import SESSIONS, ActiveRun
 from app.tts import TextToSpeechError
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
+from ispa import ISPAPolicy
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_K_FRACTION = 0.5
-DEFAULT_T_WARM = 12
-DEFAULT_LAM = 1e-3
-DEFAULT_SEED = 42
 QUEUE_SIZE = 16
 MAX_FILE_SIZE = "50mb"
 STALE_RUN_DIR_SECONDS = 3600
 STOP_WAIT_SECONDS = 30.0
 MIC_STREAM_EVERY_SECONDS = 0.25
 MIC_SESSIONS = 8
-PLAYER_HEIGHT = 480
 # A streamed video sizes itself to the column's width; a tall portrait video would push everything down.
 CSS = (
     f"#player_a video, #player_b video {{ max-height: {PLAYER_HEIGHT}px; object-fit: contain; }}"
@@ -99,17 +94,15 @@ def generate(
     t_warm: float,
     seed: float,
     model: str,
-    lam: float = DEFAULT_LAM,
+    lam: float = ISPAPolicy.lam,
     size: str = DEFAULT_SIZE,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video."""
-    session = _session(request)
-    with user_errors():
-        spec = _prepare(
-            portrait, audio, text, prompt, policy, k_fraction, t_warm, seed, model, lam, size, live=False
-        )
-        yield from run_generation(spec, model, session, False)
+    choices = EngineChoices(
+        policy=policy, k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed, size=size, model=model
+    )
+    yield from _generate(request, choices, portrait=portrait, prompt=prompt, audio=audio, text=text)
 
 
 def generate_live(
@@ -120,51 +113,62 @@ def generate_live(
     t_warm: float,
     seed: float,
     model: str,
-    lam: float = DEFAULT_LAM,
+    lam: float = ISPAPolicy.lam,
     size: str = DEFAULT_SIZE,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Live mode: generate while the microphone streams into this session's feed."""
+    choices = EngineChoices(
+        policy=policy, k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed, size=size, model=model
+    )
+    yield from _generate(request, choices, portrait=portrait, prompt=prompt, live=True)
+
+
+def _generate(
+    request: gr.Request | None,
+    choices: EngineChoices,
+    *,
+    portrait: str | None,
+    prompt: str | None,
+    audio: str | None = None,
+    text: str | None = None,
+    live: bool = False,
+) -> Iterator[tuple]:
+    """Check the inputs, then stream the run's outputs as the tuple Gradio expects (`RunOutputs` order)."""
     session = _session(request)
     with user_errors():
         try:
-            spec = _prepare(
-                portrait, None, None, prompt, policy, k_fraction, t_warm, seed, model, lam, size, live=True
-            )
+            spec = _prepare(choices, portrait=portrait, prompt=prompt, audio=audio, text=text, live=live)
         except Exception:
-            feed = SESSIONS.feed(session)
+            feed = SESSIONS.feed(session) if live else None
             if feed is not None:
-                feed.close()
+                feed.close()  # the microphone's recording cannot be used: let it end
             raise
-        yield from run_generation(spec, model, session, True)
+        for outputs in run_generation(spec, choices.model, session, live=live):
+            yield tuple(outputs.as_list())
 
 
 def _prepare(
+    choices: EngineChoices,
+    *,
     portrait: str | None,
+    prompt: str | None,
     audio: str | None,
     text: str | None,
-    prompt: str | None,
-    policy: str,
-    k_fraction: float,
-    t_warm: float,
-    seed: float,
-    model: str,
-    lam: float,
-    size: str,
     live: bool,
 ) -> RunSpec:
-    pipe = get_pipeline(check_model(model))
+    pipe = get_pipeline(check_model(choices.model))
     spec = prepare_run(
         portrait=portrait,
         audio=audio,
         text=text,
         prompt=prompt,
-        policy=policy,
-        k_fraction=k_fraction,
-        t_warm=t_warm,
-        lam=lam,
-        seed=seed,
-        size=size,
+        policy=choices.policy,
+        k_fraction=choices.k_fraction,
+        t_warm=choices.t_warm,
+        lam=choices.lam,
+        seed=choices.seed,
+        size=choices.size,
         size_choices=pipe.size_choices(),
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),
@@ -254,11 +258,6 @@ INTRO = (
     "A portrait plus speech becomes a talking-head video that streams while it is generated "
     "(LiveAvatar under the ISPA KV-cache engine)."
 )
-LIVE_HELP = (
-    "Press record and speak: the audio streams to the server while you talk and the video follows block "
-    "by block (0.48 s of speech each). Stop recording to end the run. The status line shows the measured "
-    "delay from your speech reaching the server to its video being handed to the player."
-)
 
 
 def banner_markdown(availability: Mapping[str, str | None], can_stream: bool, stream_message: str) -> str:
@@ -292,165 +291,76 @@ def build_demo() -> gr.Blocks:
     """The whole UI; builds no model (the first run, or the first page load, loads it)."""
     availability = model_availability()
     media = ffmpeg_status()
-    chosen = default_model()
-    real_reason = availability.get(REAL_MODEL)
     with gr.Blocks(title="ispa-avatar", delete_cache=(STALE_RUN_DIR_SECONDS, STALE_RUN_DIR_SECONDS)) as demo:
         gr.Markdown(INTRO)
         banner = banner_markdown(availability, media.can_stream, media.message)
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=1):
-                portrait = portrait_image(
-                    label="Portrait",
-                    sources=["upload", "webcam"],
-                    type="filepath",
-                    image_mode=None,  # the portrait check converts modes and EXIF rotation itself
-                    elem_id="portrait",
-                )
-                audio = gr.Audio(
-                    label="Speech (upload or record)",
-                    sources=["upload", "microphone"],
-                    type="filepath",
-                    elem_id="speech",
-                )
-                text = gr.Textbox(
-                    label="…or text to speak (used when no audio is given)", lines=2, elem_id="tts"
-                )
-                prompt = gr.Textbox(label="Prompt (optional)", placeholder="a person talks in a warm studio")
-                with gr.Accordion("Engine", open=True):
-                    policy = gr.Radio(
-                        list(POLICY_CHOICES),
-                        value=ISPA,
-                        label="Policy",
-                        info="ISPA turns layers local after warmup; Full keeps every layer's history; "
-                        "Compare runs both on the same inputs and seed.",
-                    )
-                    k_fraction = gr.Slider(
-                        0.05, 1.0, value=DEFAULT_K_FRACTION, step=0.05, label="k_fraction",
-                        info="Share of layers that become local after warmup.",
-                    )  # fmt: skip
-                    t_warm = gr.Slider(
-                        6, 48, value=DEFAULT_T_WARM, step=3, label="T_warm (latent frames)",
-                        info="Warmup before absorbing, at least two blocks (3 latent frames = one 0.48 s block).",
-                    )  # fmt: skip
-                    lam = gr.Number(value=DEFAULT_LAM, label="λ (ridge regulariser of the absorb)")
-                    seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
-                    size = gr.Dropdown(
-                        [DEFAULT_SIZE], value=DEFAULT_SIZE, label="Size", allow_custom_value=True
-                    )
-                    model = gr.Radio(
-                        [(MODEL_LABELS.get(name, name), name) for name in availability],
-                        value=chosen,
-                        label="Model",
-                        interactive=real_reason is None,
-                        info=f"14B unavailable: {real_reason}" if real_reason else None,
-                    )
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    recal_btn = gr.Button("Recalibrate", elem_id="recalibrate")
-                with gr.Accordion("Live mode (microphone)", open=False, visible=not ON_ZERO_GPU):
-                    gr.Markdown(LIVE_HELP)
-                    live_mic = gr.Audio(
-                        label="Live microphone",
-                        sources=["microphone"],
-                        streaming=True,
-                        type="filepath",
-                        elem_id="live_mic",
-                    )
-                rows = _example_rows()
-                if rows:
-                    gr.Examples(
-                        rows, inputs=[portrait, audio, text], label="Offline example", cache_examples=False
-                    )
-            with gr.Column(scale=2):
-                with gr.Row():
-                    player_a = gr.Video(
-                        label="Video",
-                        streaming=media.can_stream,
-                        autoplay=True,
-                        interactive=False,
-                        elem_id="player_a",
-                    )
-                    player_b = gr.Video(
-                        label="ISPA",
-                        streaming=media.can_stream,
-                        autoplay=True,
-                        interactive=False,
-                        height=PLAYER_HEIGHT,
-                        visible=False,
-                        elem_id="player_b",
-                    )
-                status = gr.Markdown(label="Status", elem_id="status")
-                downloads = gr.File(
-                    label="Downloads: video(s) and report", file_count="multiple", interactive=False
-                )
-                with gr.Accordion("Engine report (JSON)", open=False):
-                    report = gr.JSON(label="Report")
-            with gr.Column(scale=1):
-                kv_plot = gr.LinePlot(
-                    x="t_seconds",
-                    y="GB",
-                    color="series",
-                    x_title="video time (s)",
-                    y_title="KV cache (GB)",
-                    label="KV-cache memory",
-                    elem_id="kv_plot",
-                )
-                layer_map = gr.HTML(label="Layers", elem_id="layer_map")
-                run_summary = gr.HTML(label="Memory and timings", elem_id="run_summary")
-                drift_table = gr.HTML(label="Drift Full vs ISPA", visible=False, elem_id="drift")
-
-        outputs = [player_a, player_b, kv_plot, layer_map, run_summary, drift_table, status]
-        outputs += [downloads, report]
-        settings = [policy, k_fraction, t_warm, seed, model, lam, size]
-        gen_event = generate_btn.click(
-            generate,
-            inputs=[portrait, audio, text, prompt, *settings],
-            outputs=outputs,
-            api_name="generate",
-            concurrency_limit=1,
-            concurrency_id="gpu",
-            show_progress_on=[status],
-        )
-        live_event = live_mic.start_recording(
-            open_live_feed, None, None, queue=False, api_visibility="private"
-        ).then(
-            generate_live,
-            inputs=[portrait, prompt, *settings],
-            outputs=outputs,
-            concurrency_limit=1,
-            concurrency_id="gpu",
-            show_progress_on=[status],
-            api_visibility="private",
-        )
-        live_mic.stream(
-            push_live_audio,
-            inputs=[live_mic],
-            outputs=None,
-            stream_every=MIC_STREAM_EVERY_SECONDS,
-            time_limit=MAX_AUDIO_SECONDS + 5,
-            concurrency_limit=MIC_SESSIONS,
-            concurrency_id="mic",
-            api_visibility="private",
-        )
-        live_mic.stop_recording(close_live_feed, None, None, queue=False, api_visibility="private")
-        stop_btn.click(
-            stop_run,
-            None,
-            [downloads, report],
-            cancels=[gen_event, live_event],
-            api_name="stop",
-            concurrency_limit=None,
-        )
-        recal_btn.click(recalibrate, None, None, api_name="recalibrate", concurrency_limit=None)
-        policy.change(
-            show_mode, [policy], [player_a, player_b, drift_table], queue=False, api_visibility="private"
-        )
-        model.change(refresh_sizes, [model], [size], api_visibility="private", concurrency_limit=None)
-        demo.load(refresh_sizes, [model], [size], api_visibility="private", concurrency_limit=None)
-        demo.unload(end_session)
+                controls = input_column(availability, default_model(), not ON_ZERO_GPU, _example_rows())
+            outputs = output_columns(media.can_stream)
+        _wire_events(demo, controls, outputs)
     return demo
+
+
+def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[Any]) -> None:
+    """Every event of the page: generation (button and live microphone), the run controls, small updates."""
+    run_outputs = outputs.as_list()
+    gen_event = controls.generate.click(
+        generate,
+        inputs=controls.inputs_for(generate),
+        outputs=run_outputs,
+        api_name="generate",
+        concurrency_limit=1,
+        concurrency_id="gpu",
+        show_progress_on=[outputs.status],
+    )
+    live_mic = controls.live_mic
+    live_event = live_mic.start_recording(
+        open_live_feed, None, None, queue=False, api_visibility="private"
+    ).then(
+        generate_live,
+        inputs=controls.inputs_for(generate_live),
+        outputs=run_outputs,
+        concurrency_limit=1,
+        concurrency_id="gpu",
+        show_progress_on=[outputs.status],
+        api_visibility="private",
+    )
+    live_mic.stream(
+        push_live_audio,
+        inputs=[live_mic],
+        outputs=None,
+        stream_every=MIC_STREAM_EVERY_SECONDS,
+        time_limit=MAX_AUDIO_SECONDS + 5,
+        concurrency_limit=MIC_SESSIONS,
+        concurrency_id="mic",
+        api_visibility="private",
+    )
+    live_mic.stop_recording(close_live_feed, None, None, queue=False, api_visibility="private")
+    controls.stop.click(
+        stop_run,
+        None,
+        [outputs.downloads, outputs.report],
+        cancels=[gen_event, live_event],
+        api_name="stop",
+        concurrency_limit=None,
+    )
+    controls.recalibrate.click(recalibrate, None, None, api_name="recalibrate", concurrency_limit=None)
+    controls.policy.change(
+        show_mode,
+        [controls.policy],
+        [outputs.player_a, outputs.player_b, outputs.drift_table],
+        queue=False,
+        api_visibility="private",
+    )
+    controls.model.change(
+        refresh_sizes, [controls.model], [controls.size], api_visibility="private", concurrency_limit=None
+    )
+    demo.load(
+        refresh_sizes, [controls.model], [controls.size], api_visibility="private", concurrency_limit=None
+    )
+    demo.unload(end_session)
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:

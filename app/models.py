@@ -12,7 +12,8 @@ import threading
 from functools import lru_cache
 
 from app.validation import ValidationError
-from avatars.liveavatar.pipeline import LiveAvatarPipeline, available_models
+from avatars.liveavatar.loading import available_models, load_pipeline
+from avatars.liveavatar.pipeline import LiveAvatarPipeline
 
 TEST_MODEL = "tiny"
 REAL_MODEL = "14b"
@@ -55,7 +56,7 @@ def get_pipeline(name: str) -> LiveAvatarPipeline:
     check_model(name)
     with _load_lock:
         if name not in _loaded:
-            _loaded[name] = LiveAvatarPipeline.load(name, fp8=name == REAL_MODEL and wants_fp8())
+            _loaded[name] = load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8())
         return _loaded[name]
 
 

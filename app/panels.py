@@ -1,5 +1,5 @@
-"""The side panel, built from the engine's per-chunk reports: KV-cache memory over time (for `gr.LinePlot`),
-a map of which layers went local, and a table of statistics memory and per-chunk timings.
+"""The side panel, built from the chunks' typed reports: KV-cache memory over time (for `gr.LinePlot`), a map of
+which layers went local, and a table of statistics memory and per-chunk timings.
 
 Everything is self-contained HTML with inline styles (no external CSS or JS) and every text that comes
 from a report is escaped, because Gradio renders `gr.HTML` as-is.
@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from html import escape
-from typing import Any
 
 import pandas as pd
 
 from app.metrics import ChunkDrift
+from avatars.base import ChunkReport
+from ispa import BlockReport
 
 BYTES_PER_GB = 1e9
 THIS_RUN = "this run"
@@ -31,12 +32,6 @@ _TABLE_STYLE = "border-collapse:collapse;font:12px/1.4 sans-serif;"
 _TD_STYLE = "padding:2px 8px;border-bottom:1px solid #e5e7eb;text-align:right;"
 
 
-def _require(report: Mapping[str, Any], keys: Sequence[str]) -> None:
-    missing = [k for k in keys if k not in report]
-    if missing:
-        raise ValueError(f"chunk report lacks {', '.join(missing)}")
-
-
 class KVTimeline:
     """KV-cache bytes per chunk, gathered as chunks arrive, as a long-format table for `gr.LinePlot`.
 
@@ -51,21 +46,20 @@ class KVTimeline:
         self._clock: dict[str, float] = {}
         self.events: list[tuple[float, str]] = []  # (t_seconds, label), in arrival order
 
-    def add(self, report: Mapping[str, Any], seconds: float, run: str = THIS_RUN) -> None:
-        """Add one chunk's report; `seconds` is the chunk's video duration (its frames / fps)."""
+    def add(self, report: BlockReport, seconds: float, run: str = THIS_RUN) -> None:
+        """Add one chunk's engine report; `seconds` is the chunk's video duration (its frames / fps)."""
         allowed = (FULL_RUN, ISPA_RUN) if self.compare else (THIS_RUN,)
         if run not in allowed:
             raise ValueError(f"run must be one of {allowed} in this mode, got {run!r}")
         if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be positive, got {seconds}")
-        _require(report, ("kv_bytes", "kv_bytes_full_ring", "kv_bytes_full_unbounded", "event"))
         t = self._clock.get(run, 0.0) + seconds
         self._clock[run] = t
-        self._rows.append((t, report["kv_bytes"] / BYTES_PER_GB, run))
+        self._rows.append((t, report.kv_bytes / BYTES_PER_GB, run))
         if not self.compare:
-            self._rows.append((t, report["kv_bytes_full_ring"] / BYTES_PER_GB, FULL_RING))
-            self._rows.append((t, report["kv_bytes_full_unbounded"] / BYTES_PER_GB, FULL_UNBOUNDED))
-        event = report["event"]
+            self._rows.append((t, report.kv_bytes_full_ring / BYTES_PER_GB, FULL_RING))
+            self._rows.append((t, report.kv_bytes_full_unbounded / BYTES_PER_GB, FULL_UNBOUNDED))
+        event = report.event
         if event is not None:
             if event not in EVENT_LABELS:
                 raise ValueError(f"unknown report event {event!r}")
@@ -89,18 +83,13 @@ class KVTimeline:
         return " · ".join(f"{label} at {t:.2f} s" for t, label in self.events)
 
 
-def layer_map_html(report: Mapping[str, Any]) -> str:
-    """A grid with one cell per layer: F (full attention) or L (local), its ε shown small and on hover.
-
-    Takes `num_layers` from the backend's timings and `l_layers`, `epsilon`, `phase`, `recalibrations` from
-    the engine's `BlockReport.to_dict()`.
-    """
-    _require(report, ("num_layers", "l_layers", "epsilon", "phase", "recalibrations"))
-    n = int(report["num_layers"])
-    local = {int(i) for i in report["l_layers"]}
+def layer_map_html(report: BlockReport) -> str:
+    """A grid with one cell per layer: F (full attention) or L (local), its ε shown small and on hover."""
+    n = len(report.kv_bytes_per_layer)
+    local = set(report.l_layers)
     if any(not 0 <= i < n for i in local):
         raise ValueError(f"l_layers {sorted(local)} outside 0..{n - 1}")
-    epsilon = report["epsilon"]
+    epsilon = report.epsilon
     if epsilon is not None and len(epsilon) != n:
         raise ValueError(f"epsilon has {len(epsilon)} entries for {n} layers")
     cells = []
@@ -108,12 +97,10 @@ def layer_map_html(report: Mapping[str, Any]) -> str:
         state = "L" if i in local else "F"
         title = f"layer {i}: {'local (L)' if state == 'L' else 'full attention (F)'}"
         eps_text = ""
-        if epsilon is not None and epsilon[i] is not None:
+        if epsilon is not None and epsilon[i] is not None and math.isfinite(epsilon[i]):
             title += f", ε = {float(epsilon[i]):.3e}"
             eps_text = f"<br><small>{float(epsilon[i]):.1e}</small>"
-        elif (
-            epsilon is not None
-        ):  # the engine reports None for a layer without statistics (or a non-finite ε)
+        elif epsilon is not None:  # a layer without statistics (None), or a non-finite ε
             title += ", ε not measured"
             eps_text = "<br><small>ε n/a</small>"
         style = _CELL_STYLE + (_L_STYLE if state == "L" else _F_STYLE)
@@ -122,8 +109,8 @@ def layer_map_html(report: Mapping[str, Any]) -> str:
             f"{i} {state}{eps_text}</div>"
         )
     header = (
-        f"<b>{len(local)} of {n} layers local (L)</b> · phase: {escape(str(report['phase']))}"
-        f" · recalibrations: {int(report['recalibrations'])}"
+        f"<b>{len(local)} of {n} layers local (L)</b> · phase: {escape(report.phase)}"
+        f" · recalibrations: {report.recalibrations}"
     )
     grid = "display:grid;grid-template-columns:repeat(auto-fill,minmax(52px,1fr));gap:3px;margin-top:4px;"
     return f'<div class="layer-map"><div>{header}</div><div style="{grid}">{"".join(cells)}</div></div>'
@@ -150,7 +137,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def run_summary_html(
-    reports: Sequence[Mapping[str, Any]], mux_seconds: Mapping[int, float] | None = None, max_rows: int = 8
+    reports: Sequence[ChunkReport], mux_seconds: Mapping[int, float] | None = None, max_rows: int = 8
 ) -> str:
     """Statistics memory and per-chunk timings (model, decode, mux, LSE merge) of the latest chunks.
 
@@ -158,36 +145,34 @@ def run_summary_html(
     """
     if not reports:
         return "<div>No chunks yet.</div>"
-    keys = ("index", "phase", "seconds", "decode_seconds", "merge_seconds", "absorb_seconds", "stats_bytes")
-    for report in reports:
-        _require(report, (*keys, "kv_bytes"))
     mux = mux_seconds or {}
-    stats_now = format_bytes(reports[-1]["stats_bytes"])
-    stats_peak = format_bytes(max(r["stats_bytes"] for r in reports))
-    absorb_total = sum(r["absorb_seconds"] for r in reports)
+    engines = [r.engine for r in reports]
+    stats_now = format_bytes(engines[-1].stats_bytes)
+    stats_peak = format_bytes(max(e.stats_bytes for e in engines))
+    absorb_total = sum(e.absorb_seconds for e in engines)
     lines = [
         f"Statistics memory: <b>{stats_now}</b> now, {stats_peak} at most (held during warmup only).",
         f"Absorb step: {absorb_total:.3f} s in all.",
     ]
     rows = [
         [
-            str(int(r["index"])),
-            escape(str(r["phase"])),
-            _seconds(r["seconds"]),
-            _seconds(r["decode_seconds"]),
-            _seconds(mux.get(int(r["index"]))),
-            _seconds(r["merge_seconds"]),
-            format_bytes(r["kv_bytes"]),
+            str(r.engine.index),
+            escape(r.engine.phase),
+            _seconds(r.timings.model_seconds),
+            _seconds(r.timings.decode_seconds),
+            _seconds(mux.get(r.engine.index)),
+            _seconds(r.engine.merge_seconds),
+            format_bytes(r.engine.kv_bytes),
         ]
         for r in reports[-max_rows:]
     ]
     totals = [
         "<b>all</b>",
         f"{len(reports)} chunks",
-        _seconds(sum(r["seconds"] for r in reports)),
-        _seconds(sum(r["decode_seconds"] for r in reports)),
-        _seconds(sum(mux.get(int(r["index"]), 0.0) for r in reports)),
-        _seconds(sum(r["merge_seconds"] for r in reports)),
+        _seconds(sum(r.timings.model_seconds for r in reports)),
+        _seconds(sum(r.timings.decode_seconds for r in reports)),
+        _seconds(sum(mux.get(e.index, 0.0) for e in engines)),
+        _seconds(sum(e.merge_seconds for e in engines)),
         "",
     ]
     head = ["chunk", "phase", "model s", "decode s", "mux s", "merge s", "KV"]

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from app.validation.portrait import PORTRAIT_FORMATS
+from avatars.media.portrait import PORTRAIT_FORMATS
 
 
 def portrait_image(**kwargs: Any) -> gr.Image:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from app.media import RunDir, Segment, SegmentBuffer, write_segment
-from avatars.base import AvatarChunk
+from avatars.base import AvatarChunk, ChunkReport
 from avatars.media import RunVideoWriter
 
 
@@ -17,7 +17,7 @@ class RunRecorder:
     def __init__(self, run_dir: RunDir, video_name: str, streaming: bool, min_segment_seconds: float = 1.0):
         self.run_dir = run_dir
         self.streaming = streaming
-        self.reports: list[dict] = []
+        self.reports: list[ChunkReport] = []
         self.mux_seconds: dict[int, float] = {}
         self.video_seconds = 0.0
         self.final_video: Path | None = None

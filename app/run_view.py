@@ -91,7 +91,7 @@ class RunPanels:
         """One step: a chunk from each run (compare mode advances both runs together)."""
         for name, chunk in step.items():
             run = _TIMELINE_RUNS[name] if self.compare else THIS_RUN
-            self.timeline.add(chunk.report, seconds=len(chunk.frames) / chunk.fps, run=run)
+            self.timeline.add(chunk.report.engine, seconds=len(chunk.frames) / chunk.fps, run=run)
         full, ispa = step.get(FULL), step.get(ISPA)
         if self.compare and full is not None and ispa is not None and full.frames.shape == ispa.frames.shape:
             self.drifts.append(chunk_drift(ispa.index, full.frames, ispa.frames))
@@ -121,7 +121,7 @@ class RunPanels:
         """The layer map of the run that can have local layers (the ISPA one, or the only one)."""
         name = ISPA if ISPA in self.recorders else next(iter(self.recorders))
         reports = self.recorders[name].reports
-        return layer_map_html(reports[-1]) if reports else ""
+        return layer_map_html(reports[-1].engine) if reports else ""
 
     def summary(self) -> str:
         parts = []
@@ -145,7 +145,7 @@ def status_markdown(
     """One or two lines on the run: the model, progress and speed, and in live mode the measured delay."""
     longest = max(recorders.values(), key=lambda r: len(r.reports))
     chunks = len(longest.reports)
-    model_s = sum(r.get("seconds", 0.0) for r in longest.reports)
+    model_s = sum(r.timings.model_seconds for r in longest.reports)
     line = f"**{escape(model_label)}** · {escape(spec.mode)} · {state} · {chunks} chunks · "
     line += f"{longest.video_seconds:.2f} s of video"
     if longest.video_seconds > 0:
@@ -190,7 +190,7 @@ def run_report(
         "first_video_after_s": first_video_s,
         "speech_to_video_delay": delay,
         "runs": {
-            name: {"video_seconds": recorder.video_seconds, "chunks": recorder.reports}
+            name: {"video_seconds": recorder.video_seconds, "chunks": [r.to_dict() for r in recorder.reports]}
             for name, recorder in recorders.items()
         },
         "drift": [

@@ -3,7 +3,8 @@ live microphone feed.
 
 Buttons such as Stop and Recalibrate are separate Gradio events, so they reach a running generator only
 through state on the server. That state is keyed by Gradio's session hash and kept here rather than in
-`gr.State`, whose values are deep-copied per event and could not carry locks or a generator's controls.
+`gr.State`: Gradio deep-copies a State's initial value into each new session, and a handler only sees a State
+value passed in as an input, so another event's handler could not reach a running generator's controls.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from app.validation.text import MAX_TTS_CHARS, validate_tts_text
+from avatars.media.audio import read_audio_file
 
 DEFAULT_VOICE = "en-us"
 DEFAULT_WORDS_PER_MINUTE = 160
@@ -64,10 +64,10 @@ def synthesize(
     wav = Path(out_dir) / f"tts-{uuid.uuid4().hex}.wav"
     try:
         _run_espeak([exe, "-v", voice, "-s", str(words_per_minute), "-w", str(wav), "--stdin"], cleaned, wav)
-        samples, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+        samples, rate, _ = read_audio_file(wav)
     finally:
         wav.unlink(missing_ok=True)
-    return Speech(samples=samples.mean(axis=1).astype(np.float32), sample_rate=int(rate))
+    return Speech(samples=samples, sample_rate=rate)
 
 
 def _run_espeak(cmd: list[str], text: str, wav: Path) -> None:

@@ -37,8 +37,8 @@ from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.tiny import tiny_tokenizer
 from avatars.liveavatar.encoders.vae import WanVAE
-from avatars.liveavatar.loading import LIVEAVATAR_SIZES
-from avatars.liveavatar.pipeline import LiveAvatarPipeline, SizeChoice
+from avatars.liveavatar.pipeline import LiveAvatarPipeline
+from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, SizeChoice
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 
 RANDOM_LABEL = "LiveAvatar-shaped model with random weights (benchmark fixture): measures speed, not quality"

@@ -149,21 +149,21 @@ def run_policy(
     stream = pipe.stream(request, policy)
     try:
         for chunk in itertools.islice(stream, blocks):
-            report = chunk.report
+            engine, timings = chunk.report.engine, chunk.report.timings
             rows.append(
                 {
                     "index": chunk.index,
-                    "phase": report["phase"],
-                    "event": report["event"],
-                    "frames": report["frames"],
-                    "dit_seconds": report["seconds"],
-                    "decode_seconds": report["decode_seconds"],
-                    "kv_bytes": report["kv_bytes"],
-                    "stats_bytes": report["stats_bytes"],
-                    "merge_seconds": report["merge_seconds"],
-                    "statistics_seconds": report["statistics_seconds"],
-                    "absorb_seconds": report["absorb_seconds"],
-                    "delta_weight_bytes": report["delta_weight_bytes"],
+                    "phase": engine.phase,
+                    "event": engine.event,
+                    "frames": chunk.report.frames,
+                    "dit_seconds": timings.model_seconds,
+                    "decode_seconds": timings.decode_seconds,
+                    "kv_bytes": engine.kv_bytes,
+                    "stats_bytes": engine.stats_bytes,
+                    "merge_seconds": engine.merge_seconds,
+                    "statistics_seconds": engine.statistics_seconds,
+                    "absorb_seconds": engine.absorb_seconds,
+                    "delta_weight_bytes": engine.delta_weight_bytes,
                 }
             )
             if cuda and chunk.index == warmup_blocks - 1:

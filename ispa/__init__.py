@@ -14,11 +14,12 @@ from ispa.absorption import (
 )
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
-from ispa.policies import FullPolicy, ISPAPolicy, Policy, PolicyState
+from ispa.policies import POLICIES, FullPolicy, ISPAPolicy, Policy, PolicyState, make_policy
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
 
 __all__ = [
+    "POLICIES",
     "AbsorptionStats",
     "AttentionSession",
     "BlockReport",
@@ -33,6 +34,7 @@ __all__ = [
     "SinkRingLayer",
     "attention_with_lse",
     "available_backends",
+    "make_policy",
     "merge_attention",
     "reconstruction_error",
     "select_local_layers",

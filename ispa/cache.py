@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ispa.checks import check_positive_int
+
 __all__ = ["CacheLayout", "KVCache", "KVLayer", "KVLayerFactory", "SinkRingLayer"]
 
 
@@ -39,9 +41,7 @@ class CacheLayout:
 
     def __post_init__(self) -> None:
         for name in ("block_tokens", "history_blocks", "num_rings", "frames_per_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CacheLayout.{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), f"CacheLayout.{name}")
 
     @property
     def history_tokens(self) -> int:
@@ -267,8 +267,7 @@ class KVCache:
     def __init__(
         self, num_layers: int, layout: CacheLayout, layer_factory: KVLayerFactory = SinkRingLayer
     ) -> None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_positive_int(num_layers, "num_layers")
         self.layout = layout
         self.layers: list[KVLayer] = []
         for _ in range(num_layers):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ispa.absorption import AbsorptionStats, select_local_layers, solve_layer
 from ispa.attention import attention_with_lse, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
+from ispa.checks import is_int
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
@@ -139,7 +140,7 @@ class AttentionSession:
         """
         self._check_open()
         self._check_layer(layer)
-        if isinstance(ring, bool) or not isinstance(ring, int) or not 0 <= ring < self.layout.num_rings:
+        if not is_int(ring) or not 0 <= ring < self.layout.num_rings:
             raise ValueError(f"ring must be an int in [0, {self.layout.num_rings}), got {ring!r}")
         if ring in self._rings_used[layer]:
             raise RuntimeError(
@@ -357,7 +358,7 @@ class AttentionSession:
         )
 
     def _check_layer(self, layer: int) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
 
     def _check_open(self) -> None:

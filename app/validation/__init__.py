@@ -7,7 +7,7 @@ Each check returns a typed result holding the cleaned value plus warnings for th
 from app.validation.audio import MAX_AUDIO_SECONDS, SILENCE_RMS, AudioCheck, validate_audio
 from app.validation.errors import ValidationError
 from app.validation.portrait import MAX_PORTRAIT_PIXELS, MAX_PORTRAIT_SIDE, PortraitCheck, validate_portrait
-from app.validation.settings import MAX_SEED, SIZE_CHOICES, Settings, validate_settings
+from app.validation.settings import MAX_SEED, Settings, validate_settings
 from app.validation.text import MAX_TTS_CHARS, validate_tts_text
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "MAX_SEED",
     "MAX_TTS_CHARS",
     "SILENCE_RMS",
-    "SIZE_CHOICES",
     "AudioCheck",
     "PortraitCheck",
     "Settings",

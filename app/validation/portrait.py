@@ -1,26 +1,24 @@
-"""Portrait check: decode an upload to upright RGB within size limits, and warn when no face is found."""
+"""Portrait check: the project's portrait reader (`avatars.media.portrait`), plus a warning when no face is found."""
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings as _warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from app.validation.errors import ValidationError
+from avatars.media.portrait import (
+    MAX_PORTRAIT_PIXELS,
+    MAX_PORTRAIT_SIDE,
+    PortraitReadError,
+    read_portrait,
+)
 
 logger = logging.getLogger(__name__)
-
-MAX_PORTRAIT_PIXELS = 40_000_000  # refused before decoding: a bigger image costs too much memory to open
-MAX_PORTRAIT_SIDE = 2048  # downscaled to this; the model works at ~704 px anyway
-MIN_PORTRAIT_SIDE = 64
-PORTRAIT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 @dataclass
@@ -36,76 +34,21 @@ def validate_portrait(
     max_side: int = MAX_PORTRAIT_SIDE,
     max_pixels: int = MAX_PORTRAIT_PIXELS,
 ) -> PortraitCheck:
-    """Decode an uploaded portrait to upright RGB, within size limits, and warn when no face is found."""
+    """Read an uploaded portrait with the project's portrait reader, and warn when no face is found."""
     if source is None:
         raise ValidationError("Please provide a portrait image.")
-    notes: list[str] = []
-    with _open_image(source) as img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ValidationError(
-                f"The portrait is {width}×{height} pixels ({width * height / 1e6:.1f} MP); "
-                f"the limit is {max_pixels / 1e6:.1f} MP. Please upload a smaller image."
-            )
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            raise ValidationError(
-                "The portrait could not be decoded: the image file looks truncated or corrupt."
-            ) from None
-        upright = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(upright)
-    if min(rgb.size) < MIN_PORTRAIT_SIDE:
-        raise ValidationError(
-            f"The portrait is {rgb.width}×{rgb.height} pixels; it needs at least "
-            f"{MIN_PORTRAIT_SIDE} pixels on each side."
-        )
-    if max(rgb.size) > max_side:
-        before = rgb.size
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        notes.append(f"The portrait was downscaled from {before[0]}×{before[1]} to {rgb.width}×{rgb.height}.")
-    image = np.asarray(rgb, dtype=np.uint8)
-    face_found = _find_face(image)
+    try:
+        portrait = read_portrait(source, max_side=max_side, max_pixels=max_pixels)
+    except PortraitReadError as err:
+        raise ValidationError(str(err)) from None
+    notes = list(portrait.notes)
+    face_found = _find_face(portrait.image)
     if face_found is False:
         notes.append(
             "No face was found in the portrait. It will still be used, but the avatar works best "
             "with one clearly visible, front-facing face."
         )
-    return PortraitCheck(image=image, face_found=face_found, warnings=notes)
-
-
-def _open_image(source: str | Path | bytes) -> Image.Image:
-    fp: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
-    if isinstance(fp, Path) and not fp.is_file():
-        raise ValidationError("The portrait file could not be found; please upload it again.")
-    try:
-        with _warnings.catch_warnings():
-            # Our own pixel cap applies; PIL's bomb warning would only add noise.
-            _warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fp, formats=PORTRAIT_FORMATS)
-    except Image.DecompressionBombError:
-        raise ValidationError(
-            "The portrait is far too large to open. Please upload a smaller image."
-        ) from None
-    except (OSError, SyntaxError, ValueError):
-        raise ValidationError(
-            f"The portrait is not a readable image. Supported formats: {', '.join(PORTRAIT_FORMATS)}."
-        ) from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for every input mode: transparency over white, 16-bit grey scaled down rather than clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 1.0)
-        return Image.fromarray(np.clip(grey / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return PortraitCheck(image=portrait.image, face_found=face_found, warnings=notes)
 
 
 @lru_cache(maxsize=1)

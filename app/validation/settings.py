@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.validation.errors import ValidationError
+from avatars.liveavatar.block_layout import LATENT_FRAMES_PER_BLOCK
 
-SIZE_CHOICES = ("auto", "384*704", "704*384")  # "auto": the backend's default for the portrait
 MAX_SEED = 2**32 - 1
-LIVEAVATAR_LATENT_FRAMES_PER_BLOCK = 3
 
 
 @dataclass(frozen=True)
@@ -20,8 +19,6 @@ class Settings:
     t_warm: int  # warmup length in latent frames, a whole number of blocks
     lam: float  # ridge regulariser λ
     seed: int
-    width: int | None  # None with height None: the backend's default size for the portrait
-    height: int | None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -31,9 +28,7 @@ def validate_settings(
     t_warm: Any,
     lam: Any,
     seed: Any,
-    size: Any = "auto",
-    frames_per_block: int = LIVEAVATAR_LATENT_FRAMES_PER_BLOCK,
-    size_choices: tuple[str, ...] = SIZE_CHOICES,
+    frames_per_block: int = LATENT_FRAMES_PER_BLOCK,
 ) -> Settings:
     """Check the ISPA and generation settings; T_warm is rounded up to whole blocks with a warning."""
     notes: list[str] = []
@@ -56,12 +51,7 @@ def validate_settings(
     seed_value = _whole(seed, "The seed")
     if not 0 <= seed_value <= MAX_SEED:
         raise ValidationError(f"The seed must be between 0 and {MAX_SEED}, got {seed_value}.")
-    if size not in size_choices:
-        raise ValidationError(f"The size must be one of: {', '.join(size_choices)}.")
-    width, height = _parse_size(size)
-    return Settings(
-        k_fraction=k, t_warm=warm, lam=lam_value, seed=seed_value, width=width, height=height, warnings=notes
-    )
+    return Settings(k_fraction=k, t_warm=warm, lam=lam_value, seed=seed_value, warnings=notes)
 
 
 def _number(value: Any, label: str) -> float:
@@ -84,12 +74,3 @@ def _whole(value: Any, label: str) -> int:
     if not number.is_integer():
         raise ValidationError(f"{label} must be a whole number, got {number:g}.")
     return int(number)
-
-
-def _parse_size(size: str) -> tuple[int | None, int | None]:
-    if size == "auto":
-        return None, None
-    width, _, height = size.partition("*")
-    if not (width.isdigit() and height.isdigit()):
-        raise ValueError(f"size choices must be 'auto' or 'W*H', got {size!r}")
-    return int(width), int(height)

@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from avatars.base import GenerationRequest
 from avatars.liveavatar.block_layout import FPS
-from avatars.liveavatar.encoders.audio import read_audio_file
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.errors import CheckpointError
+from avatars.media.audio import AudioReadError, read_audio_file
+from avatars.media.portrait import PortraitReadError, read_portrait
 from avatars.media.run_video import RunVideoWriter
-from ispa import FullPolicy, ISPAPolicy, Policy
+from ispa import POLICIES, ISPAPolicy, make_policy
 
-MAX_PORTRAIT_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -44,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--portrait", required=True, type=Path, help="reference image (jpg, png, ...)")
     parser.add_argument("--audio", required=True, type=Path, help="speech (wav, flac, mp3, ogg, m4a, ...)")
     parser.add_argument("--prompt", default="", help="optional text prompt")
-    parser.add_argument("--policy", choices=("full", "ispa"), default="ispa")
-    parser.add_argument("--k-fraction", type=float, default=0.5, help="share of layers ISPA turns local")
-    parser.add_argument("--t-warm", type=int, default=12, help="warmup length in latent frames (3 per block)")
-    parser.add_argument("--lam", type=float, default=1e-3, help="ridge regulariser λ of the absorption")
+    parser.add_argument("--policy", choices=tuple(POLICIES), default=ISPAPolicy.name)
+    parser.add_argument(
+        "--k-fraction", type=float, default=ISPAPolicy.k_fraction, help="share of layers ISPA turns local"
+    )
+    parser.add_argument(
+        "--t-warm", type=int, default=ISPAPolicy.t_warm, help="warmup length in latent frames (3 per block)"
+    )
+    parser.add_argument(
+        "--lam", type=float, default=ISPAPolicy.lam, help="ridge regulariser λ of the absorption"
+    )
     parser.add_argument("--auto-recalibrate", action="store_true", help="re-warm on a scene change")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -59,38 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_policy(args: argparse.Namespace) -> Policy:
-    if args.policy == "full":
-        return FullPolicy()
-    return ISPAPolicy(
-        k_fraction=args.k_fraction, t_warm=args.t_warm, lam=args.lam, auto_recalibrate=args.auto_recalibrate
-    )
-
-
-def read_portrait(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(f"portrait not found: {path}")
+def read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int]:
+    """The portrait (uint8 RGB, upright) and the speech (mono float32 at the file's rate), read as the app reads
+    them; a problem becomes an InputError naming the file."""
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PORTRAIT_PIXELS:
-                raise InputError(f"portrait is too large ({image.width}×{image.height} pixels)")
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read the portrait {path.name}: not an image or damaged") from err
-
-
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """The file's samples at its own rate (mono float32); the pipeline resamples for the model itself."""
+        portrait = read_portrait(args.portrait)
+    except PortraitReadError as err:
+        raise InputError(f"{err} ({args.portrait})") from err
+    for note in portrait.notes:
+        logger.warning("%s", note)
     try:
-        return read_audio_file(path)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+        audio, rate, _ = read_audio_file(args.audio)
+    except AudioReadError as err:
+        raise InputError(f"{err} ({args.audio})") from err
+    return portrait.image, audio, rate
 
 
 def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) -> dict:
-    portrait = read_portrait(args.portrait)
-    audio, rate = read_audio(args.audio)
-    policy = make_policy(args)
+    portrait, audio, rate = read_inputs(args)
+    policy = make_policy(
+        args.policy,
+        k_fraction=args.k_fraction,
+        t_warm=args.t_warm,
+        lam=args.lam,
+        auto_recalibrate=args.auto_recalibrate,
+    )
     pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
@@ -107,11 +106,10 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
             for chunk in chunks:
                 writer.add(chunk)
                 frames += len(chunk.frames)
-                blocks.append({"index": chunk.index, **chunk.report})
+                blocks.append(chunk.report.to_dict())
                 progress.update(len(chunk.frames))
-                progress.set_postfix(
-                    phase=chunk.report["phase"], kv_gb=f"{chunk.report['kv_bytes'] / 1e9:.3f}"
-                )
+                engine = chunk.report.engine
+                progress.set_postfix(phase=engine.phase, kv_gb=f"{engine.kv_bytes / 1e9:.3f}")
     except BaseException:
         writer.discard()
         raise

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ispa.checks import check_positive_int, is_int
+
 logger = logging.getLogger(__name__)
 
 # Keys diffusers writes into every config.json; they describe the file, not the model.
@@ -84,9 +86,7 @@ class DiTConfig:
         # config.json stores these as lists; keep them as tuples so the frozen config stays hashable.
         for name in _LIST_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, list | tuple) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            ):
+            if not isinstance(value, list | tuple) or not all(is_int(v) for v in value):
                 raise ValueError(f"{name} must be a list of integers, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         self._validate()
@@ -118,10 +118,8 @@ class DiTConfig:
         positive = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim")
         positive += ("text_len", "audio_dim", "num_audio_token", "num_audio_hidden_states", "motion_frames")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.cond_dim, int) or self.cond_dim < 0:
+            check_positive_int(getattr(self, name), name)
+        if not is_int(self.cond_dim) or self.cond_dim < 0:
             raise ValueError(f"cond_dim must be a non-negative integer, got {self.cond_dim!r}")
         if not (isinstance(self.eps, int | float) and self.eps > 0):
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
@@ -153,8 +151,8 @@ class DiTConfig:
 
 PRESETS: dict[str, DiTConfig] = {
     "14b": DiTConfig(),
-    # Fixed contract for CPU tests: other engineers build matching tiny encoders (wav2vec2 hidden 32 with 2
-    # layers -> 3 hidden states, T5 d_model 32, VAE z_dim 16). Default tiny video: 64×64 (latent 8×8).
+    # Matches the tiny encoders of `encoders.tiny` (wav2vec2 hidden 32 with 2 layers -> 3 hidden states, T5
+    # d_model 32, VAE z_dim 16). Default tiny video: 64×64 (latent 8×8).
     "tiny": DiTConfig(
         dim=64,
         ffn_dim=128,

@@ -1,4 +1,8 @@
-"""Building a ready pipeline: the tiny untrained test model, or LiveAvatar 14B from its real weights."""
+"""Building a ready pipeline: the tiny untrained test model, or LiveAvatar 14B from its real weights.
+
+The one entry point for everything that needs a loaded pipeline (the app, the CLI, the benchmarks): which models
+can run here (`available_models`), and `load_pipeline(name)`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from avatars.liveavatar.encoders.audio import AudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.tiny import tiny_tokenizer, tiny_umt5, tiny_vae, tiny_wav2vec2
 from avatars.liveavatar.encoders.vae import WanVAE
-from avatars.liveavatar.pipeline import LiveAvatarPipeline, SizeChoice
+from avatars.liveavatar.pipeline import LiveAvatarPipeline
+from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, TINY_SIZES
 from avatars.liveavatar.weights.dit_loader import load_dit
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
@@ -28,8 +33,6 @@ WEIGHTS_ENV = "ISPA_WEIGHTS"  # where `python -m avatars.liveavatar.download` pu
 DEFAULT_WEIGHTS_DIR = Path("weights")
 TINY_LABEL = "tiny untrained test model (random weights): shows the engine working, not a real face"
 LIVEAVATAR_LABEL = "LiveAvatar (Wan2.2-S2V-14B + LiveAvatar LoRA)"
-TINY_SIZES = (SizeChoice("128×64 area", 128 * 64), SizeChoice("64×64 area", 64 * 64))
-LIVEAVATAR_SIZES = (SizeChoice("704×384 (official)", 720 * 400), SizeChoice("512×320 (faster)", 512 * 320))
 
 
 def weights_dir() -> Path:

@@ -24,12 +24,11 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from avatars.base import AvatarChunk, GenerationRequest
+from avatars.base import AvatarChunk, ChunkReport, ChunkTimings, GenerationRequest
 from avatars.liveavatar.block_layout import (
     BLOCKS_PER_CLIP,
     DENOISING_STEPS,
@@ -45,21 +44,17 @@ from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.vae import MOTION_FRAMES, StreamingDecoder, WanVAE
 from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
-from avatars.liveavatar.sizing import choose_size, fit_portrait
+from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
+from avatars.media.audio import pcm_to_float32
+from avatars.media.portrait import check_rgb_image
 from ispa import AttentionSession, Policy
+from ispa.checks import check_positive_int, is_int
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_SHIFT = 3.0
 REF_SHIFT_RANGE = (4, 30)  # the official `random.randint(4, 30)`, redrawn every forward
 AUDIO_PIECE_SECONDS = 1.0  # whole-file audio is fed to the feature encoder in pieces of this length
-
-
-def available_models() -> dict[str, str | None]:
-    """Each model name → None when it can run here, else why not (see `avatars.liveavatar.loading`)."""
-    from avatars.liveavatar.loading import available_models as reasons  # loading builds on this module
-
-    return reasons()
 
 
 class RunControl:
@@ -88,12 +83,6 @@ class RunControl:
         with self._lock:
             requested, self._recalibrate = self._recalibrate, False
             return requested
-
-
-@dataclass(frozen=True)
-class SizeChoice:
-    label: str
-    max_area: int
 
 
 class LiveAvatarPipeline:
@@ -127,13 +116,6 @@ class LiveAvatarPipeline:
         self._sigmas = sigmas.tolist()
         self._timesteps = timesteps_from_sigmas(sigmas).tolist()
 
-    @classmethod
-    def load(cls, name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
-        """'tiny' or '14b' (see `avatars.liveavatar.loading`)."""
-        from avatars.liveavatar.loading import load_pipeline  # loading builds on this module
-
-        return load_pipeline(name, fp8=fp8)
-
     @property
     def device(self) -> torch.device:
         return self.dit.device
@@ -145,8 +127,7 @@ class LiveAvatarPipeline:
     def output_size(self, portrait: np.ndarray, max_area: int | None = None) -> tuple[int, int]:
         """(height, width) of the video made from this portrait under `max_area` (default: the first choice)."""
         area = self.sizes[0].max_area if max_area is None else max_area
-        if not isinstance(area, int) or area <= 0:
-            raise ValueError(f"max_area must be a positive number of pixels, got {area!r}")
+        check_positive_int(area, "max_area (pixels)")
         return choose_size(portrait.shape[0], portrait.shape[1], area, self.size_divisor)
 
     # ---- one run -------------------------------------------------------------------------------------------
@@ -164,9 +145,8 @@ class LiveAvatarPipeline:
         held on the device.
         """
         portrait = _check_portrait(request.portrait)
-        if not isinstance(request.sample_rate, int) or request.sample_rate <= 0:
-            raise ValueError(f"sample_rate must be a positive integer, got {request.sample_rate!r}")
-        if not isinstance(request.seed, int) or request.seed < 0:
+        check_positive_int(request.sample_rate, "sample_rate")
+        if not is_int(request.seed) or request.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {request.seed!r}")
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an ISPA Policy (FullPolicy or ISPAPolicy), got {policy!r}")
@@ -273,14 +253,12 @@ class LiveAvatarPipeline:
                 audio=audio.samples_for_frames(first_frame, last_frame, FPS),
                 sample_rate=audio.sample_rate,
                 fps=FPS,
-                report={
-                    **report.to_dict(),
-                    "seconds": model_seconds,
-                    "decode_seconds": decode_seconds,
-                    "num_layers": dit.config.num_layers,
-                    "frames": len(frames),
-                    "t_seconds": last_frame / FPS,
-                },
+                report=ChunkReport(
+                    engine=report,
+                    timings=ChunkTimings(model_seconds=model_seconds, decode_seconds=decode_seconds),
+                    frames=len(frames),
+                    end_seconds=last_frame / FPS,
+                ),
             )
 
 
@@ -297,7 +275,7 @@ class _AudioTimeline:
         self.sample_rate = sample_rate
         self._encoder = StreamingAudioEncoder(encoder, sample_rate, group_frames=VIDEO_FRAMES_PER_BLOCK)
         if isinstance(audio, np.ndarray):
-            whole = _check_piece(audio)
+            whole = pcm_to_float32(audio)
             if whole.size == 0:
                 raise ValueError("audio is empty (zero samples)")
             step = max(1, round(AUDIO_PIECE_SECONDS * sample_rate))
@@ -313,7 +291,7 @@ class _AudioTimeline:
         for piece in self._pieces:
             if piece is None:
                 break
-            samples = _check_piece(piece)
+            samples = pcm_to_float32(piece)
             self._buffer = np.concatenate([self._buffer, samples])
             yield from self._take(self._encoder.push(samples), final=False)
         if self._encoder.frames_done == 0 and self._received() == 0:
@@ -351,25 +329,10 @@ class _AudioTimeline:
 
 
 def _check_portrait(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"portrait must be a uint8 RGB image [H, W, 3], got {got}")
+    check_rgb_image(image)
     if min(image.shape[:2]) < 16:
         raise ValueError(f"portrait is too small ({image.shape[1]}×{image.shape[0]} pixels)")
     return image
-
-
-def _check_piece(piece: np.ndarray) -> np.ndarray:
-    samples = np.asarray(piece, dtype=np.float32)
-    if samples.ndim == 2:
-        samples = samples.mean(axis=1, dtype=np.float32)
-    if samples.ndim != 1:
-        raise ValueError(
-            f"audio must be mono samples (1-D) or (samples, channels), got shape {samples.shape}"
-        )
-    if not np.all(np.isfinite(samples)):
-        raise ValueError("audio contains NaN or infinite samples")
-    return samples
 
 
 def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:

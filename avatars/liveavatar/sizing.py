@@ -1,11 +1,30 @@
-"""Choosing the video size for a portrait, and fitting the portrait to it."""
+"""The size choices a pipeline offers, choosing the video size for a portrait, and fitting the portrait to it."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from avatars.media.portrait import check_rgb_image
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    """A pixel budget for the video: each portrait gets the largest size of its own aspect ratio within it."""
+
+    label: str
+    max_area: int
+
+
+TINY_SIZES = (SizeChoice("128×64 area", 128 * 64), SizeChoice("64×64 area", 64 * 64))
+# The official budget is 720·400 pixels, which a 16:9 portrait turns into 704×384.
+LIVEAVATAR_SIZES = (
+    SizeChoice("720×400 area (official)", 720 * 400),
+    SizeChoice("512×320 area (faster)", 512 * 320),
+)
 
 
 def choose_size(height: int, width: int, max_area: int, divisor: int) -> tuple[int, int]:
@@ -34,8 +53,7 @@ def choose_size(height: int, width: int, max_area: int, divisor: int) -> tuple[i
 
 def fit_portrait(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize so the image covers (height, width), then center-crop to it. uint8 RGB in, uint8 RGB out."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"portrait must be an RGB image [H, W, 3], got shape {tuple(image.shape)}")
+    check_rgb_image(image)
     ih, iw = image.shape[:2]
     scale = max(height / ih, width / iw)
     rh, rw = max(height, round(ih * scale)), max(width, round(iw * scale))

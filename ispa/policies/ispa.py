@@ -8,13 +8,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ispa.cache import CacheLayout
+from ispa.checks import check_positive_int, is_int, is_real
 from ispa.policies.base import Action, Phase, Policy, PolicyState
 
 __all__ = ["ISPAPolicy", "history_mass_drift"]
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def history_mass_drift(
@@ -65,26 +62,19 @@ class ISPAPolicy(Policy):
     initial_phase: ClassVar[Phase] = "warmup"
 
     def __post_init__(self) -> None:
-        if not (_is_real(self.k_fraction) and 0.0 <= self.k_fraction <= 1.0):
+        if not (is_real(self.k_fraction) and 0.0 <= self.k_fraction <= 1.0):
             raise ValueError(f"k_fraction must be in [0, 1], got {self.k_fraction!r}")
-        if isinstance(self.t_warm, bool) or not isinstance(self.t_warm, int) or self.t_warm < 1:
+        if not is_int(self.t_warm) or self.t_warm < 1:
             raise ValueError(f"t_warm must be a positive number of latent frames, got {self.t_warm!r}")
-        if not (_is_real(self.lam) and math.isfinite(self.lam) and self.lam > 0):
+        if not (is_real(self.lam) and math.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"lam must be a positive finite number, got {self.lam!r}")
         if not isinstance(self.auto_recalibrate, bool):
             raise ValueError(f"auto_recalibrate must be a bool, got {self.auto_recalibrate!r}")
         if not (
-            _is_real(self.recal_threshold)
-            and math.isfinite(self.recal_threshold)
-            and self.recal_threshold > 0
+            is_real(self.recal_threshold) and math.isfinite(self.recal_threshold) and self.recal_threshold > 0
         ):
             raise ValueError(f"recal_threshold must be positive, got {self.recal_threshold!r}")
-        if (
-            isinstance(self.recal_patience, bool)
-            or not isinstance(self.recal_patience, int)
-            or self.recal_patience < 1
-        ):
-            raise ValueError(f"recal_patience must be a positive int, got {self.recal_patience!r}")
+        check_positive_int(self.recal_patience, "recal_patience")
 
     def check_layout(self, layout: CacheLayout, num_layers: int) -> None:
         # Statistics come only from forwards that see history, i.e. from the second block on.

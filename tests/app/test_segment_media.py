@@ -14,6 +14,7 @@ from app.media import RunDir, SegmentBuffer, write_segment
 from avatars.base import AvatarChunk
 from avatars.media import mp4 as encoders
 from avatars.media.run_video import RunVideoWriter, check_piece
+from tests.fixtures.chunk_reports import full_policy_report
 
 FPS = 25.0
 SR = 16_000
@@ -27,7 +28,8 @@ def make_chunk(index: int, n_frames: int, height: int = 48, width: int = 64, see
     n_samples = round(n_frames / FPS * SR)
     t = np.arange(n_samples) / SR + index
     audio = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    return AvatarChunk(index=index, frames=frames, audio=audio, sample_rate=SR, fps=FPS)
+    report = full_policy_report(index, n_frames, end_seconds=(index + 1) * n_frames / FPS)
+    return AvatarChunk(index=index, frames=frames, audio=audio, sample_rate=SR, fps=FPS, report=report)
 
 
 @dataclass
@@ -98,7 +100,8 @@ def striped_chunk(height: int, width: int) -> AvatarChunk:
     frames[:, :, third : 2 * third, 1] = 220
     frames[:, :, 2 * third :, 2] = 220
     audio = np.zeros(round(12 / FPS * SR), dtype=np.float32)
-    return AvatarChunk(index=0, frames=frames, audio=audio, sample_rate=SR, fps=FPS)
+    report = full_policy_report(0, len(frames), end_seconds=len(frames) / FPS)
+    return AvatarChunk(index=0, frames=frames, audio=audio, sample_rate=SR, fps=FPS, report=report)
 
 
 def test_segment_keeps_picture_and_colours() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from app.validation import MAX_SEED, ValidationError, validate_settings, validate_tts_text
 
-GOOD = {"k_fraction": 0.5, "t_warm": 12, "lam": 1e-3, "seed": 0, "size": "auto"}
+GOOD = {"k_fraction": 0.5, "t_warm": 12, "lam": 1e-3, "seed": 0}
 
 
 def settings(**changes: object):
@@ -17,14 +17,12 @@ def settings(**changes: object):
 
 def test_good_settings_pass_unchanged() -> None:
     s = settings()
-    assert (s.k_fraction, s.t_warm, s.lam, s.seed, s.width, s.height, s.warnings) == (
-        0.5, 12, 1e-3, 0, None, None, []
-    )  # fmt: skip
+    assert (s.k_fraction, s.t_warm, s.lam, s.seed, s.warnings) == (0.5, 12, 1e-3, 0, [])
 
 
 def test_gradio_number_and_textbox_values_are_accepted() -> None:
-    s = settings(k_fraction="1", t_warm=6.0, lam="0.01", seed=42.0, size="704*384")
-    assert (s.k_fraction, s.t_warm, s.lam, s.seed, s.width, s.height) == (1.0, 6, 0.01, 42, 704, 384)
+    s = settings(k_fraction="1", t_warm=6.0, lam="0.01", seed=42.0)
+    assert (s.k_fraction, s.t_warm, s.lam, s.seed) == (1.0, 6, 0.01, 42)
     assert isinstance(s.t_warm, int) and isinstance(s.seed, int)
 
 
@@ -100,16 +98,6 @@ def test_bad_seed(value: object, message: str) -> None:
     with pytest.raises(ValidationError) as err:
         settings(seed=value)
     assert message in str(err.value)
-
-
-def test_size_must_be_a_listed_choice_and_is_not_echoed() -> None:
-    with pytest.raises(ValidationError) as err:
-        settings(size="/etc/passwd")
-    assert str(err.value) == "The size must be one of: auto, 384*704, 704*384."
-    s = validate_settings(**GOOD | {"size": "512*512"}, size_choices=("512*512",))
-    assert (s.width, s.height) == (512, 512)
-    with pytest.raises(ValueError, match="size choices must be"):
-        validate_settings(**GOOD | {"size": "big"}, size_choices=("big",))
 
 
 def test_tts_text_is_cleaned_and_limited() -> None:

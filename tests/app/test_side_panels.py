@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from html.parser import HTMLParser
 from itertools import accumulate
 
@@ -22,15 +23,18 @@ from app.panels import (
     layer_map_html,
     run_summary_html,
 )
+from avatars.base import ChunkReport, ChunkTimings
 from ispa.report import BlockReport
 
 N_LAYERS = 10
 GB = 1e9
 
 
-def make_report(index: int, *, absorbed_from: int = 4, l_layers=(1, 4, 7), event: str | None = None) -> dict:
-    """A chunk report as a backend yields it: the engine's own `BlockReport.to_dict()` (so a renamed field
-    breaks this test) plus the backend's timings. Warmup until `absorbed_from`, then the L-layers are local."""
+def make_report(
+    index: int, *, absorbed_from: int = 4, l_layers=(1, 4, 7), event: str | None = None
+) -> ChunkReport:
+    """A chunk report as a backend yields it: the engine's `BlockReport` plus the backend's timings.
+    Warmup until `absorbed_from`, then the L-layers are local."""
     absorbed = index >= absorbed_from
     per_layer = [0 if absorbed and i in l_layers else int(2.5e9) + index * 1_000_000 for i in range(N_LAYERS)]
     engine = BlockReport(
@@ -49,18 +53,20 @@ def make_report(index: int, *, absorbed_from: int = 4, l_layers=(1, 4, 7), event
         recalibrations=0,
         event=event if event is not None else ("absorbed" if index == absorbed_from else None),
     )
-    return engine.to_dict() | {
-        "seconds": 1.0 + index / 10,
-        "decode_seconds": 0.2 + index / 100,
-        "num_layers": N_LAYERS,
-    }
+    timings = ChunkTimings(model_seconds=1.0 + index / 10, decode_seconds=0.2 + index / 100)
+    return ChunkReport(engine=engine, timings=timings, frames=12, end_seconds=(index + 1) * 0.48)
+
+
+def engine(index: int, **changes) -> BlockReport:
+    """The engine part of `make_report(index)`, with some fields changed."""
+    return replace(make_report(index, **changes.pop("make", {})).engine, **changes)
 
 
 DURATIONS = [9 / 25] + [12 / 25] * 7
 
 
 def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
-    reports = [make_report(i) for i in range(8)]
+    reports = [make_report(i).engine for i in range(8)]
     timeline = KVTimeline()
     for report, seconds in zip(reports, DURATIONS, strict=True):
         timeline.add(report, seconds)
@@ -74,7 +80,7 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
     ]:
         part = df[df.series == series]
         np.testing.assert_allclose(part.t_seconds, ends, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(part.GB, [r[key] / GB for r in reports], rtol=1e-12)
+        np.testing.assert_allclose(part.GB, [getattr(r, key) / GB for r in reports], rtol=1e-12)
     marker = df[df.series == "absorbed"]
     assert marker.t_seconds.tolist() == pytest.approx([ends[4], ends[4]])
     assert marker.GB.tolist() == pytest.approx([0.0, df[df.series != "absorbed"].GB.max()])
@@ -83,7 +89,7 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
 
 def test_kv_timeline_before_absorption_says_warmup() -> None:
     timeline = KVTimeline()
-    timeline.add(make_report(0), 0.36)
+    timeline.add(engine(0), 0.36)
     assert "warmup" in timeline.annotation()
     assert set(timeline.dataframe().series) == {THIS_RUN, FULL_RING, FULL_UNBOUNDED}
 
@@ -91,9 +97,9 @@ def test_kv_timeline_before_absorption_says_warmup() -> None:
 def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
     timeline = KVTimeline(compare=True)
     for i, seconds in enumerate(DURATIONS[:6]):
-        full = make_report(i, event=None) | {"event": None, "kv_bytes": int(2.5e10)}
+        full = engine(i, event=None, kv_bytes=int(2.5e10))
         timeline.add(full, seconds, run=FULL_RUN)
-        timeline.add(make_report(i), seconds, run=ISPA_RUN)
+        timeline.add(engine(i), seconds, run=ISPA_RUN)
     df = timeline.dataframe()
     assert set(df.series) == {FULL_RUN, ISPA_RUN, "absorbed"}
     ends = list(accumulate(DURATIONS[:6]))
@@ -101,16 +107,16 @@ def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
         np.testing.assert_allclose(df[df.series == run].t_seconds, ends, atol=1e-12)
     assert (df[df.series == FULL_RUN].GB == 25.0).all()
     with pytest.raises(ValueError, match="run must be one of"):
-        timeline.add(make_report(6), 0.48, run=THIS_RUN)
+        timeline.add(engine(6), 0.48, run=THIS_RUN)
     with pytest.raises(ValueError, match="run must be one of"):
-        KVTimeline().add(make_report(0), 0.36, run=ISPA_RUN)
+        KVTimeline().add(engine(0), 0.36, run=ISPA_RUN)
 
 
 def test_every_event_gets_its_own_vertical_line() -> None:
     timeline = KVTimeline()
     events = [None, "absorbed", None, "recalibration_started", None, "absorbed"]
     for i, event in enumerate(events):
-        timeline.add(make_report(i, absorbed_from=99) | {"event": event}, 0.5)
+        timeline.add(engine(i, make={"absorbed_from": 99}, event=event), 0.5)
     df = timeline.dataframe()
     markers = df[~df.series.isin([THIS_RUN, FULL_RING, FULL_UNBOUNDED])]
     assert markers.groupby("series").t_seconds.apply(list).to_dict() == {
@@ -119,7 +125,7 @@ def test_every_event_gets_its_own_vertical_line() -> None:
         "absorbed 2": [3.0, 3.0],
     }
     with pytest.raises(ValueError, match="unknown report event"):
-        timeline.add(make_report(9) | {"event": "exploded"}, 0.5)
+        timeline.add(engine(9, event="exploded"), 0.5)
 
 
 def test_kv_dataframe_is_accepted_by_gradio_lineplot(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +134,7 @@ def test_kv_dataframe_is_accepted_by_gradio_lineplot(monkeypatch: pytest.MonkeyP
 
     timeline = KVTimeline()
     for i, seconds in enumerate(DURATIONS):
-        timeline.add(make_report(i), seconds)
+        timeline.add(engine(i), seconds)
     plot = gr.LinePlot(x="t_seconds", y="GB", color="series")
     payload = plot.postprocess(timeline.dataframe())
     dumped = payload.model_dump()
@@ -189,39 +195,37 @@ def parse_cells(html: str) -> list[dict[str, str | None]]:
 
 
 def test_layer_map_lists_every_layer_once_with_its_state_and_epsilon() -> None:
-    report = make_report(5)
+    report = engine(5)
     html = layer_map_html(report)
     cells = parse_cells(html)
     assert [int(c["data-layer"]) for c in cells] == list(range(N_LAYERS))
     assert [c["data-state"] for c in cells] == ["L" if i in (1, 4, 7) else "F" for i in range(N_LAYERS)]
     for i, cell in enumerate(cells):
-        assert f"ε = {report['epsilon'][i]:.3e}" in cell["title"]
+        assert f"ε = {report.epsilon[i]:.3e}" in cell["title"]
     assert "3 of 10 layers local (L)" in html and "recalibrations: 0" in html
     assert "<link" not in html and "<script" not in html and "<style" not in html
 
 
 def test_layer_map_during_warmup_has_no_epsilon_and_no_local_layer() -> None:
-    cells = parse_cells(layer_map_html(make_report(0)))
+    cells = parse_cells(layer_map_html(engine(0)))
     assert len(cells) == N_LAYERS and {c["data-state"] for c in cells} == {"F"}
     assert all("ε" not in c["title"] for c in cells)
 
 
 def test_layer_map_shows_unmeasured_epsilon() -> None:
     epsilon = [0.5, None] + [0.1] * (N_LAYERS - 2)
-    cells = parse_cells(layer_map_html(make_report(5) | {"epsilon": epsilon}))
+    cells = parse_cells(layer_map_html(engine(5, epsilon=epsilon)))
     assert cells[1]["title"] == "layer 1: local (L), ε not measured"
     assert cells[0]["title"] == "layer 0: full attention (F), ε = 5.000e-01"
 
 
 def test_layer_map_escapes_and_checks_the_report() -> None:
-    html = layer_map_html(make_report(5) | {"phase": "<script>alert(1)</script>"})
+    html = layer_map_html(engine(5, phase="<script>alert(1)</script>"))
     assert "<script>" not in html and "&lt;script&gt;" in html
     with pytest.raises(ValueError, match="outside 0..9"):
-        layer_map_html(make_report(5, l_layers=(3, 10)))
+        layer_map_html(engine(5, make={"l_layers": (3, 10)}))
     with pytest.raises(ValueError, match="epsilon has 3 entries for 10 layers"):
-        layer_map_html(make_report(5) | {"epsilon": [0.1, 0.2, 0.3]})
-    with pytest.raises(ValueError, match="lacks num_layers"):
-        layer_map_html({k: v for k, v in make_report(5).items() if k != "num_layers"})
+        layer_map_html(engine(5, epsilon=[0.1, 0.2, 0.3]))
 
 
 def test_run_summary_shows_statistics_memory_and_timings() -> None:
@@ -232,14 +236,18 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
     assert table.chunk.tolist() == ["7", "8", "9", "all"]
     assert table.phase.tolist()[:3] == ["absorbed"] * 3
     last = reports[7:]
-    assert as_floats(table["model s"][:3]) == pytest.approx([r["seconds"] for r in last], abs=5e-4)
-    assert as_floats(table["decode s"][:3]) == pytest.approx([r["decode_seconds"] for r in last], abs=5e-4)
+    assert as_floats(table["model s"][:3]) == pytest.approx([r.timings.model_seconds for r in last], abs=5e-4)
+    assert as_floats(table["decode s"][:3]) == pytest.approx(
+        [r.timings.decode_seconds for r in last], abs=5e-4
+    )
     assert as_floats(table["mux s"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
-    assert table["KV"][:3].tolist() == [f"{r['kv_bytes'] / GB:.2f} GB" for r in last]
-    assert float(table["model s"].iloc[-1]) == pytest.approx(sum(r["seconds"] for r in reports), abs=5e-4)
+    assert table["KV"][:3].tolist() == [f"{r.engine.kv_bytes / GB:.2f} GB" for r in last]
+    assert float(table["model s"].iloc[-1]) == pytest.approx(
+        sum(r.timings.model_seconds for r in reports), abs=5e-4
+    )
     assert float(table["mux s"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
     assert float(table["merge s"].iloc[-1]) == pytest.approx(
-        sum(r["merge_seconds"] for r in reports), abs=5e-4
+        sum(r.engine.merge_seconds for r in reports), abs=5e-4
     )
     assert "Statistics memory: <b>0 B</b> now, 2.10 GB at most" in html
     assert "Absorb step: 0.800 s in all." in html
@@ -250,8 +258,19 @@ def test_run_summary_without_mux_times_and_without_reports() -> None:
     assert parse_table(html)["mux s"].tolist() == ["—", "0.000"]
     assert "Statistics memory: <b>2.10 GB</b> now" in html
     assert run_summary_html([]) == "<div>No chunks yet.</div>"
-    with pytest.raises(ValueError, match="lacks decode_seconds"):
-        run_summary_html([{k: v for k, v in make_report(0).items() if k != "decode_seconds"}])
+
+
+def test_chunk_report_json_keeps_the_report_files_schema() -> None:
+    """The report files (CLI and app) hold the engine's fields plus the backend's, flat, as before."""
+    report = make_report(5)
+    flat = report.to_dict()
+    assert flat == report.engine.to_dict() | {
+        "seconds": report.timings.model_seconds,
+        "decode_seconds": report.timings.decode_seconds,
+        "num_layers": N_LAYERS,
+        "frames": 12,
+        "t_seconds": report.end_seconds,
+    }
 
 
 def test_drift_table_marks_identical_chunks() -> None:

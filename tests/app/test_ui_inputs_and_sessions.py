@@ -167,12 +167,12 @@ def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
 
     loads: list[tuple[str, bool]] = []
 
-    def fake_load(cls, name: str, *, fp8: bool = False) -> object:
+    def fake_load(name: str, *, fp8: bool = False) -> object:
         loads.append((name, fp8))
         return object()
 
     monkeypatch.setattr(models, "_loaded", {})
-    monkeypatch.setattr(models.LiveAvatarPipeline, "load", classmethod(fake_load))
+    monkeypatch.setattr(models, "load_pipeline", fake_load)
     monkeypatch.setattr(models, "model_availability", lambda: {"tiny": None, "14b": None})
     monkeypatch.setenv(models.FP8_ENV, "1")
     first = models.get_pipeline("tiny")

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from app.live_audio import LiveAudioFeed, decode_mic_piece, to_mono_float
+from app.live_audio import LiveAudioFeed, decode_mic_piece
 from app.run_view import DelayMeter
 from app.validation import ValidationError
 
@@ -102,12 +102,12 @@ def test_a_changing_microphone_rate_is_refused() -> None:
         feed.push(44100, noise(0.1, 44100))
 
 
-def test_pcm_conversion_to_mono_float() -> None:
+def test_pcm_pieces_become_mono_float_within_full_scale() -> None:
     pcm16 = np.array([[-32768, 0], [16384, 16384], [32767, -32767]], dtype=np.int16)
-    np.testing.assert_allclose(to_mono_float(pcm16), [-0.5, 0.5, 0.0], atol=1 / 32768)
+    np.testing.assert_allclose(decode_mic_piece((8000, pcm16))[1], [-0.5, 0.5, 0.0], atol=1 / 32768)
     pcm8 = np.array([0, 128, 255], dtype=np.uint8)
-    np.testing.assert_allclose(to_mono_float(pcm8), [-1.0, 0.0, 127 / 128])
-    assert to_mono_float(np.array([2.0, -3.0], dtype=np.float64)).tolist() == [1.0, -1.0]
+    np.testing.assert_allclose(decode_mic_piece((8000, pcm8))[1], [-1.0, 0.0, 127 / 128])
+    assert decode_mic_piece((8000, np.array([2.0, -3.0])))[1].tolist() == [1.0, -1.0]
 
 
 def test_a_streamed_wav_piece_decodes_to_its_samples(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ import pytest
 import soundfile as sf
 
 from app import main
+from app.layout import RunOutputs
 
 SMALL = "64×64 area"
-STATUS = 6  # index of the status line among the generation outputs
+STATUS = RunOutputs.position("status")
 
 
 def engine_view(report: dict) -> list[dict]:

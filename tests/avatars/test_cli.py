@@ -97,7 +97,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "text as portrait": (["--portrait", str(text), "--audio", speech], "portrait"),
         "truncated jpeg": (["--portrait", str(truncated), "--audio", speech], "portrait"),
-        "missing portrait": (["--portrait", str(tmp_path / "nope.png"), "--audio", speech], "not found"),
+        "missing portrait": (
+            ["--portrait", str(tmp_path / "nope.png"), "--audio", speech],
+            "could not be found",
+        ),
         "text as audio": (["--portrait", portrait, "--audio", str(text)], "audio"),
         "empty audio": (["--portrait", portrait, "--audio", str(empty)], "empty"),
         "absurd size": (["--portrait", portrait, "--audio", speech, "--max-area", "7"], "max_area"),

@@ -10,9 +10,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from avatars.liveavatar.encoders.audio import AudioEncoder, load_audio, official_frame_features
+from avatars.liveavatar.encoders.audio import AudioEncoder, audio_16k, official_frame_features
 from avatars.liveavatar.encoders.tiny import TINY_AUDIO_DIM, TINY_AUDIO_LAYERS, tiny_wav2vec2
-from avatars.liveavatar.weights.tiny_checkpoints import write_wav2vec2
+from avatars.media.audio import read_audio_file
+from tests.fixtures.tiny_checkpoints import write_wav2vec2
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "examples"
 
@@ -33,7 +34,9 @@ def _stereo(seconds, rate, seed=0):
 def test_44k_stereo_file_is_downmixed_then_resampled(tmp_path):
     stereo = _stereo(1.3, 44100)
     sf.write(tmp_path / "voice.wav", stereo, 44100, subtype="FLOAT")
-    audio = load_audio(tmp_path / "voice.wav")
+    samples, rate, channels = read_audio_file(tmp_path / "voice.wav")
+    assert (rate, channels) == (44100, 2)
+    audio = audio_16k(samples, rate)
     expected = librosa.resample(stereo.mean(axis=1), orig_sr=44100, target_sr=16000)
     assert audio.dtype == np.float32 and audio.shape == (math.ceil(stereo.shape[0] * 16000 / 44100),)
     np.testing.assert_allclose(audio, expected, atol=1e-6)
@@ -42,7 +45,7 @@ def test_44k_stereo_file_is_downmixed_then_resampled(tmp_path):
 def test_int16_array_is_scaled_like_the_float_file(tmp_path):
     stereo = _stereo(0.7, 44100, seed=1)
     pcm = np.round(stereo * 32767).astype(np.int16)
-    from_array = load_audio(pcm, sample_rate=44100)
+    from_array = audio_16k(pcm, sample_rate=44100)
     expected = librosa.resample(
         (pcm / 32768.0).mean(axis=1).astype(np.float32), orig_sr=44100, target_sr=16000
     )
@@ -86,7 +89,8 @@ def test_one_feature_per_video_frame_of_the_audio(encoder, seconds):
 
 
 def test_example_file_features(encoder):
-    audio = load_audio(EXAMPLES / "cyclops_baker.wav")
+    samples, rate, _ = read_audio_file(EXAMPLES / "cyclops_baker.wav")
+    audio = audio_16k(samples, rate)
     features = encoder.frame_features(audio[: 16000 * 2], sample_rate=16000)
     assert features.shape == (
         official_frame_features(encoder.hidden_states(audio[: 16000 * 2])).shape[0],
@@ -104,19 +108,19 @@ def test_hidden_states_are_normalised_per_clip(encoder):
 
 
 def test_bad_audio_raises_value_error(encoder, tmp_path):
-    with pytest.raises(ValueError, match="not found"):
-        load_audio(tmp_path / "missing.wav")
+    with pytest.raises(ValueError, match="could not be found"):
+        read_audio_file(tmp_path / "missing.wav")
     (tmp_path / "text.wav").write_text("this is not audio")
-    with pytest.raises(ValueError, match="cannot read audio file text.wav"):
-        load_audio(tmp_path / "text.wav")
+    with pytest.raises(ValueError, match="could not be decoded"):
+        read_audio_file(tmp_path / "text.wav")
     with pytest.raises(ValueError, match="empty"):
-        load_audio(np.zeros(0, dtype=np.float32), sample_rate=16000)
+        audio_16k(np.zeros(0, dtype=np.float32), sample_rate=16000)
     with pytest.raises(ValueError, match="NaN"):
-        load_audio(np.array([0.0, np.nan], dtype=np.float32), sample_rate=16000)
+        audio_16k(np.array([0.0, np.nan], dtype=np.float32), sample_rate=16000)
     with pytest.raises(ValueError, match="sample_rate"):
-        load_audio(np.zeros(10, dtype=np.float32))
-    with pytest.raises(ValueError, match=r"\(samples, channels\)"):
-        load_audio(np.zeros((2, 3, 4), dtype=np.float32), sample_rate=16000)
+        audio_16k(np.zeros(10, dtype=np.float32), sample_rate=0)
+    with pytest.raises(ValueError, match=r"\(samples, channels"):
+        audio_16k(np.zeros((2, 3, 4), dtype=np.float32), sample_rate=16000)
     with pytest.raises(ValueError, match="too short"):
         encoder.frame_features(np.zeros(500, dtype=np.float32), sample_rate=16000)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatars.liveavatar.encoders.audio import AudioEncoder, load_audio, official_frame_features
+from avatars.liveavatar.encoders.audio import AudioEncoder, audio_16k, official_frame_features
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.tiny import tiny_wav2vec2
 
@@ -47,7 +47,7 @@ def test_resampled_44k_stereo_pieces_match_the_16k_stream(encoder):
     rate = 44100
     stereo = np.stack([_speech(1.2, rate, seed=1), _speech(1.2, rate, seed=2)], axis=1)
     pieces, _ = _stream(encoder, stereo, [999, 4410, 123], rate=rate, left_context_s=0.5)
-    reference, _ = _stream(encoder, load_audio(stereo, sample_rate=rate), [16000], left_context_s=0.5)
+    reference, _ = _stream(encoder, audio_16k(stereo, sample_rate=rate), [16000], left_context_s=0.5)
     torch.testing.assert_close(pieces, reference, atol=1e-5, rtol=1e-5)
 
 

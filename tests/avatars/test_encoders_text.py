@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from avatars.liveavatar.encoders.text import TextEncoder, clean_prompt
 from avatars.liveavatar.encoders.tiny import TINY_TEXT_DIM, tiny_tokenizer, tiny_umt5
-from avatars.liveavatar.weights.tiny_checkpoints import write_text_encoder
+from tests.fixtures.tiny_checkpoints import write_text_encoder
 
 TEXT_LEN = 16
 

@@ -6,7 +6,7 @@ import torch
 
 from avatars.liveavatar.encoders.tiny import tiny_vae
 from avatars.liveavatar.encoders.vae import WanVAE, portrait_to_tensor
-from avatars.liveavatar.weights.tiny_checkpoints import write_vae
+from tests.fixtures.tiny_checkpoints import write_vae
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,6 @@ def test_streaming_decode_equals_one_decode_call(vae):
     blocks.append(decoder.decode_block(latents[:, :, 6:]))
     assert [b.shape[2] for b in blocks] == [9, 12, 4]  # first block: 1 + 2·4 frames, then 4 per latent frame
     torch.testing.assert_close(torch.cat(blocks, dim=2), whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(vae.decode(latents), whole)
 
 
 def test_a_new_stream_starts_a_new_video(vae):

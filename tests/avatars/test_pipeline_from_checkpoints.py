@@ -12,8 +12,8 @@ from avatars.base import GenerationRequest
 from avatars.liveavatar.cli import main
 from avatars.liveavatar.loading import available_models, build_liveavatar_pipeline, load_pipeline
 from avatars.liveavatar.weights.hub import resolve_weights
-from avatars.liveavatar.weights.tiny_checkpoints import write_tiny_weights
 from ispa import ISPAPolicy
+from tests.fixtures.tiny_checkpoints import write_tiny_weights
 
 
 def test_tiny_checkpoints_stream_through_the_real_loading_path(tmp_path):
@@ -34,7 +34,7 @@ def test_tiny_checkpoints_stream_through_the_real_loading_path(tmp_path):
     chunks = list(pipe.stream(request, ISPAPolicy(t_warm=6), max_area=128 * 64))
     assert sum(len(c.frames) for c in chunks) > 24
     assert all(np.isfinite(c.audio).all() for c in chunks)
-    assert chunks[-1].report["phase"] == "absorbed"
+    assert chunks[-1].report.engine.phase == "absorbed"
 
 
 def test_14b_without_a_gpu_says_so(tmp_path, capsys, monkeypatch):

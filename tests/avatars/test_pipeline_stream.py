@@ -69,22 +69,22 @@ def test_ispa_matches_full_before_absorbing_then_holds_less(pipe, portrait):
     audio = speech(2.5, 16000)
     full = run(pipe, portrait, audio, 16000, FullPolicy())
     ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
-    absorbed_at = next(i for i, c in enumerate(ispa) if c.report["event"] == "absorbed")
+    absorbed_at = next(i for i, c in enumerate(ispa) if c.report.engine.event == "absorbed")
     assert absorbed_at == 1  # t_warm = 6 latent frames = 2 blocks
     for a, b in zip(full[: absorbed_at + 1], ispa[: absorbed_at + 1], strict=True):
         assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(full[-1].frames, ispa[-1].frames)
 
-    after = ispa[absorbed_at].report
-    local = after["l_layers"]
+    after = ispa[absorbed_at].report.engine
+    local = after.l_layers
     assert len(local) == 2  # round(0.5 · 4)
-    per_layer_full = full[absorbed_at].report["kv_bytes_per_layer"]
+    per_layer_full = full[absorbed_at].report.engine.kv_bytes_per_layer
     height, width = full[0].frames.shape[1:3]
     sink_tokens = pipe.dit.sink_token_count(height // 8, width // 8)
     sink_only = sink_tokens * pipe.dit.config.dim * 2 * 4  # keys and values, fp32: all a local layer keeps
     expected = sum(sink_only if i in local else b for i, b in enumerate(per_layer_full))
-    assert after["kv_bytes"] == expected < full[absorbed_at].report["kv_bytes"]
-    assert after["kv_bytes_full_ring"] == full[absorbed_at].report["kv_bytes"]
+    assert after.kv_bytes == expected < full[absorbed_at].report.engine.kv_bytes
+    assert after.kv_bytes_full_ring == full[absorbed_at].report.engine.kv_bytes
 
 
 def test_full_and_ispa_interleaved_on_one_pipeline_equal_separate_runs(pipe, portrait):
@@ -131,13 +131,13 @@ def test_cancel_and_recalibration_are_honoured_between_blocks(pipe, portrait):
     chunks = []
     for chunk in pipe.stream(request, ISPAPolicy(t_warm=6), control=control):
         chunks.append(chunk)
-        if chunk.report["event"] == "absorbed":
+        if chunk.report.engine.event == "absorbed":
             control.request_recalibration()
         if len(chunks) == 4:
             control.cancel()
     assert len(chunks) == 4
-    assert chunks[2].report["event"] == "recalibration_started"
-    assert chunks[3].report["phase"] == "recalibrating"
+    assert chunks[2].report.engine.event == "recalibration_started"
+    assert chunks[3].report.engine.phase == "recalibrating"
 
 
 @pytest.mark.parametrize(

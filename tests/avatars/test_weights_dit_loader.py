@@ -10,7 +10,7 @@ from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.weights.dit_loader import INDEX_NAME, load_dit, read_weight_map
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.liveavatar.weights.lora import LORA_SCALE
-from avatars.liveavatar.weights.tiny_checkpoints import write_dit_checkpoint, write_lora
+from tests.fixtures.tiny_checkpoints import write_dit_checkpoint, write_lora
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from avatars.liveavatar.weights import hub
 from avatars.liveavatar.weights.errors import CheckpointError
-from avatars.liveavatar.weights.tiny_checkpoints import write_tiny_weights
+from tests.fixtures.tiny_checkpoints import write_tiny_weights
 
 
 @pytest.fixture(scope="module")

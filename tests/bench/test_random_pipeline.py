@@ -8,7 +8,7 @@ import torch
 
 from avatars.base import GenerationRequest
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.loading import TINY_SIZES
+from avatars.liveavatar.sizing import TINY_SIZES
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import FP8Linear
 from bench.random_pipeline import LIVEAVATAR_14B, RandomPipelineSpec, build_random_pipeline, random_dit
@@ -58,7 +58,7 @@ def test_the_14b_fixture_has_the_real_sizes(fp8):
     assert numel(pipe.audio_encoder.model) == memory.WAV2VEC2_LARGE_PARAMS
     assert pipe.audio_encoder.num_hidden_states == PRESETS["14b"].num_audio_hidden_states
     assert pipe.text_encoder.model.config.d_model == PRESETS["14b"].text_dim
-    assert pipe.size_choices()[0] == ("704×384 (official)", 720 * 400)
+    assert pipe.size_choices()[0] == ("720×400 area (official)", 720 * 400)
 
 
 def test_random_dit_is_seeded_and_built_in_the_asked_dtype():

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+from avatars.media.audio import pcm_to_float32, resample
+from ispa.checks import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -27,54 +29,15 @@ SAMPLE_RATE = 16000
 VIDEO_FPS = 25
 WAV2VEC_RATE = 50  # hidden-state rate of wav2vec2's conv front end at 16 kHz (stride 320)
 INTERMEDIATE_RATE = 30  # the official code's `video_rate`, interpolated to before picking per-frame steps
-_MAX_CHANNELS = 8
 
 
-def to_mono_float32(samples: np.ndarray) -> np.ndarray:
-    """Mono float32 from a 1-D array or a (samples, channels) array; integer PCM is scaled to [-1, 1)."""
-    samples = np.asarray(samples)
-    if samples.ndim not in (1, 2) or (samples.ndim == 2 and samples.shape[1] > _MAX_CHANNELS):
-        raise ValueError(f"audio array must be (samples,) or (samples, channels), got shape {samples.shape}")
-    if np.issubdtype(samples.dtype, np.integer):
-        samples = samples / float(np.iinfo(samples.dtype).max + 1)
-    elif not np.issubdtype(samples.dtype, np.floating):
-        raise ValueError(f"audio samples must be integers or floats, got {samples.dtype}")
-    if samples.ndim == 2:
-        samples = samples.mean(axis=1)
-    samples = samples.astype(np.float32)
-    if not np.all(np.isfinite(samples)):
-        raise ValueError("audio contains NaN or infinite samples")
-    return samples
-
-
-def read_audio_file(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """(mono float32 samples, rate) of any file librosa reads, at `sample_rate` or the file's own rate (None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"audio file not found: {path}")
-    try:
-        samples, rate = librosa.load(str(path), sr=sample_rate, mono=True)
-    except Exception as err:  # soundfile/audioread raise many types for unreadable files
-        raise ValueError(f"cannot read audio file {path.name}: not audio or damaged ({err})") from err
-    samples = to_mono_float32(samples)
-    if samples.size == 0:
-        raise ValueError(f"audio file {path.name} is empty (zero samples)")
-    return samples, int(rate)
-
-
-def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
-    """Mono float32 audio at 16 kHz from a file (any format librosa reads) or from an array at `sample_rate`."""
-    if isinstance(source, str | Path):
-        samples, _ = read_audio_file(source, SAMPLE_RATE)
-    else:
-        if sample_rate is None or sample_rate <= 0:
-            raise ValueError(f"an audio array needs a positive sample_rate, got {sample_rate!r}")
-        samples = to_mono_float32(source)
-        if samples.size and sample_rate != SAMPLE_RATE:
-            samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=SAMPLE_RATE)
-    if samples.size == 0:
+def audio_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz from PCM at `sample_rate`, through the project's one PCM conversion and resampler."""
+    check_positive_int(sample_rate, "sample_rate")
+    mono = pcm_to_float32(samples)
+    if mono.size == 0:
         raise ValueError("audio is empty (zero samples)")
-    return samples
+    return resample(mono, sample_rate, SAMPLE_RATE)
 
 
 def num_video_frames(num_steps_30hz: int) -> int:
@@ -167,6 +130,6 @@ class AudioEncoder:
         )
         return torch.stack([h[0] for h in out.hidden_states]).float().cpu()
 
-    def frame_features(self, audio: str | Path | np.ndarray, sample_rate: int | None = None) -> torch.Tensor:
-        """One feature per 25 fps video frame, [frames, layers, dim], for a whole clip (file or array)."""
-        return official_frame_features(self.hidden_states(load_audio(audio, sample_rate)))
+    def frame_features(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """One feature per 25 fps video frame, [frames, layers, dim], for a whole clip of PCM at `sample_rate`."""
+        return official_frame_features(self.hidden_states(audio_16k(audio, sample_rate)))

@@ -36,8 +36,8 @@ from avatars.liveavatar.encoders.audio import (
     AudioEncoder,
     frame_steps_30hz,
     num_video_frames,
-    to_mono_float32,
 )
+from avatars.media.audio import pcm_to_float32
 
 
 def _positions(frames: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class StreamingAudioEncoder:
         """Add a piece of audio (1-D or (samples, channels), at the constructor's sample rate)."""
         if self.finished:
             raise ValueError("push() after finish(): start a new StreamingAudioEncoder for new audio")
-        samples = to_mono_float32(piece)
+        samples = pcm_to_float32(piece)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples, last=False)
         self._append(samples)

@@ -20,15 +20,15 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from avatars.media.portrait import check_rgb_image
+
 REFERENCE_REPEAT = 5  # frames the portrait is repeated for its reference latent
 MOTION_FRAMES = 73  # video frames of motion context (19 latent frames)
 
 
 def portrait_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 RGB [H, W, 3] → float32 [1, 3, 1, H, W] in [-1, 1] (a one-frame video)."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"portrait must be a uint8 RGB array [H, W, 3], got {got}")
+    check_rgb_image(image)
     pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
     return (pixels * 2.0 - 1.0)[None, :, None]
 
@@ -86,11 +86,6 @@ class WanVAE:
         """Normalised latents back to the VAE's own latent space, in the VAE's dtype."""
         mean, inv_std = self.latents_mean.to(latents.device), self.inv_latents_std.to(latents.device)
         return (latents.float() / inv_std + mean).to(self.dtype)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Whole-sequence decode with diffusers: [B, z, t, h, w] → [B, 3, 1 + 4(t-1), 8h, 8w] in [-1, 1]."""
-        return self.vae.decode(self.denormalize(latents.to(self.device))).sample
 
     def stream_decoder(self) -> StreamingDecoder:
         """A fresh decoder whose first block is the start of a video."""

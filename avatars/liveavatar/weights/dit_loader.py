@@ -19,19 +19,13 @@ from safetensors import SafetensorError, safe_open
 
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
-from avatars.liveavatar.weights.errors import CheckpointError
+from avatars.liveavatar.weights.errors import CheckpointError, listing
 from avatars.liveavatar.weights.lora import LORA_SCALE, lora_target_modules, merge_into_weight, read_lora
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-_SHOWN = 10
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" … ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
 def _read_json(path: Path) -> Any:
@@ -64,7 +58,7 @@ def read_weight_map(checkpoint_dir: str | Path) -> dict[str, str]:
     missing = sorted({shard for shard in weight_map.values() if not (checkpoint_dir / shard).is_file()})
     if missing:
         raise CheckpointError(
-            f"incomplete checkpoint in {checkpoint_dir}: missing shard files {_listing(missing)}"
+            f"incomplete checkpoint in {checkpoint_dir}: missing shard files {listing(missing)}"
         )
     return weight_map
 
@@ -76,7 +70,7 @@ def _read_tensors(shard_path: Path, names: list[str]) -> Iterator[tuple[str, tor
             absent = sorted(set(names) - set(f.keys()))
             if absent:
                 raise CheckpointError(
-                    f"{shard_path} lacks tensors its index assigns to it: {_listing(absent)}"
+                    f"{shard_path} lacks tensors its index assigns to it: {listing(absent)}"
                 )
             for name in names:
                 yield name, f.get_tensor(name)
@@ -111,9 +105,9 @@ def load_dit(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
+            parts.append(f"missing keys: {listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
+            parts.append(f"unexpected keys: {listing(unexpected)}")
         raise CheckpointError(
             f"{checkpoint_dir} does not match the DiT built from its config; " + "; ".join(parts)
         )

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from avatars.liveavatar.weights.errors import CheckpointError
+from avatars.liveavatar.weights.errors import CheckpointError, listing
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ LORA_TARGET_SUFFIXES = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
-_SHOWN = 10  # how many offending names an error message lists
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,6 @@ def lora_target_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
-    return shown + (f" … ({len(names)} in all)" if len(names) > _SHOWN else "")
-
-
 def read_lora(path: str | Path, targets: Mapping[str, tuple[int, int]]) -> dict[str, LoRAFactors]:
     """Read a LoRA file and check it against the model's target modules (name → weight shape).
 
@@ -92,15 +86,15 @@ def read_lora(path: str | Path, targets: Mapping[str, tuple[int, int]]) -> dict[
 
     if not_lora:
         raise CheckpointError(
-            f"{path}: keys that are not LoRA factors (expected '<module>.lora_A/B…weight'): {_listing(not_lora)}"
+            f"{path}: keys that are not LoRA factors (expected '<module>.lora_A/B…weight'): {listing(not_lora)}"
         )
     unknown = sorted(module for module in halves if module not in targets)
     if unknown:
-        raise CheckpointError(f"{path}: LoRA keys match no target module of the model: {_listing(unknown)}")
+        raise CheckpointError(f"{path}: LoRA keys match no target module of the model: {listing(unknown)}")
     unpaired = sorted(module for module, pair in halves.items() if set(pair) != {"A", "B"})
     if unpaired:
         raise CheckpointError(
-            f"{path}: LoRA modules missing their lora_A or lora_B factor: {_listing(unpaired)}"
+            f"{path}: LoRA modules missing their lora_A or lora_B factor: {listing(unpaired)}"
         )
 
     factors: dict[str, LoRAFactors] = {}
@@ -121,7 +115,7 @@ def read_lora(path: str | Path, targets: Mapping[str, tuple[int, int]]) -> dict[
             continue
         factors[module] = LoRAFactors(down=down, up=up)
     if bad_shapes:
-        raise CheckpointError(f"{path}: LoRA factor shapes do not fit their modules: {_listing(bad_shapes)}")
+        raise CheckpointError(f"{path}: LoRA factor shapes do not fit their modules: {listing(bad_shapes)}")
     if len(factors) < len(targets):
         logger.warning("LoRA %s covers %d of the %d target modules", path, len(factors), len(targets))
     return factors

@@ -1,0 +1,209 @@
+"""The page's components, built column by column, and the typed record of what a generation run updates.
+
+`RunOutputs` is the one declaration of the run's outputs: its fields, in order, are the outputs list the generation
+events are wired to, and the generator yields a `RunOutputs` of values that becomes that list's tuple. Adding a
+panel is one new field here (plus the component that fills it and the value that feeds it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Generic, TypeVar
+
+import gradio as gr
+
+from app.inputs import DEFAULT_SIZE, ISPA, POLICY_CHOICES
+from app.models import MODEL_LABELS, REAL_MODEL
+from app.portrait_input import portrait_image
+from ispa import ISPAPolicy
+
+T = TypeVar("T")
+
+DEFAULT_SEED = 42
+PLAYER_HEIGHT = 480
+LIVE_HELP = (
+    "Press record and speak: the audio streams to the server while you talk and the video follows block "
+    "by block (0.48 s of speech each). Stop recording to end the run. The status line shows the measured "
+    "delay from your speech reaching the server to its video being handed to the player."
+)
+
+
+@dataclass
+class RunOutputs(Generic[T]):
+    """What a generation run updates: components in the layout (`RunOutputs[gr.Component]`), values in the
+    generator (`RunOutputs[Any]`: a value, or `gr.skip()` to leave a component as it is)."""
+
+    player_a: T
+    player_b: T
+    kv_plot: T
+    layer_map: T
+    run_summary: T
+    drift_table: T
+    status: T
+    downloads: T
+    report: T
+
+    def as_list(self) -> list[T]:
+        """The fields in declaration order: the events' outputs list, or the tuple a handler yields."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def position(cls, name: str) -> int:
+        """Where field `name` stands in `as_list()` (for clients that read outputs by position)."""
+        return [f.name for f in fields(cls)].index(name)
+
+
+@dataclass
+class InputControls:
+    """The left column: what the user gives and sets, and the run buttons."""
+
+    portrait: gr.Image
+    audio: gr.Audio
+    text: gr.Textbox
+    prompt: gr.Textbox
+    policy: gr.Radio
+    k_fraction: gr.Slider
+    t_warm: gr.Slider
+    lam: gr.Number
+    seed: gr.Number
+    size: gr.Dropdown
+    model: gr.Radio
+    generate: gr.Button
+    stop: gr.Button
+    recalibrate: gr.Button
+    live_mic: gr.Audio
+
+    def inputs_for(self, handler: Callable[..., Any]) -> list[gr.components.Component]:
+        """The components a handler takes, matched by parameter name (`request` is Gradio's own)."""
+        names = [n for n in inspect.signature(handler).parameters if n != "request"]
+        return [getattr(self, name) for name in names]
+
+
+def input_column(
+    models: Mapping[str, str | None], chosen_model: str, live_mode: bool, example_rows: list[list[str]]
+) -> InputControls:
+    """Portrait, speech, prompt, engine settings, run buttons, live mode and the offline example.
+
+    `models` maps each model name to None when it runs here, else the reason it cannot.
+    """
+    real_reason = models.get(REAL_MODEL)
+    portrait = portrait_image(
+        label="Portrait",
+        sources=["upload", "webcam"],
+        type="filepath",
+        image_mode=None,  # the portrait reader converts modes and EXIF rotation itself
+        elem_id="portrait",
+    )
+    audio = gr.Audio(
+        label="Speech (upload or record)", sources=["upload", "microphone"], type="filepath", elem_id="speech"
+    )
+    text = gr.Textbox(label="…or text to speak (used when no audio is given)", lines=2, elem_id="tts")
+    prompt = gr.Textbox(label="Prompt (optional)", placeholder="a person talks in a warm studio")
+    with gr.Accordion("Engine", open=True):
+        policy = gr.Radio(
+            list(POLICY_CHOICES),
+            value=ISPA,
+            label="Policy",
+            info="ISPA turns layers local after warmup; Full keeps every layer's history; "
+            "Compare runs both on the same inputs and seed.",
+        )
+        k_fraction = gr.Slider(
+            0.05, 1.0, value=ISPAPolicy.k_fraction, step=0.05, label="k_fraction",
+            info="Share of layers that become local after warmup.",
+        )  # fmt: skip
+        t_warm = gr.Slider(
+            6, 48, value=ISPAPolicy.t_warm, step=3, label="T_warm (latent frames)",
+            info="Warmup before absorbing, at least two blocks (3 latent frames = one 0.48 s block).",
+        )  # fmt: skip
+        lam = gr.Number(value=ISPAPolicy.lam, label="λ (ridge regulariser of the absorb)")
+        seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed")
+        size = gr.Dropdown([DEFAULT_SIZE], value=DEFAULT_SIZE, label="Size", allow_custom_value=True)
+        model = gr.Radio(
+            [(MODEL_LABELS.get(name, name), name) for name in models],
+            value=chosen_model,
+            label="Model",
+            interactive=real_reason is None,
+            info=f"14B unavailable: {real_reason}" if real_reason else None,
+        )
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        recalibrate = gr.Button("Recalibrate", elem_id="recalibrate")
+    with gr.Accordion("Live mode (microphone)", open=False, visible=live_mode):
+        gr.Markdown(LIVE_HELP)
+        live_mic = gr.Audio(
+            label="Live microphone",
+            sources=["microphone"],
+            streaming=True,
+            type="filepath",
+            elem_id="live_mic",
+        )
+    if example_rows:
+        gr.Examples(
+            example_rows, inputs=[portrait, audio, text], label="Offline example", cache_examples=False
+        )
+    return InputControls(
+        portrait=portrait,
+        audio=audio,
+        text=text,
+        prompt=prompt,
+        policy=policy,
+        k_fraction=k_fraction,
+        t_warm=t_warm,
+        lam=lam,
+        seed=seed,
+        size=size,
+        model=model,
+        generate=generate,
+        stop=stop,
+        recalibrate=recalibrate,
+        live_mic=live_mic,
+    )
+
+
+def output_columns(can_stream: bool) -> RunOutputs[Any]:
+    """The players, status, downloads and report (middle), and the engine's panels (right)."""
+    with gr.Column(scale=2):
+        with gr.Row():
+            player_a = gr.Video(
+                label="Video", streaming=can_stream, autoplay=True, interactive=False, elem_id="player_a"
+            )
+            player_b = gr.Video(
+                label="ISPA",
+                streaming=can_stream,
+                autoplay=True,
+                interactive=False,
+                height=PLAYER_HEIGHT,
+                visible=False,
+                elem_id="player_b",
+            )
+        status = gr.Markdown(label="Status", elem_id="status")
+        downloads = gr.File(label="Downloads: video(s) and report", file_count="multiple", interactive=False)
+        with gr.Accordion("Engine report (JSON)", open=False):
+            report = gr.JSON(label="Report")
+    with gr.Column(scale=1):
+        kv_plot = gr.LinePlot(
+            x="t_seconds",
+            y="GB",
+            color="series",
+            x_title="video time (s)",
+            y_title="KV cache (GB)",
+            label="KV-cache memory",
+            elem_id="kv_plot",
+        )
+        layer_map = gr.HTML(label="Layers", elem_id="layer_map")
+        run_summary = gr.HTML(label="Memory and timings", elem_id="run_summary")
+        drift_table = gr.HTML(label="Drift Full vs ISPA", visible=False, elem_id="drift")
+    return RunOutputs(
+        player_a=player_a,
+        player_b=player_b,
+        kv_plot=kv_plot,
+        layer_map=layer_map,
+        run_summary=run_summary,
+        drift_table=drift_table,
+        status=status,
+        downloads=downloads,
+        report=report,
+    )
