@@ -197,7 +197,12 @@ def _outputs(
     return RunOutputs(
         player_a=player_a,
         player_b=player_b,
-        kv_plot=gr.LinePlot(value=plot, color_map=panels.plot_colors(plot), caption=panels.caption()),
+        kv_plot=gr.LinePlot(
+            value=plot,
+            color_map=panels.plot_colors(plot),
+            caption=panels.caption(),
+            y_title=panels.plot_y_title(),
+        ),
         layer_map=panels.layer_map(),
         run_summary=panels.summary(),
         drift_table=panels.drift(),

@@ -16,6 +16,7 @@ import gradio as gr
 
 from app.inputs import DEFAULT_SIZE, ISPA, POLICY_CHOICES
 from app.models import MODEL_LABELS, REAL_MODEL
+from app.panels import LAYER_MAP_PLACEHOLDER, SUMMARY_PLACEHOLDER
 from app.portrait_input import portrait_image
 from ispa import ISPAPolicy
 
@@ -23,6 +24,9 @@ T = TypeVar("T")
 
 DEFAULT_SEED = 42
 PLAYER_HEIGHT = 480
+INPUT_HEIGHT = 220  # portrait preview: keeps Generate within the first screen at 1280×800
+BUTTON_WIDTH = 90
+STATUS_PLACEHOLDER = "Give a portrait and speech (or text), then press **Generate**: the video streams here."
 LIVE_HELP = (
     "Press record and speak: the audio streams to the server while you talk and the video follows block "
     "by block (0.48 s of speech each). Stop recording to end the run. The status line shows the measured "
@@ -84,31 +88,45 @@ class InputControls:
 def input_column(
     models: Mapping[str, str | None], chosen_model: str, live_mode: bool, example_rows: list[list[str]]
 ) -> InputControls:
-    """Portrait, speech, prompt, engine settings, run buttons, live mode and the offline example.
+    """What the user gives first (portrait, speech), the policy and the run buttons within the first screen, then
+    the offline example, the folded prompt and engine settings, and live mode.
 
     `models` maps each model name to None when it runs here, else the reason it cannot.
     """
     real_reason = models.get(REAL_MODEL)
-    portrait = portrait_image(
-        label="Portrait",
-        sources=["upload", "webcam"],
-        type="filepath",
-        image_mode=None,  # the portrait reader converts modes and EXIF rotation itself
-        elem_id="portrait",
-    )
-    audio = gr.Audio(
-        label="Speech (upload or record)", sources=["upload", "microphone"], type="filepath", elem_id="speech"
-    )
-    text = gr.Textbox(label="…or text to speak (used when no audio is given)", lines=2, elem_id="tts")
-    prompt = gr.Textbox(label="Prompt (optional)", placeholder="a person talks in a warm studio")
-    with gr.Accordion("Engine", open=True):
-        policy = gr.Radio(
-            list(POLICY_CHOICES),
-            value=ISPA,
-            label="Policy",
-            info="ISPA turns layers local after warmup; Full keeps every layer's history; "
-            "Compare runs both on the same inputs and seed.",
+    with gr.Row(equal_height=True):
+        portrait = portrait_image(
+            label="Portrait",
+            sources=["upload", "webcam"],
+            type="filepath",
+            image_mode=None,  # the portrait reader converts modes and EXIF rotation itself
+            height=INPUT_HEIGHT,
+            elem_id="portrait",
         )
+        audio = gr.Audio(
+            label="Speech (upload or record)",
+            sources=["upload", "microphone"],
+            type="filepath",
+            elem_id="speech",
+        )
+    text = gr.Textbox(label="…or text to speak (used when no audio is given)", lines=1, elem_id="tts")
+    policy = gr.Radio(
+        list(POLICY_CHOICES),
+        value=ISPA,
+        label="Policy",
+        info="ISPA turns layers local after warmup; Full keeps every layer's history; Compare runs both.",
+        elem_id="policy",
+    )
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", min_width=BUTTON_WIDTH, elem_id="generate")
+        stop = gr.Button("Stop", variant="stop", min_width=BUTTON_WIDTH, elem_id="stop")
+        recalibrate = gr.Button("Recalibrate", min_width=BUTTON_WIDTH, elem_id="recalibrate")
+    if example_rows:
+        gr.Examples(
+            example_rows, inputs=[portrait, audio, text], label="Offline example", cache_examples=False
+        )
+    with gr.Accordion("Prompt and engine settings", open=False, elem_id="settings"):
+        prompt = gr.Textbox(label="Prompt (optional)", placeholder="a person talks in a warm studio")
         k_fraction = gr.Slider(
             0.05, 1.0, value=ISPAPolicy.k_fraction, step=0.05, label="k_fraction",
             info="Share of layers that become local after warmup.",
@@ -127,10 +145,6 @@ def input_column(
             interactive=real_reason is None,
             info=f"14B unavailable: {real_reason}" if real_reason else None,
         )
-    with gr.Row():
-        generate = gr.Button("Generate", variant="primary", elem_id="generate")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop")
-        recalibrate = gr.Button("Recalibrate", elem_id="recalibrate")
     with gr.Accordion("Live mode (microphone)", open=False, visible=live_mode):
         gr.Markdown(LIVE_HELP)
         live_mic = gr.Audio(
@@ -139,10 +153,6 @@ def input_column(
             streaming=True,
             type="filepath",
             elem_id="live_mic",
-        )
-    if example_rows:
-        gr.Examples(
-            example_rows, inputs=[portrait, audio, text], label="Offline example", cache_examples=False
         )
     return InputControls(
         portrait=portrait,
@@ -164,11 +174,17 @@ def input_column(
 
 
 def output_columns(can_stream: bool) -> RunOutputs[Any]:
-    """The players, status, downloads and report (middle), and the engine's panels (right)."""
-    with gr.Column(scale=2):
+    """The players, status, downloads and report (middle), and the engine's panels (right), each saying what
+    will appear there before the first run."""
+    with gr.Column(scale=4):
         with gr.Row():
             player_a = gr.Video(
-                label="Video", streaming=can_stream, autoplay=True, interactive=False, elem_id="player_a"
+                label="Video",
+                streaming=can_stream,
+                autoplay=True,
+                interactive=False,
+                height=PLAYER_HEIGHT,
+                elem_id="player_a",
             )
             player_b = gr.Video(
                 label="ISPA",
@@ -179,22 +195,23 @@ def output_columns(can_stream: bool) -> RunOutputs[Any]:
                 visible=False,
                 elem_id="player_b",
             )
-        status = gr.Markdown(label="Status", elem_id="status")
+        status = gr.Markdown(STATUS_PLACEHOLDER, label="Status", elem_id="status")
         downloads = gr.File(label="Downloads: video(s) and report", file_count="multiple", interactive=False)
         with gr.Accordion("Engine report (JSON)", open=False):
             report = gr.JSON(label="Report")
-    with gr.Column(scale=1):
+    with gr.Column(scale=3):
         kv_plot = gr.LinePlot(
             x="t_seconds",
-            y="GB",
+            y="kv_cache",
             color="series",
             x_title="video time (s)",
-            y_title="KV cache (GB)",
+            y_title="KV cache",
             label="KV-cache memory",
+            caption="The KV cache this run holds, chunk by chunk, against a Full run's; the absorb is marked.",
             elem_id="kv_plot",
         )
-        layer_map = gr.HTML(label="Layers", elem_id="layer_map")
-        run_summary = gr.HTML(label="Memory and timings", elem_id="run_summary")
+        layer_map = gr.HTML(LAYER_MAP_PLACEHOLDER, label="Layers", elem_id="layer_map")
+        run_summary = gr.HTML(SUMMARY_PLACEHOLDER, label="Memory and timings", elem_id="run_summary")
         drift_table = gr.HTML(label="Drift Full vs ISPA", visible=False, elem_id="drift")
     return RunOutputs(
         player_a=player_a,

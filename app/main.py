@@ -296,7 +296,7 @@ def build_demo() -> gr.Blocks:
         banner = banner_markdown(availability, media.can_stream, media.message)
         gr.Markdown(banner, visible=bool(banner), elem_id="banner")
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=4):
                 controls = input_column(availability, default_model(), not ON_ZERO_GPU, _example_rows())
             outputs = output_columns(media.can_stream)
         _wire_events(demo, controls, outputs)

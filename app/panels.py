@@ -17,13 +17,22 @@ from app.metrics import ChunkDrift
 from avatars.base import ChunkReport
 from ispa import BlockReport
 
-BYTES_PER_GB = 1e9
 THIS_RUN = "this run"
-FULL_RING = "Full (bounded ring)"
-FULL_UNBOUNDED = "Full (unbounded)"
+FULL_RING = "Full (ring)"
+FULL_UNBOUNDED = "Full (no bound)"
 FULL_RUN = "Full run"
 ISPA_RUN = "ISPA run"
 EVENT_LABELS = {"absorbed": "absorbed", "recalibration_started": "recalibration"}
+PHASE_AFTER_EVENT = {"absorbed": "absorbed", "recalibration_started": "recalibrating"}
+# What the panels say before the first chunk, so a new user sees what will appear there.
+LAYER_MAP_PLACEHOLDER = (
+    "<div class='layer-map'><b>Layers</b>: one cell per self-attention layer appears here with the first chunk, "
+    "F for full attention over the history, L once ISPA has made the layer local (its ε on hover).</div>"
+)
+SUMMARY_PLACEHOLDER = (
+    "<div class='run-summary'>Statistics memory, the absorb time and per-chunk timings (model, decode, "
+    "mux, LSE merge, KV) appear here while the run streams.</div>"
+)
 
 _L_STYLE = "background:#15803d;color:#fff;"
 _F_STYLE = "background:#e5e7eb;color:#111827;"
@@ -35,14 +44,16 @@ _TD_STYLE = "padding:2px 8px;border-bottom:1px solid #e5e7eb;text-align:right;"
 class KVTimeline:
     """KV-cache bytes per chunk, gathered as chunks arrive, as a long-format table for `gr.LinePlot`.
 
-    Single mode plots this run against the two full-cache baselines the engine reports; compare mode
-    plots the measured Full and ISPA runs. Absorption and recalibration moments become vertical lines
-    (two points each, at 0 and at the plot's top) in series of their own.
+    Single mode plots this run against the two full-cache baselines the engine reports; compare mode plots the
+    measured Full and ISPA runs. A chunk's report gives the bytes held after the chunk (and after an absorb at its
+    end), so each value is drawn flat from the chunk's end to the next chunk's end: a step that falls exactly at
+    the absorb. Absorption and recalibration moments are vertical lines in series of their own (two points each,
+    at 0 and at the plot's top). Bytes are shown in the unit that fits the largest value (`unit()`).
     """
 
     def __init__(self, compare: bool = False) -> None:
         self.compare = compare
-        self._rows: list[tuple[float, float, str]] = []
+        self._rows: list[tuple[float, int, str]] = []  # (t_seconds at the chunk's end, bytes, series)
         self._clock: dict[str, float] = {}
         self.events: list[tuple[float, str]] = []  # (t_seconds, label), in arrival order
 
@@ -55,26 +66,48 @@ class KVTimeline:
             raise ValueError(f"seconds must be positive, got {seconds}")
         t = self._clock.get(run, 0.0) + seconds
         self._clock[run] = t
-        self._rows.append((t, report.kv_bytes / BYTES_PER_GB, run))
+        self._rows.append((t, report.kv_bytes, run))
         if not self.compare:
-            self._rows.append((t, report.kv_bytes_full_ring / BYTES_PER_GB, FULL_RING))
-            self._rows.append((t, report.kv_bytes_full_unbounded / BYTES_PER_GB, FULL_UNBOUNDED))
+            self._rows.append((t, report.kv_bytes_full_ring, FULL_RING))
+            self._rows.append((t, report.kv_bytes_full_unbounded, FULL_UNBOUNDED))
         event = report.event
         if event is not None:
             if event not in EVENT_LABELS:
                 raise ValueError(f"unknown report event {event!r}")
             self.events.append((t, EVENT_LABELS[event]))
 
+    def unit(self) -> tuple[str, float]:
+        """(unit name, bytes per unit) that fits the largest value so far: the tiny model holds kilobytes."""
+        return byte_unit(max((count for _, count, _ in self._rows), default=0))
+
     def dataframe(self) -> pd.DataFrame:
-        """Columns t_seconds, GB, series; one row per run/baseline per chunk, plus event markers."""
-        top = max((gb for _, gb, _ in self._rows), default=0.0) or 1.0
-        rows = list(self._rows)
+        """Columns t_seconds, kv_cache (in `unit()`), series: a step per series, plus the event lines."""
+        _, scale = self.unit()
+        rows: list[tuple[float, float, str]] = []
+        previous: dict[str, float] = {}
+        for t, count, series in self._rows:
+            value = count / scale
+            if series in previous:
+                rows.append((t, previous[series], series))  # the value held until this chunk ended
+            rows.append((t, value, series))
+            previous[series] = value
+        top = max((value for _, value, _ in rows), default=0.0) or 1.0
         seen: dict[str, int] = {}
         for t, label in self.events:
             seen[label] = seen.get(label, 0) + 1
             name = label if seen[label] == 1 else f"{label} {seen[label]}"
             rows += [(t, 0.0, name), (t, top, name)]
-        return pd.DataFrame(rows, columns=["t_seconds", "GB", "series"])
+        return pd.DataFrame(rows, columns=["t_seconds", "kv_cache", "series"])
+
+    def legend(self) -> str:
+        """What each curve means, in one line."""
+        if self.compare:
+            return f"{FULL_RUN} / {ISPA_RUN}: the KV bytes each run holds after each chunk."
+        return (
+            f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run holds (its rings are "
+            f"allocated whole when first written, so it starts above) · {FULL_UNBOUNDED}: the sink plus every "
+            "block ever written, i.e. a history without the ring bound."
+        )
 
     def annotation(self) -> str:
         """The event moments in words, for a caption under the plot."""
@@ -108,8 +141,10 @@ def layer_map_html(report: BlockReport) -> str:
             f'<div data-layer="{i}" data-state="{state}" title="{escape(title)}" style="{style}">'
             f"{i} {state}{eps_text}</div>"
         )
+    # The report's phase is the one the chunk was made in; an absorb at its end already shows its L-layers.
+    phase_now = PHASE_AFTER_EVENT.get(report.event, report.phase)
     header = (
-        f"<b>{len(local)} of {n} layers local (L)</b> · phase: {escape(report.phase)}"
+        f"<b>{len(local)} of {n} layers local (L)</b> · phase: {escape(phase_now)}"
         f" · recalibrations: {report.recalibrations}"
     )
     grid = "display:grid;grid-template-columns:repeat(auto-fill,minmax(52px,1fr));gap:3px;margin-top:4px;"
@@ -120,12 +155,18 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def format_bytes(count: float) -> str:
-    """Bytes in the unit that keeps a few significant digits: the tiny model holds kilobytes, 14B gigabytes."""
+def byte_unit(count: float) -> tuple[str, float]:
+    """The unit (name, bytes per unit) that keeps a few significant digits for `count` bytes."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count:.0f} B"
+            return unit, size
+    return "B", 1.0
+
+
+def format_bytes(count: float) -> str:
+    """Bytes in the unit that keeps a few significant digits: the tiny model holds kilobytes, 14B gigabytes."""
+    unit, size = byte_unit(count)
+    return f"{count:.0f} B" if unit == "B" else f"{count / size:.2f} {unit}"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -99,6 +99,9 @@ class RunPanels:
     def plot(self) -> pd.DataFrame:
         return self.timeline.dataframe()
 
+    def plot_y_title(self) -> str:
+        return f"KV cache ({self.timeline.unit()[0]})"
+
     def plot_colors(self, plot: pd.DataFrame) -> dict[str, str]:
         """A colour for every series in `plot`: the runs in fixed colours, absorb markers green and
         recalibration markers amber, however many there are."""
@@ -115,7 +118,8 @@ class RunPanels:
         longest = max(recorder.video_seconds for recorder in self.recorders.values())
         progress = f"up to {longest:.2f} s of video"
         note = self.timeline.annotation()
-        return f"{note} ({progress})" if note else progress
+        events = f"{note} ({progress})" if note else progress
+        return f"{events}. {self.timeline.legend()}"
 
     def layer_map(self) -> str:
         """The layer map of the run that can have local layers (the ISPA one, or the only one)."""

@@ -63,7 +63,7 @@ def check_wiring(demo, handler, dep) -> None:
         "audio": "speech",
         "text": "tts",
         "prompt": "Prompt (optional)",
-        "policy": "Policy",
+        "policy": "policy",
         "k_fraction": "k_fraction",
         "t_warm": "T_warm (latent frames)",
         "seed": "Seed",

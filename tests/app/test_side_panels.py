@@ -70,8 +70,9 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
     timeline = KVTimeline()
     for report, seconds in zip(reports, DURATIONS, strict=True):
         timeline.add(report, seconds)
+    assert timeline.unit() == ("GB", 1e9)
     df = timeline.dataframe()
-    assert list(df.columns) == ["t_seconds", "GB", "series"]
+    assert list(df.columns) == ["t_seconds", "kv_cache", "series"]
     ends = list(accumulate(DURATIONS))
     for series, key in [
         (THIS_RUN, "kv_bytes"),
@@ -79,12 +80,29 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
         (FULL_UNBOUNDED, "kv_bytes_full_unbounded"),
     ]:
         part = df[df.series == series]
-        np.testing.assert_allclose(part.t_seconds, ends, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(part.GB, [getattr(r, key) / GB for r in reports], rtol=1e-12)
+        values = [getattr(r, key) / GB for r in reports]
+        # A step: each chunk's value is held from its end to the next chunk's end, where the curve jumps.
+        steps_t = [ends[0]] + [t for t in ends[1:] for _ in range(2)]
+        steps_v = [values[0]] + [v for pair in zip(values, values[1:], strict=False) for v in pair]
+        np.testing.assert_allclose(part.t_seconds, steps_t, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(part.kv_cache, steps_v, rtol=1e-12)
+    # The drop of the absorb (chunk 4) happens at the absorb's moment, not during the chunk before it.
+    this_run = df[df.series == THIS_RUN]
+    after_absorb = this_run[this_run.kv_cache == reports[4].kv_bytes / GB]
+    assert after_absorb.t_seconds.min() == pytest.approx(ends[4])
     marker = df[df.series == "absorbed"]
     assert marker.t_seconds.tolist() == pytest.approx([ends[4], ends[4]])
-    assert marker.GB.tolist() == pytest.approx([0.0, df[df.series != "absorbed"].GB.max()])
+    assert marker.kv_cache.tolist() == pytest.approx([0.0, df[df.series != "absorbed"].kv_cache.max()])
     assert timeline.annotation() == f"absorbed at {ends[4]:.2f} s"
+
+
+def test_kv_timeline_picks_a_unit_that_fits_the_numbers() -> None:
+    timeline = KVTimeline()
+    small = replace(engine(0), kv_bytes=2_600, kv_bytes_full_ring=2_600, kv_bytes_full_unbounded=1_000)
+    timeline.add(small, 0.36)
+    assert timeline.unit() == ("kB", 1e3)
+    assert timeline.dataframe().kv_cache.max() == pytest.approx(2.6)
+    assert "Full (ring)" in timeline.legend() and "starts above" in timeline.legend()
 
 
 def test_kv_timeline_before_absorption_says_warmup() -> None:
@@ -103,9 +121,10 @@ def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
     df = timeline.dataframe()
     assert set(df.series) == {FULL_RUN, ISPA_RUN, "absorbed"}
     ends = list(accumulate(DURATIONS[:6]))
+    steps = [ends[0]] + [t for t in ends[1:] for _ in range(2)]
     for run in (FULL_RUN, ISPA_RUN):
-        np.testing.assert_allclose(df[df.series == run].t_seconds, ends, atol=1e-12)
-    assert (df[df.series == FULL_RUN].GB == 25.0).all()
+        np.testing.assert_allclose(df[df.series == run].t_seconds, steps, atol=1e-12)
+    assert (df[df.series == FULL_RUN].kv_cache == 25.0).all()
     with pytest.raises(ValueError, match="run must be one of"):
         timeline.add(engine(6), 0.48, run=THIS_RUN)
     with pytest.raises(ValueError, match="run must be one of"):
@@ -135,10 +154,14 @@ def test_kv_dataframe_is_accepted_by_gradio_lineplot(monkeypatch: pytest.MonkeyP
     timeline = KVTimeline()
     for i, seconds in enumerate(DURATIONS):
         timeline.add(engine(i), seconds)
-    plot = gr.LinePlot(x="t_seconds", y="GB", color="series")
+    plot = gr.LinePlot(x="t_seconds", y="kv_cache", color="series")
     payload = plot.postprocess(timeline.dataframe())
     dumped = payload.model_dump()
-    assert dumped["datatypes"] == {"t_seconds": "quantitative", "GB": "quantitative", "series": "nominal"}
+    assert dumped["datatypes"] == {
+        "t_seconds": "quantitative",
+        "kv_cache": "quantitative",
+        "series": "nominal",
+    }
     assert len(dumped["data"]) == len(timeline.dataframe())
 
 
@@ -287,3 +310,13 @@ def test_drift_table_marks_identical_chunks() -> None:
 )
 def test_bytes_are_shown_in_a_readable_unit(count, text) -> None:
     assert format_bytes(count) == text
+
+
+def test_layer_map_names_the_phase_its_cells_show() -> None:
+    """The chunk that absorbs was made in warmup, but its map already shows the L-layers: say "absorbed"."""
+    html = layer_map_html(engine(4, phase="warmup"))  # the engine's report of the absorbing block
+    assert "phase: absorbed" in html and "3 of 10 layers local (L)" in html
+    assert "phase: warmup" in layer_map_html(engine(2))
+    assert "phase: recalibrating" in layer_map_html(
+        engine(6, event="recalibration_started", phase="absorbed")
+    )

@@ -51,7 +51,9 @@ PLAYHEAD = "() => { const v = document.querySelector('#player_a video'); return 
 
 
 @contextmanager
-def chromium(tmp_path: Path, extra_args: tuple[str, ...] = ()) -> Iterator[BrowserContext]:
+def chromium(
+    tmp_path: Path, extra_args: tuple[str, ...] = (), viewport: tuple[int, int] = (1600, 1100)
+) -> Iterator[BrowserContext]:
     """Headless Debian Chromium with a fresh profile; no browser download, no background traffic."""
     assert CHROMIUM.exists(), "the browser test needs Debian's chromium (scripts/setup.sh --dev installs it)"
     with sync_playwright() as playwright:
@@ -60,7 +62,7 @@ def chromium(tmp_path: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Brows
             executable_path=str(CHROMIUM),
             headless=True,
             args=[*CHROMIUM_ARGS, *extra_args],
-            viewport={"width": 1600, "height": 1100},
+            viewport={"width": viewport[0], "height": viewport[1]},
         )
         try:
             yield context
@@ -142,7 +144,8 @@ def test_a_run_streams_into_the_player_and_redraws_the_plot(
         legend = page.evaluate(
             "() => Array.from(document.querySelectorAll('#kv_plot .role-legend text'), t => t.textContent)"
         )
-        assert "absorbed" in legend  # the marker series that appeared mid-run is drawn and named
+        # Every series is drawn and named, the absorb marker that appeared mid-run included.
+        assert {"this run", "Full (ring)", "Full (no bound)", "absorbed"} <= set(legend), legend
         assert "layers local (L)" in page.locator("#layer_map").inner_text()
         page.screenshot(path=str(screenshot), full_page=True)
 
@@ -153,6 +156,20 @@ def test_a_run_streams_into_the_player_and_redraws_the_plot(
         )
         REPO_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(mid_stream, REPO_SCREENSHOT)
+
+
+def test_generate_and_the_policy_are_on_the_first_screen(app_url: str, tmp_path: Path) -> None:
+    """At 1280×800 the eye finds the inputs, the policy and Generate without scrolling; the panels say what
+    will appear in them before any run."""
+    with chromium(tmp_path, viewport=(1280, 800)) as context:
+        page = context.new_page()
+        page.goto(app_url)
+        page.wait_for_selector("#generate", timeout=GUARD_MS)
+        for element in ("#portrait", "#speech", "#policy", "#generate", "#stop"):
+            box = page.locator(element).bounding_box()
+            assert box is not None and box["y"] + box["height"] <= 800, (element, box)
+        assert "one cell per self-attention layer" in page.locator("#layer_map").inner_text()
+        assert "press Generate" in page.locator("#status").inner_text()
 
 
 def test_live_microphone_drives_a_run_while_recording(

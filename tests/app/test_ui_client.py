@@ -19,7 +19,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app.models import model_availability
-from app.panels import FULL_RING, FULL_RUN, ISPA_RUN, THIS_RUN
+from app.panels import FULL_RING, FULL_RUN, FULL_UNBOUNDED, ISPA_RUN, THIS_RUN
 
 PLAYER_A, PLAYER_B, PLOT, LAYERS, SUMMARY, DRIFT, STATUS, FILES, REPORT = range(9)
 SMALL = "64×64 area"  # the tiny model's smaller size keeps every run short
@@ -81,6 +81,18 @@ def plot_frame(update: dict) -> pd.DataFrame:
     """The plot's table; the plot arrives as an update that also sets its caption and colours."""
     value = update["value"]
     return pd.DataFrame(value["data"], columns=value["columns"])
+
+
+UNIT_BYTES = {"B": 1.0, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def plotted_bytes(update: dict, series: str) -> list[float]:
+    """One value per chunk, in bytes, of a step series: the value each chunk's end steps to (the last point at
+    each time), scaled back by the unit the y axis names."""
+    unit = re.fullmatch(r"KV cache \((\w+)\)", update["y_title"])[1]
+    df = plot_frame(update)
+    part = df[df.series == series]
+    return (part.groupby("t_seconds", sort=True).kv_cache.last() * UNIT_BYTES[unit]).tolist()
 
 
 def local_cells(layer_map: str) -> int:
@@ -145,15 +157,12 @@ def test_ispa_run_streams_and_its_panels_follow_the_engine(
     assert report["is_test_model"] and "untrained" in report["model"]
     assert all("untrained" in o[STATUS] for o in outputs)
 
-    # The plot grows by one point per chunk and carries the engine's own byte counts.
+    # The plot grows by one step per chunk and carries the engine's own byte counts, in a unit that fits them.
     for i, out in enumerate(outputs[:-1]):
-        df = plot_frame(out[PLOT])
-        mine, ring = df[df.series == THIS_RUN], df[df.series == FULL_RING]
+        mine, ring = plotted_bytes(out[PLOT], THIS_RUN), plotted_bytes(out[PLOT], FULL_RING)
         assert len(mine) == len(ring) == i + 1
-        np.testing.assert_allclose(mine.GB, [c["kv_bytes"] / 1e9 for c in chunks[: i + 1]], rtol=1e-12)
-        np.testing.assert_allclose(
-            ring.GB, [c["kv_bytes_full_ring"] / 1e9 for c in chunks[: i + 1]], rtol=1e-12
-        )
+        np.testing.assert_allclose(mine, [c["kv_bytes"] for c in chunks[: i + 1]], rtol=1e-12)
+        np.testing.assert_allclose(ring, [c["kv_bytes_full_ring"] for c in chunks[: i + 1]], rtol=1e-12)
 
     # The absorb is marked on the plot where it happened, and layers are local from then on, not before.
     absorb = next(i for i, c in enumerate(chunks) if c["event"] == "absorbed")
@@ -161,7 +170,7 @@ def test_ispa_run_streams_and_its_panels_follow_the_engine(
     marker = plot_frame(outputs[-1][PLOT]).query("series == 'absorbed'")
     assert marker.t_seconds.tolist() == pytest.approx([seconds_to_absorb] * 2)
     assert outputs[-1][PLOT]["caption"].startswith(f"absorbed at {seconds_to_absorb:.2f} s")
-    assert set(outputs[-1][PLOT]["color_map"]) == {THIS_RUN, FULL_RING, "Full (unbounded)", "absorbed"}
+    assert set(outputs[-1][PLOT]["color_map"]) == {THIS_RUN, FULL_RING, FULL_UNBOUNDED, "absorbed"}
     for i, out in enumerate(outputs[:-1]):
         assert local_cells(out[LAYERS]) == len(chunks[i]["l_layers"])
         assert (local_cells(out[LAYERS]) > 0) == (i >= absorb)
@@ -182,7 +191,7 @@ def test_full_run_never_turns_a_layer_local(client, examples_dir: Path, tmp_path
     assert len(chunks) >= 2
     assert all(local_cells(o[LAYERS]) == 0 for o in outputs)
     assert all(c["l_layers"] == [] and c["event"] is None for c in chunks)
-    assert set(plot_frame(outputs[-1][PLOT]).series) == {THIS_RUN, FULL_RING, "Full (unbounded)"}
+    assert set(plot_frame(outputs[-1][PLOT]).series) == {THIS_RUN, FULL_RING, FULL_UNBOUNDED}
     check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
 
 
@@ -198,8 +207,7 @@ def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Pa
 
     # Both KV curves on one plot, one point per chunk each.
     for i, out in enumerate(outputs[:-1]):
-        df = plot_frame(out[PLOT])
-        assert (df.series == FULL_RUN).sum() == (df.series == ISPA_RUN).sum() == i + 1
+        assert len(plotted_bytes(out[PLOT], FULL_RUN)) == len(plotted_bytes(out[PLOT], ISPA_RUN)) == i + 1
 
     # Full and ISPA are the same computation until ISPA's absorb, so their frames agree exactly up to that
     # block and differ after it.
