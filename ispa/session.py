@@ -8,7 +8,7 @@ one model, even interleaved block by block.
 Per block, for every self-attention layer and every ring (LiveAvatar: one ring per denoising step):
 1. F-layers: attention over local keys (sink + current block) and over the ring's history, fused by LSE - exactly
    full attention. During warmup/recalibration, (A_loc, A_full) feed the statistics.
-2. L-layers: attention over local keys only, then the session's own effective projection (base + delta).
+2. L-layers: attention over local keys only, then the base projection plus the session's own change ΔW.
 3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
 `end_block()` then advances the policy and returns a `BlockReport`.
 
@@ -129,8 +129,8 @@ class AttentionSession:
         local_k, local_v : [B, Lloc, H, D], the sink's keys/values as the model uses them (e.g. roped) followed by
             the current block's.
         new_k, new_v : [B, block_tokens, H, D], the current block's keys/values to keep as history of `ring`.
-        out_proj : the layer's nn.Linear, or a module with `.bias`, `.weight` (or `dequantized_weight()`), and
-            optionally `with_weight_delta`.
+        out_proj : the layer's nn.Linear, or a module with `.bias` and `.weight` (or `dequantized_weight()`); an
+            absorbed layer applies it unchanged plus its own change (`ispa.projection.DeltaProjection`).
         ring : which history ring this forward reads and then extends (at most once per block and layer).
 
         Returns

@@ -1,4 +1,4 @@
-"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, with_weight_delta, and the model conversion."""
+"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, and the model conversion."""
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ from avatars.liveavatar.weights.fp8 import (
     convert_linears_to_fp8,
     dequantize,
     quantize_per_tensor,
-    with_weight_delta,
 )
 
 # e4m3 keeps 3 mantissa bits: rounding a normal number costs at most half a step, 2^-4 of its magnitude;
@@ -45,39 +44,12 @@ def test_fallback_forward_is_the_dequantized_matmul():
     assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
 
-def test_with_weight_delta_leaves_the_original_untouched_and_requantizes():
-    layer = FP8Linear.from_linear(nn.Linear(24, 12))
-    before = (layer.weight_fp8.clone(), layer.weight_scale.clone(), layer.bias.detach().clone())
-    delta = 0.1 * torch.randn(12, 24)
-    new = layer.with_weight_delta(delta)
-
-    assert new is not layer and new.weight_fp8.data_ptr() != layer.weight_fp8.data_ptr()
-    assert torch.equal(layer.weight_fp8.view(torch.uint8), before[0].view(torch.uint8))
-    assert torch.equal(layer.weight_scale, before[1]) and torch.equal(layer.bias, before[2])
-
-    target = dequantize(before[0], before[1]) + delta
-    target_fp8, target_scale = quantize_per_tensor(target)
-    x = torch.randn(7, 24)
-    torch.testing.assert_close(
-        new(x), F.linear(x, dequantize(target_fp8, target_scale), before[2]), rtol=1e-6, atol=1e-6
-    )
-    assert torch.all(
-        (new.dequantized_weight() - target).abs() <= target.abs() * _REL + _SUBNORMAL_ABS * target_scale
-    )
-
-
-def test_with_weight_delta_on_a_plain_linear_copies():
-    linear = nn.Linear(8, 4)
-    weight = linear.weight.detach().clone()
-    delta = torch.randn(4, 8)
-    new = with_weight_delta(linear, delta)
-    assert torch.equal(linear.weight, weight)
-    torch.testing.assert_close(new.weight, weight + delta)
-    assert torch.equal(new.bias, linear.bias)
-    with pytest.raises(ValueError, match="shape"):
-        with_weight_delta(linear, torch.zeros(8, 4))
-    with pytest.raises(ValueError, match="nn.Linear or FP8Linear"):
-        with_weight_delta(nn.Conv1d(1, 1, 1), delta)
+def test_from_linear_keeps_the_source_dtype_as_its_activation_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = FP8Linear.from_linear(nn.Linear(8, 4).to(dtype))
+        assert layer.activation_dtype == dtype and layer.bias.dtype == dtype
+    with pytest.raises(ValueError, match="activation_dtype"):
+        FP8Linear(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.tensor(1.0), None, torch.float8_e4m3fn)
 
 
 class _Toy(nn.Module):

@@ -68,7 +68,7 @@ def test_random_dit_is_seeded_and_built_in_the_asked_dtype():
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
-def test_a_small_fp8_fixture_streams_and_absorbs_into_requantized_projections():
+def test_a_small_fp8_fixture_streams_and_absorbs_into_separate_changes():
     pipe = build_random_pipeline(SMALL, "cpu", dtype=torch.float32, fp8=True)
     portrait = np.random.default_rng(0).integers(0, 256, size=(128, 64, 3), dtype=np.uint8)
     request = GenerationRequest(portrait=portrait, audio=speech(2.5, 0), sample_rate=16000, prompt="a person")
@@ -76,8 +76,8 @@ def test_a_small_fp8_fixture_streams_and_absorbs_into_requantized_projections():
     assert [b["phase"] for b in result["blocks"]] == ["warmup", "warmup", "absorbed"]
     config = SMALL.dit
     local = ISPAPolicy(k_fraction=0.5).num_local_layers(config.num_layers)
-    # each L-layer holds its own re-quantized output projection: D x D FP8 bytes and an fp32 scale
-    assert result["delta_weight_bytes"] == local * (config.dim * config.dim + 4)
+    # each L-layer holds its change ΔW next to the FP8 projection, in the model's activation dtype (fp32 here)
+    assert result["delta_weight_bytes"] == local * config.dim * config.dim * 4
     sink, block = pipe.dit.sink_token_count(16, 8), 3 * pipe.dit.tokens_per_frame(16, 8)
     expected = memory.kv_cache_bytes_after_absorb(
         config.num_layers, config.dim, sink, block, 0.5, bytes_per_value=4

@@ -5,8 +5,8 @@ tensor with one fp32 scale; on Ada/Hopper GPUs (compute capability ≥ 8.9) the 
 too and `torch._scaled_mm` multiplies the two. Elsewhere (CPU, older GPUs) `FP8Linear` multiplies by the
 dequantized weight instead, which is exact with respect to the stored FP8 weight.
 
-The ISPA engine changes the output projection of the layers it absorbs, but the model is shared between runs, so
-`with_weight_delta` builds a new layer from the dequantized weight plus the change and leaves the original alone.
+The ISPA engine reads `dequantized_weight()` to learn its update and applies the update as a product of its own
+(`ispa.projection.DeltaProjection`): re-quantizing `W + ΔW` to e4m3 would erase most of a small change.
 """
 
 from __future__ import annotations
@@ -54,17 +54,28 @@ def _scaled_mm_supported(x: torch.Tensor) -> bool:
 
 
 class FP8Linear(nn.Module):
-    """A linear layer whose weight is stored as e4m3 plus one fp32 scale; the bias keeps its dtype."""
+    """A linear layer whose weight is stored as e4m3 plus one fp32 scale; the bias keeps its dtype.
+
+    `activation_dtype` is the dtype of the inputs and outputs (the model's, e.g. bf16): what a change applied next
+    to this layer (`ispa.projection.DeltaProjection`) is stored in.
+    """
 
     def __init__(
-        self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
         if weight_fp8.dtype != FP8_DTYPE or weight_fp8.dim() != 2:
             raise ValueError(
                 f"weight_fp8 must be a 2-D {FP8_DTYPE} tensor, got {weight_fp8.dtype} {tuple(weight_fp8.shape)}"
             )
+        if not activation_dtype.is_floating_point or activation_dtype.itemsize < 2:
+            raise ValueError(f"activation_dtype must be a 16- or 32-bit float dtype, got {activation_dtype}")
         self.out_features, self.in_features = weight_fp8.shape
+        self.activation_dtype = activation_dtype
         self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("weight_scale", weight_scale.float().reshape(()))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -72,30 +83,11 @@ class FP8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FP8Linear:
         weight_fp8, scale = quantize_per_tensor(linear.weight)
-        return cls(weight_fp8, scale, linear.bias)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> FP8Linear:
-        weight_fp8, scale = quantize_per_tensor(weight)
-        return cls(weight_fp8, scale, bias)
+        return cls(weight_fp8, scale, linear.bias, activation_dtype=linear.weight.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight this layer multiplies by, shape [out_features, in_features]."""
         return dequantize(self.weight_fp8, self.weight_scale)
-
-    def with_weight_delta(self, delta_weight: torch.Tensor) -> FP8Linear:
-        """A new layer quantized from `dequantized_weight() + delta_weight`; this layer is not modified.
-
-        `delta_weight` is in PyTorch's weight layout [out_features, in_features] (the paper's ΔW transposed).
-        """
-        if tuple(delta_weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"delta_weight shape {tuple(delta_weight.shape)} != weight shape {(self.out_features, self.in_features)}"
-            )
-        new_weight = self.dequantized_weight() + delta_weight.to(
-            device=self.weight_fp8.device, dtype=torch.float32
-        )
-        return FP8Linear.from_weight(new_weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _scaled_mm_supported(x):
@@ -120,32 +112,9 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activation_dtype={self.activation_dtype}"
         )
-
-
-def with_weight_delta(layer: nn.Module, delta_weight: torch.Tensor) -> nn.Module:
-    """A copy of `layer` (nn.Linear or FP8Linear) whose weight is changed by `delta_weight` ([out, in]).
-
-    The original layer and its tensors are left untouched, so two runs can share one model while one of them
-    uses changed projections. An FP8 layer is re-quantized; a plain linear layer keeps its dtype.
-    """
-    if isinstance(layer, FP8Linear):
-        return layer.with_weight_delta(delta_weight)
-    if isinstance(layer, nn.Linear):
-        if delta_weight.shape != layer.weight.shape:
-            raise ValueError(
-                f"delta_weight shape {tuple(delta_weight.shape)} != weight shape {tuple(layer.weight.shape)}"
-            )
-        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        weight = layer.weight.detach().float() + delta_weight.to(
-            device=layer.weight.device, dtype=torch.float32
-        )
-        new.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
-        if layer.bias is not None:
-            new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
-        return new
-    raise ValueError(f"with_weight_delta needs an nn.Linear or FP8Linear, got {type(layer).__name__}")
 
 
 def is_excluded_from_fp8(module_name: str, excluded: tuple[str, ...] = EXCLUDED_FROM_FP8) -> bool:
