@@ -7,7 +7,7 @@ that decomposes its attention generates the same video as one that does not.
 Layout is [B, L, H, D] everywhere (the flash-attn and Wan layout); log-sum-exps are [B, H, Lq], fp32, natural log.
 Several kernels can produce the log-sum-exp; they live in a small registry, tried in order of preference:
 
-- ``flash_attn``: flash-attn 2 on CUDA (fp16/bf16), imported only when used.
+- ``flash_attn``: flash-attn 2 on CUDA (fp16/bf16), when it imports (tried once; a broken install is logged and skipped).
 - ``torch_cuda``: PyTorch's CUDA flash kernel (fp16/bf16), or its memory-efficient kernel for other dtypes.
 - ``torch_cpu``: PyTorch's fused CPU flash kernel.
 - ``math``: plain matrix products in fp32 (fp64 for fp64 inputs); the reference the others are tested against.
@@ -15,7 +15,8 @@ Several kernels can produce the log-sum-exp; they live in a small registry, trie
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["attention_with_lse", "merge_attention", "available_backends"]
+
+logger = logging.getLogger(__name__)
 
 # (q, k, v, scale) -> (out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] fp32); k and v are never empty here.
 KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
@@ -45,13 +48,31 @@ def _always() -> bool:
     return True
 
 
+@functools.cache
+def _flash_attn_func() -> Callable | None:
+    """flash-attn 2's `flash_attn_func`, imported once; None when it is absent or cannot be imported.
+
+    Finding the package is not enough: an ABI-mismatched build fails when its extension loads, and the FA4-only
+    `flash_attn` namespace package has no `flash_attn_func`. Either would otherwise raise at the first attention
+    call; here it is reported once and the next backend is used.
+    """
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as error:  # a failing extension raises ImportError, OSError or RuntimeError
+        if not (
+            isinstance(error, ModuleNotFoundError) and error.name == "flash_attn"
+        ):  # absent: nothing to say
+            logger.warning("flash_attn cannot be imported (%s); using the next attention backend", error)
+        return None
+    return flash_attn_func
+
+
 def _flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return _flash_attn_func() is not None
 
 
 def _flash_attn_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    from flash_attn import flash_attn_func
-
+    flash_attn_func = _flash_attn_func()
     # With return_attn_probs=True flash-attn 2 returns (out, softmax_lse [B, H, Lq], S_dmask); the mask is only
     # materialised when dropout > 0, so asking for it costs nothing here.
     result = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
@@ -185,16 +206,27 @@ def attention_with_lse(
     return chosen.kernel(q, k, v, scale)
 
 
-def _log_weight(lse: Tensor) -> Tensor:
-    # Kernels report an empty key set as +inf (flash-attn) or NaN; both mean "no mass", i.e. -inf.
-    return torch.nan_to_num(lse.float(), nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+def _checked_log_weight(label: str, lse: Tensor) -> Tensor:
+    """The LSE as an fp32 log-weight; NaN or +inf (a numeric failure upstream) raises instead of merging as 0.
+
+    Empty key sets never reach a kernel (`attention_with_lse` returns -inf for them), so -inf is the only
+    non-finite value that means "no mass". `_assert_async` checks without a host sync: on the CPU it raises at
+    once, on CUDA it is a device-side assert that stops the run at its next synchronisation.
+    """
+    lse = lse.float()
+    torch._assert_async(
+        ~(torch.isnan(lse) | torch.isposinf(lse)).any(),
+        f"merge_attention: {label} holds NaN or +inf (a numeric failure in the attention that produced it)",
+    )
+    return lse
 
 
 def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Fuse two attentions of the same queries over disjoint key sets into attention over their union.
 
     Each part is weighted by its share of the softmax mass, exp(lse_part - lse_union), computed in fp32. A part
-    with no keys (lse -inf, +inf or NaN) gets weight 0; if both are empty the output is 0 and the lse -inf.
+    with no keys (lse -inf) gets weight 0; if both are empty the output is 0 and the lse -inf. An lse of NaN or
+    +inf raises (RuntimeError).
 
     Parameters
     ----------
@@ -214,7 +246,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     for label, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != (batch, heads, length):
             raise ValueError(f"{label} must be [B, H, L] = {(batch, heads, length)}, got {tuple(lse.shape)}")
-    log_a, log_b = _log_weight(lse_a), _log_weight(lse_b)
+    log_a, log_b = _checked_log_weight("lse_a", lse_a), _checked_log_weight("lse_b", lse_b)
     lse = torch.logaddexp(log_a, log_b)
     # Where both parts are empty lse is -inf; shifting by 0 there keeps both weights at exactly 0 instead of NaN.
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)

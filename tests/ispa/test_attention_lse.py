@@ -116,14 +116,24 @@ def test_merge_with_an_empty_part_returns_the_other_part_exactly():
         assert torch.equal(lse, part[1])
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_merge_treats_inf_and_nan_lse_as_empty(bad):
+def test_merge_treats_a_neg_inf_lse_as_empty():
     q, k, v = random_qkv((1, 4, 6, 2, 8))
     out, lse = attention_with_lse(q, k, v)
-    flagged = torch.full_like(lse, bad)
-    merged, merged_lse = merge_attention(out, lse, torch.zeros_like(out), flagged)
+    merged, merged_lse = merge_attention(out, lse, torch.zeros_like(out), torch.full_like(lse, -math.inf))
     assert torch.equal(merged, out)
     assert torch.equal(merged_lse, lse)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("side", ["lse_a", "lse_b"])
+def test_merge_raises_on_a_nan_or_pos_inf_lse_instead_of_dropping_that_part(bad, side):
+    q, k, v = random_qkv((1, 4, 6, 2, 8))
+    out, lse = attention_with_lse(q, k, v)
+    flagged = lse.clone()
+    flagged[0, 1, 2] = bad  # one query of one head failed
+    parts = (out, flagged, out, lse) if side == "lse_a" else (out, lse, out, flagged)
+    with pytest.raises(RuntimeError, match=f"{side} holds NaN or \\+inf"):
+        merge_attention(*parts)
 
 
 def test_merge_of_two_empty_parts_is_zero_with_neg_inf_lse():
