@@ -34,6 +34,7 @@ from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
+from ispa.statistics_precision import StatisticsPrecision, check_statistics_precision
 from ispa.timing import SpanTimer
 
 __all__ = ["AttentionSession"]
@@ -51,6 +52,8 @@ class AttentionSession:
     layout : how history is stored (block size, ring length, rings, frames per block).
     backend : attention backend name for every call (see `ispa.attention`); None picks the best available.
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
+    statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
+        "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class AttentionSession:
         *,
         backend: str | None = None,
         kv_layer: KVLayerFactory = SinkRingLayer,
+        statistics_precision: StatisticsPrecision | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
@@ -72,6 +76,9 @@ class AttentionSession:
         self.layout = layout
         self.num_layers = num_layers
         self.backend = backend
+        self.statistics_precision = (
+            None if statistics_precision is None else check_statistics_precision(statistics_precision)
+        )
         self.state: PolicyState = policy.new_state()
         self.block_index = 0
         self._rings_used: list[set[int]] = [set() for _ in range(num_layers)]
@@ -291,7 +298,9 @@ class AttentionSession:
     def _statistics(self, like: Tensor) -> AbsorptionStats:
         if self._stats is None:
             dim = like.shape[-2] * like.shape[-1]
-            self._stats = AbsorptionStats(self.num_layers, dim, like.device)
+            self._stats = AbsorptionStats(
+                self.num_layers, dim, like.device, precision=self.statistics_precision
+            )
         return self._stats
 
     def _add_history_mass(self, layer: int, lse_loc: Tensor, lse_hist: Tensor) -> None:
