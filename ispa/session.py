@@ -50,7 +50,7 @@ class AttentionSession:
     policy : FullPolicy or ISPAPolicy (any `Policy`).
     num_layers : self-attention layers of the model.
     layout : how history is stored (block size, ring length, rings, frames per block).
-    backend : attention backend name for every call (see `ispa.attention`); None picks the best available.
+    backend : attention backend name for every call (see `ispa.attention_backends`); None follows its rule.
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
     statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
         "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).

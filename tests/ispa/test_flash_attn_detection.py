@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ispa import attention, available_backends
+from ispa import attention_backends, available_backends
 
 
 @pytest.fixture
@@ -13,9 +13,9 @@ def fresh_detection(monkeypatch):
     """Forget any earlier detection and any imported flash_attn, before and after the test."""
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, name)
-    attention._flash_attn_func.cache_clear()
+    attention_backends.optional_function.cache_clear()
     yield
-    attention._flash_attn_func.cache_clear()
+    attention_backends.optional_function.cache_clear()
 
 
 def fake_package(root, init_source):
@@ -40,10 +40,13 @@ def test_a_broken_flash_attn_is_skipped_with_one_log_line(
 ):
     fake_package(tmp_path, init_source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="ispa.attention"):
+    with caplog.at_level(logging.WARNING, logger="ispa.attention_backends"):
         first, second = available_backends("cuda"), available_backends("cuda")
     assert first == second == ["torch_cuda", "math"]
-    assert len(caplog.records) == 1 and "flash_attn cannot be imported" in caplog.records[0].getMessage()
+    assert (
+        len(caplog.records) == 1
+        and "flash_attn.flash_attn_func cannot be imported" in caplog.records[0].getMessage()
+    )
 
 
 def test_a_working_flash_attn_is_listed_first(tmp_path, monkeypatch, fresh_detection):
@@ -57,6 +60,6 @@ def test_a_working_flash_attn_is_listed_first(tmp_path, monkeypatch, fresh_detec
 
 def test_an_absent_flash_attn_is_silent(monkeypatch, caplog, fresh_detection):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail as "not found"
-    with caplog.at_level(logging.WARNING, logger="ispa.attention"):
+    with caplog.at_level(logging.WARNING, logger="ispa.attention_backends"):
         assert "flash_attn" not in available_backends("cuda")
     assert caplog.records == []
