@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
+from avatars.liveavatar.dit.transformer import FP32_MODULES, stored_dtype
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
 
 CONFIG = PRESETS["tiny"]
@@ -182,6 +184,37 @@ def test_bfloat16_run_tracks_fp32(model, inputs):
     assert flow.dtype == torch.bfloat16 and session.sink(0)[0].dtype == torch.bfloat16
     relative = (flow.float() - flow32).norm() / flow32.norm()
     assert relative < 0.05
+
+
+def test_fp32_modules_are_stored_in_fp32_and_no_bf16_forward_recasts_them(model, inputs):
+    half = LiveAvatarDiT.from_config(CONFIG).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)  # `.to(dtype)` casts the rest and keeps FP32_MODULES in fp32
+    dtypes = {name: t.dtype for name, t in half.state_dict().items()}
+    assert dtypes == {name: stored_dtype(name, torch.bfloat16) for name in dtypes}
+    assert {
+        dtypes[f"{module}.{name}"]
+        for module in FP32_MODULES
+        for name, _ in half.get_submodule(module).named_parameters()
+    } == {torch.float32}
+    fp32_storage = {p.data_ptr() for module in FP32_MODULES for p in half.get_submodule(module).parameters()}
+
+    casts = []
+
+    class CastRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in fp32_storage:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    context = half.embed_text(inputs["t5"])
+    session = _session()
+    with CastRecorder():
+        half.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+        _run_block(
+            half, session, dict(inputs, noise=inputs["noise"].bfloat16()), context, block=0, ring_steps=[0]
+        )
+    assert casts == []
 
 
 def test_unpatchify_inverts_wan_patch_order(model):

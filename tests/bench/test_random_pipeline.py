@@ -8,6 +8,7 @@ import torch
 
 from avatars.base import GenerationRequest
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.loading import TINY_SIZES
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import FP8Linear
@@ -63,7 +64,9 @@ def test_the_14b_fixture_has_the_real_sizes(fp8):
 
 def test_random_dit_is_seeded_and_built_in_the_asked_dtype():
     a, b, c = (random_dit(PRESETS["tiny"], "cpu", torch.bfloat16, seed) for seed in (1, 1, 2))
-    assert {t.dtype for t in a.state_dict().values()} == {torch.bfloat16}
+    dtypes = {name: t.dtype for name, t in a.state_dict().items()}
+    assert dtypes == {name: stored_dtype(name, torch.bfloat16) for name in dtypes}
+    assert set(dtypes.values()) == {torch.bfloat16, torch.float32}
     weights = [m.blocks[0].self_attn.q.weight for m in (a, b, c)]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 

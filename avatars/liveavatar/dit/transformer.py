@@ -65,14 +65,16 @@ NOISY_TOKEN, REF_TOKEN, MOTION_TOKEN = 0, 1, 2
 MAX_REF_SHIFT = REF_BASE_TIME
 
 
-def _fp32_sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run an MLP in fp32 whatever the weights' dtype (the official code wraps these in fp32 autocast)."""
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            x = F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
-        else:
-            x = layer(x)
-    return x
+# The modules that compute in fp32 whatever the model's dtype (the official code runs them under fp32 autocast).
+# They are stored in fp32 once - at construction, on `.to(dtype)` and at load (`stored_dtype`) - so no forward
+# re-casts their weights (time_projection alone is 157 M parameters at 14B).
+FP32_MODULES = ("time_embedding", "time_projection", "head", "casual_audio_encoder")
+
+
+def stored_dtype(parameter_name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating parameter or buffer of the DiT is kept in when the model runs in `dtype`."""
+    in_fp32 = any(parameter_name.startswith(module + ".") for module in FP32_MODULES)
+    return torch.float32 if in_fp32 else dtype
 
 
 class LiveAvatarDiT(nn.Module):
@@ -108,6 +110,17 @@ class LiveAvatarDiT(nn.Module):
         self.injector_of_block = {block: i for i, block in enumerate(sorted(c.audio_inject_layers))}
         if c.zero_init:
             self._zero_init()
+        self._keep_fp32_modules()
+
+    def _keep_fp32_modules(self) -> None:
+        for name in FP32_MODULES:
+            self.get_submodule(name).float()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's own signature
+        # `.to(dtype)`, `.bfloat16()` and the like go through here: cast, then put the fp32 modules back.
+        super()._apply(fn, recurse)
+        self._keep_fp32_modules()
+        return self
 
     @classmethod
     def from_config(cls, config: DiTConfig) -> LiveAvatarDiT:
@@ -212,11 +225,11 @@ class LiveAvatarDiT(nn.Module):
     def _time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
         """timesteps [B, F] -> embedding [B, F, dim] fp32."""
         features = sinusoidal_embedding(self.config.freq_dim, timesteps).float()
-        return _fp32_sequential(self.time_embedding, features).unflatten(0, timesteps.shape)
+        return self.time_embedding(features).unflatten(0, timesteps.shape)
 
     def _modulation(self, time_embedding: torch.Tensor) -> torch.Tensor:
         """[B, F, dim] -> six adaLN vectors per frame [B, F, 6, dim] fp32 (before each block's own offset)."""
-        return _fp32_sequential(self.time_projection, time_embedding).unflatten(-1, (6, self.config.dim))
+        return self.time_projection(time_embedding).unflatten(-1, (6, self.config.dim))
 
     def _frame_timesteps(self, timestep: float | torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         if isinstance(timestep, torch.Tensor):

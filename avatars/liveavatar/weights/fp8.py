@@ -1,6 +1,6 @@
 """Per-tensor e4m3 FP8 linear layers, as LiveAvatar's `--fp8` flag uses them.
 
-Why: FP8 halves the DiT's weight memory (32.6 GB → about 16.7 GB at 14B). The official scheme quantizes each weight
+Why: FP8 halves the DiT's weight memory (33.2 GB → about 17.2 GB at 14B). The official scheme quantizes each weight
 tensor with one fp32 scale; on Ada/Hopper GPUs (compute capability ≥ 8.9) the activations are quantized per tensor
 too and `torch._scaled_mm` multiplies the two. Elsewhere (CPU, older GPUs) `FP8Linear` multiplies by the
 dequantized weight instead, which is exact with respect to the stored FP8 weight.
