@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,8 @@ def read_audio_file(path: str | Path, sample_rate: int | None = None) -> tuple[n
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
+    import librosa  # here, not at the top: streaming from arrays (the benchmark's GPU machine) needs no librosa
+
     try:
         samples, rate = librosa.load(str(path), sr=sample_rate, mono=True)
     except Exception as err:  # soundfile/audioread raise many types for unreadable files
@@ -71,6 +72,8 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
             raise ValueError(f"an audio array needs a positive sample_rate, got {sample_rate!r}")
         samples = to_mono_float32(source)
         if samples.size and sample_rate != SAMPLE_RATE:
+            import librosa  # only for resampling (see read_audio_file)
+
             samples = librosa.resample(samples, orig_sr=sample_rate, target_sr=SAMPLE_RATE)
     if samples.size == 0:
         raise ValueError("audio is empty (zero samples)")
