@@ -81,7 +81,7 @@ def test_streaming_run_shapes_finiteness_and_kv_bytes(model, inputs):
     assert model.sink_token_count(LATENT, LATENT) == SINK_TOKENS
     session = _session()
     context = model.embed_text(inputs["t5"])
-    assert context.shape == (BATCH, CONFIG.text_len, CONFIG.dim)
+    assert context.states.shape == (BATCH, CONFIG.text_len, CONFIG.dim)
     model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
     sink_bytes = CONFIG.num_layers * SINK_TOKENS * _token_bytes()
     assert session.cache.nbytes() == sink_bytes
@@ -247,3 +247,41 @@ def test_bad_arguments_raise_value_error(model, inputs):
         model.embed_text(torch.zeros(1, CONFIG.text_len + 1, CONFIG.text_dim))
     with pytest.raises(ValueError, match="ref_latent"):
         model.prefill_sink(session, inputs["motion"], inputs["motion"], context)
+    with pytest.raises(ValueError, match="context must be the TextContext"):
+        model.forward_block(session, latents, **(call | {"context": context.states}))
+
+
+def test_text_keys_and_values_are_projected_once_per_run_and_reused_exactly(model, inputs):
+    projections = []
+    hooks = [
+        block.cross_attn.k.register_forward_hook(lambda *args: projections.append(1))
+        for block in model.blocks
+    ]
+    try:
+        context = model.embed_text(inputs["t5"])
+        session = _session()
+        model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+        cached = _run_block(model, session, inputs, context, block=0)  # 4 forwards reusing the run's K/V
+        assert (
+            len(projections) == context.projected_blocks() == CONFIG.num_layers
+        )  # once per block, not per forward
+
+        # Reference: a fresh context for every call, i.e. the text K/V recomputed in each forward as before
+        fresh_session = _session()
+        model.prefill_sink(fresh_session, inputs["ref"], inputs["motion"], model.embed_text(inputs["t5"]))
+        audio = model.encode_audio(block_audio_window(inputs["audio"], 0, 12))
+        for step, flow in enumerate(cached):
+            recomputed = model.forward_block(
+                fresh_session,
+                inputs["noise"][0],
+                TIMESTEPS[step],
+                model.embed_text(inputs["t5"]),
+                audio,
+                0,
+                step,
+                12,
+            )
+            assert torch.equal(flow, recomputed), step
+    finally:
+        for hook in hooks:
+            hook.remove()
