@@ -92,6 +92,7 @@ class AttentionSession:
         self._merge_timer = SpanTimer()
         self._statistics_timer = SpanTimer()
         self._absorb_timer = SpanTimer()
+        self._local_buffers: tuple[Tensor, Tensor] | None = None
         self._closed = False
 
     # ---- public state ------------------------------------------------------------------------------------------
@@ -115,6 +116,26 @@ class AttentionSession:
         self._check_open()
         self._check_layer(layer)
         return self.cache.layers[layer].sink()
+
+    def local_buffers(self, like: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+        """Two [B, tokens, H, D] buffers (like `like` [B, *, H, D] in dtype and device) for a layer's local keys
+        and values, written in place by the model (e.g. [sink; current block]) instead of concatenated anew.
+
+        One pair serves every layer and forward (reallocated only when the shape, dtype or device changes): a layer
+        is done with it when its `self_attention` returns, as the stream orders the next layer's writes after the
+        kernels that read it, and history is stored by copying.
+        """
+        self._check_open()
+        shape = (like.shape[0], tokens, *like.shape[2:])
+        buffers = self._local_buffers
+        if (
+            buffers is None
+            or buffers[0].shape != shape
+            or buffers[0].dtype != like.dtype
+            or buffers[0].device != like.device
+        ):
+            buffers = self._local_buffers = (like.new_empty(shape), like.new_empty(shape))
+        return buffers
 
     # ---- the hot path ------------------------------------------------------------------------------------------
     def self_attention(
@@ -227,6 +248,7 @@ class AttentionSession:
         self._local_projections.clear()
         self._out_projs = [None] * self.num_layers
         self._mass_sum = [None] * self.num_layers
+        self._local_buffers = None
         self._closed = True
 
     # ---- transitions -------------------------------------------------------------------------------------------

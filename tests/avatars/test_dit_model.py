@@ -217,6 +217,37 @@ def test_fp32_modules_are_stored_in_fp32_and_no_bf16_forward_recasts_them(model,
     assert casts == []
 
 
+def test_local_keys_and_values_go_into_one_reused_buffer_without_concatenation(model, inputs):
+    context = model.embed_text(inputs["t5"])
+    session = _session()
+    model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+    seen = []
+    attend = session.self_attention
+
+    def recording(layer, q, local_k, local_v, new_k, new_v, out_proj, ring=0):
+        seen.append((local_k.data_ptr(), local_v.data_ptr()))
+        # the current block's keys and values are views of the buffers' tails, right after the sink
+        assert new_k.data_ptr() == local_k[:, SINK_TOKENS:].data_ptr()
+        assert new_v.data_ptr() == local_v[:, SINK_TOKENS:].data_ptr()
+        return attend(layer, q, local_k, local_v, new_k, new_v, out_proj, ring=ring)
+
+    session.self_attention = recording
+    local_tokens = SINK_TOKENS + 3 * TOKENS_PER_FRAME
+    concatenated = []
+
+    class CatRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default and out.ndim == 4 and out.shape[1] == local_tokens:
+                concatenated.append(tuple(out.shape))
+            return out
+
+    with CatRecorder():
+        _run_block(model, session, inputs, context, block=0, ring_steps=[0, 1])
+    assert len(seen) == 2 * CONFIG.num_layers and len(set(seen)) == 1  # one pair for every layer and forward
+    assert concatenated == []
+
+
 def test_unpatchify_inverts_wan_patch_order(model):
     # Official unpatchify: view(f, h, w, p, q, r, c) then einsum 'fhwpqrc->cfphqwr'.
     tokens = torch.randn(1, 3 * 4 * 4, 1 * 2 * 2 * 16)
