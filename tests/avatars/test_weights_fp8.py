@@ -5,12 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avatars.liveavatar.dit.attention import SelfAttention
+from avatars.liveavatar.weights import fp8
 from avatars.liveavatar.weights.fp8 import (
     EXCLUDED_FROM_FP8,
     FP8_MAX,
     FP8Linear,
     convert_linears_to_fp8,
     dequantize,
+    linears_on_shared_input,
     quantize_per_tensor,
 )
 
@@ -91,3 +94,36 @@ def test_convert_linears_skips_the_official_exclusions():
 def test_rejects_a_non_fp8_weight():
     with pytest.raises(ValueError, match="float8"):
         FP8Linear(torch.zeros(4, 4), torch.tensor(1.0), None)
+
+
+def test_q_k_v_share_one_quantization_of_their_input_on_the_scaled_mm_path(monkeypatch):
+    # This CPU build has a `_scaled_mm` kernel too, so the GPU path can run here once it is allowed.
+    monkeypatch.setattr(fp8, "_scaled_mm_supported", lambda x: True)
+    torch.manual_seed(0)
+    attn = SelfAttention(64, num_heads=4).to(torch.bfloat16)
+    assert convert_linears_to_fp8(attn) == 4  # q, k, v, o
+    x = torch.randn(2, 5, 64).bfloat16()
+    quantized = []
+    real = fp8.quantize_per_tensor
+    monkeypatch.setattr(fp8, "quantize_per_tensor", lambda t: quantized.append(tuple(t.shape)) or real(t))
+
+    q, k, v = attn.project(x)
+    assert quantized == [(10, 64)]  # once for the three projections
+
+    quantized.clear()
+    alone = [layer(x) for layer in (attn.q, attn.k, attn.v)]
+    assert len(quantized) == 3  # each layer by itself quantizes its input
+    heads = (4, 16)
+    assert torch.equal(q, attn.norm_q(alone[0]).unflatten(-1, heads))
+    assert torch.equal(k, attn.norm_k(alone[1]).unflatten(-1, heads))
+    assert torch.equal(v, alone[2].unflatten(-1, heads)) and v.dtype == torch.bfloat16
+    # and the product is the dequantized one up to e4m3 rounding of the input and bf16 output rounding
+    reference = F.linear(x.float(), attn.v.dequantized_weight(), attn.v.bias.float())
+    assert ((alone[2].float() - reference).norm() / reference.norm()) < 0.05
+
+
+def test_layers_without_scaled_mm_each_run_on_their_own():
+    layers = [nn.Linear(8, 4), FP8Linear.from_linear(nn.Linear(8, 4))]
+    x = torch.randn(3, 8)
+    outputs = linears_on_shared_input(layers, x)
+    assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers, strict=True))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from avatars.liveavatar.dit.layers import AttentionProjections
 from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope
+from avatars.liveavatar.weights.fp8 import linears_on_shared_input
 
 if TYPE_CHECKING:
     from ispa import AttentionSession
@@ -34,10 +35,12 @@ class SelfAttention(AttentionProjections):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised, not rotated) and v, each [B, L, heads, head_dim], from x [B, L, dim]."""
         heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return q, k, v
+        q, k, v = linears_on_shared_input((self.q, self.k, self.v), x)  # FP8: x quantized once for all three
+        return (
+            self.norm_q(q).unflatten(-1, heads),
+            self.norm_k(k).unflatten(-1, heads),
+            v.unflatten(-1, heads),
+        )
 
 
 @dataclass

@@ -12,6 +12,8 @@ The ISPA engine reads `dequantized_weight()` to learn its update and applies the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,33 @@ def _scaled_mm_supported(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
+@dataclass(frozen=True)
+class QuantizedInput:
+    """An activation quantized per tensor to e4m3, as `_scaled_mm` takes it: values [M, K], a 0-dim fp32 scale."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    leading_shape: tuple[int, ...]  # the activation's shape without its last (feature) dimension
+    dtype: torch.dtype  # the activation's dtype, which the layers' outputs take
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> QuantizedInput:
+        values, scale = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+        return cls(values, scale, tuple(x.shape[:-1]), x.dtype)
+
+
+def linears_on_shared_input(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, where FP8 layers running `_scaled_mm` share one quantization of `x`.
+
+    Why: q, k and v read the same tensor; quantizing it (amax, scale, cast: a few passes over the activation) for
+    each of them tripled that traffic. The products are the ones each layer alone computes, bit for bit.
+    """
+    if layers and all(isinstance(layer, FP8Linear) for layer in layers) and _scaled_mm_supported(x):
+        shared = QuantizedInput.of(x)
+        return [layer.forward_quantized(shared) for layer in layers]
+    return [layer(x) for layer in layers]
+
+
 class FP8Linear(nn.Module):
     """A linear layer whose weight is stored as e4m3 plus one fp32 scale; the bias keeps its dtype.
 
@@ -91,24 +120,24 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _scaled_mm_supported(x):
-            return self._forward_scaled_mm(x)
+            return self.forward_quantized(QuantizedInput.of(x))
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.dequantized_weight(), bias).to(x.dtype)
 
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in_features] -> 2-D, quantized per tensor like the weight; the product comes back in bf16.
-        x_2d = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = quantize_per_tensor(x_2d)
+    def forward_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        """The `_scaled_mm` product with an input quantized already (possibly shared with other layers)."""
+        if x.values.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.values.shape[-1]} features, this layer takes {self.in_features}")
         out = torch._scaled_mm(
-            x_fp8,
+            x.values,
             self.weight_fp8.t(),
-            scale_a=x_scale,
+            scale_a=x.scale,
             scale_b=self.weight_scale,
             bias=None if self.bias is None else self.bias.to(torch.bfloat16),
             out_dtype=torch.bfloat16,
             use_fast_accum=True,
         )
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out.reshape(*x.leading_shape, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
