@@ -85,13 +85,6 @@ def _as_bhl(lse: Tensor, q: Tensor) -> Tensor:
     return lse.reshape(batch, heads, queries).float()
 
 
-def _flash_attn3_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    flash_attn_func = optional_function("flash_attn_interface", "flash_attn_func")
-    # FA3 returns (out, softmax_lse [B, H, Lq]) when asked for the attention statistics.
-    result = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
-    return result[0], _as_bhl(result[1], q)
-
-
 def _cudnn_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views
     # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale)
@@ -101,12 +94,23 @@ def _cudnn_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     return out.transpose(1, 2), _as_bhl(lse, q)
 
 
-def _flash_attn_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    flash_attn_func = optional_function("flash_attn", "flash_attn_func")
-    # With return_attn_probs=True flash-attn 2 returns (out, softmax_lse [B, H, Lq], S_dmask); the mask is only
-    # materialised when dropout > 0, so asking for it costs nothing here.
-    result = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
-    return result[0], _as_bhl(result[1], q)
+def _flash_attn_kernel(module: str) -> KernelFn:
+    """The kernel of flash-attn 2 (`flash_attn`) or FA3 (`flash_attn_interface`): one calling convention.
+
+    With return_attn_probs=True both return the output and softmax_lse [B, H, Lq] first (flash-attn 2 adds an
+    S_dmask that is only materialised when dropout > 0, so asking for the LSE costs nothing).
+    """
+
+    def kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        flash_attn_func = optional_function(module, "flash_attn_func")
+        result = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
+        return result[0], _as_bhl(result[1], q)
+
+    return kernel
+
+
+def _importable(module: str) -> Callable[[], bool]:
+    return lambda: optional_function(module, "flash_attn_func") is not None
 
 
 def _torch_cuda_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -156,14 +160,6 @@ def _floating(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype.is_floating_point
 
 
-def _flash_attn3_installed() -> bool:
-    return optional_function("flash_attn_interface", "flash_attn_func") is not None
-
-
-def _flash_attn_installed() -> bool:
-    return optional_function("flash_attn", "flash_attn_func") is not None
-
-
 def _cudnn_installed() -> bool:
     # PyTorch itself only prefers cuDNN attention from Hopper on; earlier GPUs keep the flash kernel.
     return (
@@ -176,9 +172,21 @@ def _cudnn_installed() -> bool:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("flash_attn3", _flash_attn3_kernel, "cuda", _half_and_flash_head_dim, _flash_attn3_installed),
+        Backend(
+            "flash_attn3",
+            _flash_attn_kernel("flash_attn_interface"),
+            "cuda",
+            _half_and_flash_head_dim,
+            _importable("flash_attn_interface"),
+        ),
         Backend("cudnn", _cudnn_kernel, "cuda", _half_and_cudnn_head_dim, _cudnn_installed),
-        Backend("flash_attn", _flash_attn_kernel, "cuda", _half_and_flash_head_dim, _flash_attn_installed),
+        Backend(
+            "flash_attn",
+            _flash_attn_kernel("flash_attn"),
+            "cuda",
+            _half_and_flash_head_dim,
+            _importable("flash_attn"),
+        ),
         Backend("torch_cuda", _torch_cuda_kernel, "cuda", _floating, _always),
         Backend("torch_cpu", _torch_cpu_kernel, "cpu", _floating, _always),
         Backend("math", _math_kernel, None, _floating, _always),
