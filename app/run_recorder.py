@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.media import RunDir, Segment, SegmentBuffer, write_segment
 from avatars.base import AvatarChunk, ChunkReport
-from avatars.media import RunVideoWriter
+from avatars.media.run_video import RunVideoWriter
 
 
 class RunRecorder:

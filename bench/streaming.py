@@ -36,7 +36,7 @@ Definitions (per policy; per-block figures come from each chunk's engine report)
   seconds after the absorb.
 - predicted: the same KV and statistics bytes from the memory model (`avatars.liveavatar.weights.memory`).
 
-Prints a table; with --json the last line is one JSON object.
+Prints a row per block as it is measured, then a table; with --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,18 @@ def make_request(model: str, blocks: int, seed: int) -> GenerationRequest:
 
 
 def run_policy(
-    pipe: LiveAvatarPipeline, request: GenerationRequest, policy: Policy, blocks: int, warmup_blocks: int
+    pipe: LiveAvatarPipeline,
+    request: GenerationRequest,
+    policy: Policy,
+    blocks: int,
+    warmup_blocks: int,
+    on_block: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Stream `blocks` chunks; per-block figures, plus CUDA peaks before and after the absorb block's end."""
+    """Stream `blocks` chunks; per-block figures, plus CUDA peaks before and after the absorb block's end.
+
+    `on_block` gets each block's row as soon as it is measured (the benchmark prints it), so a run cut short by a
+    timeout or a crash still leaves what it measured.
+    """
     cuda = pipe.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(pipe.device)
@@ -166,6 +176,8 @@ def run_policy(
                     "delta_weight_bytes": engine.delta_weight_bytes,
                 }
             )
+            if on_block is not None:
+                on_block(rows[-1])
             if cuda and chunk.index == warmup_blocks - 1:
                 peak_warmup = torch.cuda.max_memory_allocated(pipe.device)
                 torch.cuda.reset_peak_memory_stats(pipe.device)
@@ -285,9 +297,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     request = make_request(args.model, args.blocks, args.seed)
     height, width = pipe.output_size(request.portrait)
     warmup_blocks = math.ceil(args.t_warm / LATENT_FRAMES_PER_BLOCK)
-    full = run_policy(pipe, request, FullPolicy(), args.blocks, warmup_blocks)
+    print(
+        f"device: {device_name(pipe.device)}  torch {torch.__version__}  model: {args.model}"
+        f"{' fp8' if args.fp8 else ''}  video: {height}x{width}  (rows as measured; summary at the end)",
+        flush=True,
+    )
+    full = run_policy(
+        pipe, request, FullPolicy(), args.blocks, warmup_blocks, lambda row: print_block_row("Full", row)
+    )
     ispa = run_policy(
-        pipe, request, ISPAPolicy(k_fraction=args.k_fraction, t_warm=args.t_warm), args.blocks, warmup_blocks
+        pipe,
+        request,
+        ISPAPolicy(k_fraction=args.k_fraction, t_warm=args.t_warm),
+        args.blocks,
+        warmup_blocks,
+        lambda row: print_block_row("ISPA", row),
     )
     merge_share, stats_share = warmup_shares(ispa)
     attention = decomposition_seconds(pipe, height, width)
@@ -334,6 +358,16 @@ def _bytes(value: int | None) -> str:
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_block_row(policy: str, row: dict[str, Any]) -> None:
+    """One block's figures, flushed at once."""
+    print(
+        f"{policy:<5} block {row['index']:>3}  {row['phase'] + ('*' if row['event'] else ''):<10}"
+        f" DiT {row['dit_seconds']:.3f} s  decode {row['decode_seconds']:.3f} s  KV {_bytes(row['kv_bytes'])}"
+        f"  statistics {_bytes(row['stats_bytes'])}  absorb {row['absorb_seconds']:.3f} s",
+        flush=True,
+    )
 
 
 def print_table(result: dict[str, Any]) -> None:

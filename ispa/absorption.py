@@ -19,6 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ispa.statistics_precision import (
+    StatisticsPrecision,
+    check_statistics_precision,
+    default_statistics_precision,
+    statistics_gemms,
+)
+
 __all__ = [
     "AbsorptionStats",
     "reconstruction_error",
@@ -46,7 +53,12 @@ class AbsorptionStats:
     """
 
     def __init__(
-        self, num_layers: int, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+        self,
+        num_layers: int,
+        dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        precision: StatisticsPrecision | None = None,
     ):
         if num_layers < 1 or dim < 1:
             raise ValueError(f"num_layers and dim must be positive, got {num_layers} and {dim}")
@@ -56,6 +68,11 @@ class AbsorptionStats:
         self.dim = dim
         self.device = torch.device(device)
         self.dtype = dtype
+        self.precision = (
+            default_statistics_precision(self.device)
+            if precision is None
+            else check_statistics_precision(precision)
+        )
         self._G_pairs: list[Tensor | None] = [None] * ((num_layers + 1) // 2)  # shared by layers 2i and 2i+1
         self._G_diagonal: list[Tensor | None] = [None] * num_layers  # only odd layers use theirs
         self._C: list[Tensor | None] = [None] * num_layers
@@ -80,7 +97,10 @@ class AbsorptionStats:
 
     @torch.no_grad()
     def update(self, layer: int, a_loc: Tensor, a_full: Tensor, weight: Tensor) -> None:
-        """Add one forward's activations. a_loc/a_full: [..., D] (leading dims are tokens); weight: [D_out, D]."""
+        """Add one forward's activations. a_loc/a_full: [..., D] (leading dims are tokens); weight: [D_out, D].
+
+        The GEMMs run at `self.precision` (see `ispa.statistics_precision`).
+        """
         self._check_layer(layer)
         if a_loc.shape != a_full.shape or a_loc.shape[-1] != self.dim:
             raise ValueError(
@@ -92,9 +112,12 @@ class AbsorptionStats:
             self._start(layer)
         local = a_loc.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         gap = a_full.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype) - local
-        self._add_gram(layer, local)
-        self._C[layer].addmm_(local.T, gap)
-        residual = gap @ weight.detach().to(device=self.device, dtype=self.dtype).T  # R = (A_full - A_loc) W
+        with statistics_gemms(self.precision, self.device, a_loc.dtype):
+            self._add_gram(layer, local)
+            self._C[layer].addmm_(local.T, gap)
+            residual = (
+                gap @ weight.detach().to(device=self.device, dtype=self.dtype).T
+            )  # R = (A_full - A_loc) W
         self._s[layer].add_(residual.square().sum())
         self._count[layer] += local.shape[0]
 

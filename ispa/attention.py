@@ -5,140 +5,19 @@ two results with their log-sum-exp (paper Eq. 9-12). Attention over the union of
 that decomposes its attention generates the same video as one that does not.
 
 Layout is [B, L, H, D] everywhere (the flash-attn and Wan layout); log-sum-exps are [B, H, Lq], fp32, natural log.
-Several kernels can produce the log-sum-exp; they live in a small registry, tried in order of preference:
-
-- ``flash_attn``: flash-attn 2 on CUDA (fp16/bf16), imported only when used.
-- ``torch_cuda``: PyTorch's CUDA flash kernel (fp16/bf16), or its memory-efficient kernel for other dtypes.
-- ``torch_cpu``: PyTorch's fused CPU flash kernel.
-- ``math``: plain matrix products in fp32 (fp64 for fp64 inputs); the reference the others are tested against.
+The kernels that produce the log-sum-exp, and the rule that picks one, are in `ispa.attention_backends`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ispa.attention_backends import available_backends, resolve_backend
+
 __all__ = ["attention_with_lse", "merge_attention", "available_backends"]
-
-# (q, k, v, scale) -> (out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] fp32); k and v are never empty here.
-KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_FLASH_MAX_HEAD_DIM = 256
-
-
-@dataclass(frozen=True)
-class _Backend:
-    name: str
-    kernel: KernelFn
-    device_type: str | None  # None: runs on any device
-    supports: Callable[[torch.dtype, int], bool]  # (dtype, head_dim) -> usable
-    installed: Callable[[], bool]
-
-
-def _always() -> bool:
-    return True
-
-
-def _flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def _flash_attn_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    from flash_attn import flash_attn_func
-
-    # With return_attn_probs=True flash-attn 2 returns (out, softmax_lse [B, H, Lq], S_dmask); the mask is only
-    # materialised when dropout > 0, so asking for it costs nothing here.
-    result = flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
-    return result[0], result[1].float()
-
-
-def _torch_cuda_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views
-    use_flash = (
-        q.dtype in _HALF_DTYPES
-        and q.shape[-1] <= _FLASH_MAX_HEAD_DIM
-        and torch.backends.cuda.is_flash_attention_available()
-    )
-    if use_flash:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            qt, kt, vt, 0.0, False, False, scale=scale
-        )[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qt, kt, vt, None, True, 0.0, False, scale=scale
-        )[:2]
-        # The memory-efficient kernel pads its log-sum-exp along the query axis to a multiple of 32.
-        lse = lse[..., : q.shape[1]]
-    return out.transpose(1, 2), lse.float()
-
-
-def _torch_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=scale)
-    return out.transpose(1, 2), lse.float()
-
-
-def _math_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
-    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
-    return out.to(q.dtype), lse.float()
-
-
-def _half_and_flash_head_dim(dtype: torch.dtype, head_dim: int) -> bool:
-    return dtype in _HALF_DTYPES and head_dim <= _FLASH_MAX_HEAD_DIM
-
-
-def _floating(dtype: torch.dtype, head_dim: int) -> bool:
-    return dtype.is_floating_point
-
-
-_BACKENDS: dict[str, _Backend] = {
-    b.name: b
-    for b in (
-        _Backend("flash_attn", _flash_attn_kernel, "cuda", _half_and_flash_head_dim, _flash_attn_installed),
-        _Backend("torch_cuda", _torch_cuda_kernel, "cuda", _floating, _always),
-        _Backend("torch_cpu", _torch_cpu_kernel, "cpu", _floating, _always),
-        _Backend("math", _math_kernel, None, _floating, _always),
-    )
-}
-
-
-def available_backends(device: torch.device | str) -> list[str]:
-    """Names of the backends installed for `device`, most preferred first (dtype limits aside)."""
-    device_type = torch.device(device).type
-    return [b.name for b in _BACKENDS.values() if b.device_type in (None, device_type) and b.installed()]
-
-
-def _resolve_backend(name: str | None, q: Tensor) -> _Backend:
-    head_dim = q.shape[-1]
-    if name is None:
-        for backend in _BACKENDS.values():
-            if (
-                backend.device_type in (None, q.device.type)
-                and backend.supports(q.dtype, head_dim)
-                and backend.installed()
-            ):
-                return backend
-        raise ValueError(f"no attention backend supports {q.dtype} on {q.device}")
-    backend = _BACKENDS.get(name)
-    if backend is None:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-    if backend.device_type not in (None, q.device.type) or not backend.installed():
-        raise ValueError(
-            f"attention backend {name!r} is not available on {q.device}; available: {available_backends(q.device)}"
-        )
-    if not backend.supports(q.dtype, head_dim):
-        raise ValueError(f"attention backend {name!r} does not support {q.dtype} with head_dim {head_dim}")
-    return backend
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -165,7 +44,8 @@ def attention_with_lse(
     q : [B, Lq, H, D]
     k, v : [B, Lk, H, D]; Lk may be 0 (no history yet).
     scale : score scale, default 1/sqrt(D).
-    backend : a name from `available_backends`, or None for the best one for q's device and dtype.
+    backend : a name from `available_backends`, or None for the first one the selection rule allows
+        (`ispa.attention_backends`).
 
     Returns
     -------
@@ -173,7 +53,7 @@ def attention_with_lse(
     lse : [B, H, Lq] fp32 (-inf when Lk = 0, so the result merges with weight 0).
     """
     _check_qkv(q, k, v)
-    chosen = _resolve_backend(backend, q)
+    chosen = resolve_backend(backend, q.device.type, q.dtype, q.shape[-1])
     batch, num_queries, heads, head_dim = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
@@ -185,16 +65,27 @@ def attention_with_lse(
     return chosen.kernel(q, k, v, scale)
 
 
-def _log_weight(lse: Tensor) -> Tensor:
-    # Kernels report an empty key set as +inf (flash-attn) or NaN; both mean "no mass", i.e. -inf.
-    return torch.nan_to_num(lse.float(), nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+def _checked_log_weight(label: str, lse: Tensor) -> Tensor:
+    """The LSE as an fp32 log-weight; NaN or +inf (a numeric failure upstream) raises instead of merging as 0.
+
+    Empty key sets never reach a kernel (`attention_with_lse` returns -inf for them), so -inf is the only
+    non-finite value that means "no mass". `_assert_async` checks without a host sync: on the CPU it raises at
+    once, on CUDA it is a device-side assert that stops the run at its next synchronisation.
+    """
+    lse = lse.float()
+    torch._assert_async(
+        ~(torch.isnan(lse) | torch.isposinf(lse)).any(),
+        f"merge_attention: {label} holds NaN or +inf (a numeric failure in the attention that produced it)",
+    )
+    return lse
 
 
 def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Fuse two attentions of the same queries over disjoint key sets into attention over their union.
 
     Each part is weighted by its share of the softmax mass, exp(lse_part - lse_union), computed in fp32. A part
-    with no keys (lse -inf, +inf or NaN) gets weight 0; if both are empty the output is 0 and the lse -inf.
+    with no keys (lse -inf) gets weight 0; if both are empty the output is 0 and the lse -inf. An lse of NaN or
+    +inf raises (RuntimeError).
 
     Parameters
     ----------
@@ -214,7 +105,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     for label, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != (batch, heads, length):
             raise ValueError(f"{label} must be [B, H, L] = {(batch, heads, length)}, got {tuple(lse.shape)}")
-    log_a, log_b = _log_weight(lse_a), _log_weight(lse_b)
+    log_a, log_b = _checked_log_weight("lse_a", lse_a), _checked_log_weight("lse_b", lse_b)
     lse = torch.logaddexp(log_a, log_b)
     # Where both parts are empty lse is -inf; shifting by 0 there keeps both weights at exactly 0 instead of NaN.
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)

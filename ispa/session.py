@@ -8,7 +8,7 @@ one model, even interleaved block by block.
 Per block, for every self-attention layer and every ring (LiveAvatar: one ring per denoising step):
 1. F-layers: attention over local keys (sink + current block) and over the ring's history, fused by LSE - exactly
    full attention. During warmup/recalibration, (A_loc, A_full) feed the statistics.
-2. L-layers: attention over local keys only, then the session's own effective projection (base + delta).
+2. L-layers: attention over local keys only, then the base projection plus the session's own change ΔW.
 3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
 `end_block()` then advances the policy and returns a `BlockReport`.
 
@@ -35,6 +35,7 @@ from ispa.checks import is_int
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
+from ispa.statistics_precision import StatisticsPrecision, check_statistics_precision
 from ispa.timing import SpanTimer
 
 __all__ = ["AttentionSession"]
@@ -50,8 +51,10 @@ class AttentionSession:
     policy : FullPolicy or ISPAPolicy (any `Policy`).
     num_layers : self-attention layers of the model.
     layout : how history is stored (block size, ring length, rings, frames per block).
-    backend : attention backend name for every call (see `ispa.attention`); None picks the best available.
+    backend : attention backend name for every call (see `ispa.attention_backends`); None follows its rule.
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
+    statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
+        "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class AttentionSession:
         *,
         backend: str | None = None,
         kv_layer: KVLayerFactory = SinkRingLayer,
+        statistics_precision: StatisticsPrecision | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
@@ -73,6 +77,9 @@ class AttentionSession:
         self.layout = layout
         self.num_layers = num_layers
         self.backend = backend
+        self.statistics_precision = (
+            None if statistics_precision is None else check_statistics_precision(statistics_precision)
+        )
         self.state: PolicyState = policy.new_state()
         self.block_index = 0
         self._rings_used: list[set[int]] = [set() for _ in range(num_layers)]
@@ -86,6 +93,7 @@ class AttentionSession:
         self._merge_timer = SpanTimer()
         self._statistics_timer = SpanTimer()
         self._absorb_timer = SpanTimer()
+        self._local_buffers: tuple[Tensor, Tensor] | None = None
         self._closed = False
 
     # ---- public state ------------------------------------------------------------------------------------------
@@ -110,6 +118,26 @@ class AttentionSession:
         self._check_layer(layer)
         return self.cache.layers[layer].sink()
 
+    def local_buffers(self, like: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+        """Two [B, tokens, H, D] buffers (like `like` [B, *, H, D] in dtype and device) for a layer's local keys
+        and values, written in place by the model (e.g. [sink; current block]) instead of concatenated anew.
+
+        One pair serves every layer and forward (reallocated only when the shape, dtype or device changes): a layer
+        is done with it when its `self_attention` returns, as the stream orders the next layer's writes after the
+        kernels that read it, and history is stored by copying.
+        """
+        self._check_open()
+        shape = (like.shape[0], tokens, *like.shape[2:])
+        buffers = self._local_buffers
+        if (
+            buffers is None
+            or buffers[0].shape != shape
+            or buffers[0].dtype != like.dtype
+            or buffers[0].device != like.device
+        ):
+            buffers = self._local_buffers = (like.new_empty(shape), like.new_empty(shape))
+        return buffers
+
     # ---- the hot path ------------------------------------------------------------------------------------------
     def self_attention(
         self,
@@ -130,8 +158,8 @@ class AttentionSession:
         local_k, local_v : [B, Lloc, H, D], the sink's keys/values as the model uses them (e.g. roped) followed by
             the current block's.
         new_k, new_v : [B, block_tokens, H, D], the current block's keys/values to keep as history of `ring`.
-        out_proj : the layer's nn.Linear, or a module with `.bias`, `.weight` (or `dequantized_weight()`), and
-            optionally `with_weight_delta`.
+        out_proj : the layer's nn.Linear, or a module with `.bias` and `.weight` (or `dequantized_weight()`); an
+            absorbed layer applies it unchanged plus its own change (`ispa.projection.DeltaProjection`).
         ring : which history ring this forward reads and then extends (at most once per block and layer).
 
         Returns
@@ -221,6 +249,7 @@ class AttentionSession:
         self._local_projections.clear()
         self._out_projs = [None] * self.num_layers
         self._mass_sum = [None] * self.num_layers
+        self._local_buffers = None
         self._closed = True
 
     # ---- transitions -------------------------------------------------------------------------------------------
@@ -292,7 +321,9 @@ class AttentionSession:
     def _statistics(self, like: Tensor) -> AbsorptionStats:
         if self._stats is None:
             dim = like.shape[-2] * like.shape[-1]
-            self._stats = AbsorptionStats(self.num_layers, dim, like.device)
+            self._stats = AbsorptionStats(
+                self.num_layers, dim, like.device, precision=self.statistics_precision
+            )
         return self._stats
 
     def _add_history_mass(self, layer: int, lse_loc: Tensor, lse_hist: Tensor) -> None:

@@ -1,6 +1,5 @@
-"""Chunks to playable media: the H.264/AAC mp4 writer and the whole-run video."""
+"""Media in and out, shared by the CLI and the app: the audio and portrait readers, and mp4 writing.
 
-from avatars.media.mp4 import MediaError, open_mp4_writer
-from avatars.media.run_video import MediaPiece, RunVideoWriter, check_piece
-
-__all__ = ["MediaError", "MediaPiece", "RunVideoWriter", "check_piece", "open_mp4_writer"]
+Nothing is imported here: the streaming loop reads PCM through `avatars.media.audio` on machines that have no
+video codecs, so a submodule is imported by its own name.
+"""

@@ -8,7 +8,8 @@ soxr's band-limited "HQ" converter.
 Why not `librosa.load`: it decodes a whole file before anything can check its length (a public app must refuse an
 hour-long upload before decoding it), and it falls back to the deprecated audioread for compressed formats.
 libsndfile (WAV, FLAC, OGG) and PyAV (MP3, M4A/AAC, WebM) read every common format, with the length checked
-before or while decoding.
+before or while decoding. They and soxr are imported where they are used: the streaming loop converts PCM at the
+model's rate with numpy alone, so the benchmark runs on a bare CUDA machine that has none of them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import av
 import numpy as np
-import soundfile as sf
-import soxr
 
 MAX_CHANNELS = 8  # more "channels" than this means a (channels, samples) array was passed the wrong way round
 AUDIO_CONTAINERS = ("mp3", "mov,mp4,m4a,3gp,3g2,mj2", "ogg", "matroska,webm", "flac", "wav", "aac")
@@ -62,6 +60,8 @@ def read_audio_file(path: str | Path, *, max_seconds: float | None = None) -> tu
     With `max_seconds`, a longer file is refused before it is decoded (libsndfile) or as soon as decoding passes
     the limit (PyAV).
     """
+    import soundfile as sf
+
     path = Path(path)
     if not path.is_file():
         raise AudioReadError("The audio file could not be found.")
@@ -84,6 +84,8 @@ def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Band-limited resampling of mono float32, trimmed or padded to exactly round(duration · target_rate)."""
     if rate == target_rate:
         return samples
+    import soxr
+
     out = soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32)
     want = round(len(samples) * target_rate / rate)
     if len(out) >= want:
@@ -96,6 +98,8 @@ def _too_long(seconds: float, limit: float) -> AudioReadError:
 
 
 def _read_with_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    import av
+
     try:
         with av.open(str(path)) as container:
             if container.format.name not in AUDIO_CONTAINERS or not container.streams.audio:

@@ -10,9 +10,9 @@ import av
 import numpy as np
 import pytest
 
+import avatars.media.mp4 as encoders
 from app.media import RunDir, SegmentBuffer, write_segment
 from avatars.base import AvatarChunk
-from avatars.media import mp4 as encoders
 from avatars.media.run_video import RunVideoWriter, check_piece
 from tests.fixtures.chunk_reports import full_policy_report
 

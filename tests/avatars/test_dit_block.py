@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.dit import AudioTokens
+from avatars.liveavatar.dit import AudioTokens, TextContext
 from avatars.liveavatar.dit.attention import SinkPrefillAttention, StreamingAttention
 from avatars.liveavatar.dit.audio_injector import AudioInjector
 from avatars.liveavatar.dit.blocks import TransformerBlock
@@ -133,7 +133,7 @@ def test_full_policy_block_equals_the_plain_reference():
                 rope_angles(block_positions(frame_index, FRAMES, HEIGHT, WIDTH), HEAD_DIM),
                 rope_angles(sink_positions(HEIGHT, WIDTH, ref_time(frame_index, ref_shift)), HEAD_DIM),
             )
-            ours = block(x, modulation, context, partial(attention, layer=0))
+            ours = block(x, modulation, TextContext(context), partial(attention, layer=0))
             expected, current = _reference_block(
                 ref_block,
                 x.double(),

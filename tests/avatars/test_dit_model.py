@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
+from avatars.liveavatar.dit.transformer import FP32_MODULES, stored_dtype
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
 
 CONFIG = PRESETS["tiny"]
@@ -79,7 +81,7 @@ def test_streaming_run_shapes_finiteness_and_kv_bytes(model, inputs):
     assert model.sink_token_count(LATENT, LATENT) == SINK_TOKENS
     session = _session()
     context = model.embed_text(inputs["t5"])
-    assert context.shape == (BATCH, CONFIG.text_len, CONFIG.dim)
+    assert context.states.shape == (BATCH, CONFIG.text_len, CONFIG.dim)
     model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
     sink_bytes = CONFIG.num_layers * SINK_TOKENS * _token_bytes()
     assert session.cache.nbytes() == sink_bytes
@@ -184,6 +186,68 @@ def test_bfloat16_run_tracks_fp32(model, inputs):
     assert relative < 0.05
 
 
+def test_fp32_modules_are_stored_in_fp32_and_no_bf16_forward_recasts_them(model, inputs):
+    half = LiveAvatarDiT.from_config(CONFIG).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)  # `.to(dtype)` casts the rest and keeps FP32_MODULES in fp32
+    dtypes = {name: t.dtype for name, t in half.state_dict().items()}
+    assert dtypes == {name: stored_dtype(name, torch.bfloat16) for name in dtypes}
+    assert {
+        dtypes[f"{module}.{name}"]
+        for module in FP32_MODULES
+        for name, _ in half.get_submodule(module).named_parameters()
+    } == {torch.float32}
+    fp32_storage = {p.data_ptr() for module in FP32_MODULES for p in half.get_submodule(module).parameters()}
+
+    casts = []
+
+    class CastRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in fp32_storage:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    context = half.embed_text(inputs["t5"])
+    session = _session()
+    with CastRecorder():
+        half.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+        _run_block(
+            half, session, dict(inputs, noise=inputs["noise"].bfloat16()), context, block=0, ring_steps=[0]
+        )
+    assert casts == []
+
+
+def test_local_keys_and_values_go_into_one_reused_buffer_without_concatenation(model, inputs):
+    context = model.embed_text(inputs["t5"])
+    session = _session()
+    model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+    seen = []
+    attend = session.self_attention
+
+    def recording(layer, q, local_k, local_v, new_k, new_v, out_proj, ring=0):
+        seen.append((local_k.data_ptr(), local_v.data_ptr()))
+        # the current block's keys and values are views of the buffers' tails, right after the sink
+        assert new_k.data_ptr() == local_k[:, SINK_TOKENS:].data_ptr()
+        assert new_v.data_ptr() == local_v[:, SINK_TOKENS:].data_ptr()
+        return attend(layer, q, local_k, local_v, new_k, new_v, out_proj, ring=ring)
+
+    session.self_attention = recording
+    local_tokens = SINK_TOKENS + 3 * TOKENS_PER_FRAME
+    concatenated = []
+
+    class CatRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default and out.ndim == 4 and out.shape[1] == local_tokens:
+                concatenated.append(tuple(out.shape))
+            return out
+
+    with CatRecorder():
+        _run_block(model, session, inputs, context, block=0, ring_steps=[0, 1])
+    assert len(seen) == 2 * CONFIG.num_layers and len(set(seen)) == 1  # one pair for every layer and forward
+    assert concatenated == []
+
+
 def test_unpatchify_inverts_wan_patch_order(model):
     # Official unpatchify: view(f, h, w, p, q, r, c) then einsum 'fhwpqrc->cfphqwr'.
     tokens = torch.randn(1, 3 * 4 * 4, 1 * 2 * 2 * 16)
@@ -214,3 +278,41 @@ def test_bad_arguments_raise_value_error(model, inputs):
         model.embed_text(torch.zeros(1, CONFIG.text_len + 1, CONFIG.text_dim))
     with pytest.raises(ValueError, match="ref_latent"):
         model.prefill_sink(session, inputs["motion"], inputs["motion"], context)
+    with pytest.raises(ValueError, match="context must be the TextContext"):
+        model.forward_block(session, latents, **(call | {"context": context.states}))
+
+
+def test_text_keys_and_values_are_projected_once_per_run_and_reused_exactly(model, inputs):
+    projections = []
+    hooks = [
+        block.cross_attn.k.register_forward_hook(lambda *args: projections.append(1))
+        for block in model.blocks
+    ]
+    try:
+        context = model.embed_text(inputs["t5"])
+        session = _session()
+        model.prefill_sink(session, inputs["ref"], inputs["motion"], context)
+        cached = _run_block(model, session, inputs, context, block=0)  # 4 forwards reusing the run's K/V
+        assert (
+            len(projections) == context.projected_blocks() == CONFIG.num_layers
+        )  # once per block, not per forward
+
+        # Reference: a fresh context for every call, i.e. the text K/V recomputed in each forward as before
+        fresh_session = _session()
+        model.prefill_sink(fresh_session, inputs["ref"], inputs["motion"], model.embed_text(inputs["t5"]))
+        audio = model.encode_audio(block_audio_window(inputs["audio"], 0, 12))
+        for step, flow in enumerate(cached):
+            recomputed = model.forward_block(
+                fresh_session,
+                inputs["noise"][0],
+                TIMESTEPS[step],
+                model.embed_text(inputs["t5"]),
+                audio,
+                0,
+                step,
+                12,
+            )
+            assert torch.equal(flow, recomputed), step
+    finally:
+        for hook in hooks:
+            hook.remove()

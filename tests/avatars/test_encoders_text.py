@@ -45,17 +45,23 @@ def test_long_prompts_are_truncated_to_text_len():
     assert states.shape == (TEXT_LEN, TINY_TEXT_DIM) and torch.all(states.abs().sum(-1) > 0)
 
 
-def test_results_are_cached_per_prompt():
+def test_results_are_cached_per_prompt_and_the_cache_is_bounded():
     tokenizer = tiny_tokenizer()
-    encoder = TextEncoder(tiny_umt5(len(tokenizer)), tokenizer, text_len=TEXT_LEN)
+    encoder = TextEncoder(tiny_umt5(len(tokenizer)), tokenizer, text_len=TEXT_LEN, max_cached_prompts=2)
     calls = []
     encoder.model.register_forward_hook(lambda *args: calls.append(1))
     first = encoder.encode("a man talks")
     assert encoder.encode("a man talks") is first and len(calls) == 1
     assert not torch.equal(encoder.encode("a girl laughs"), first) and len(calls) == 2
-    encoder.clear_cache()
-    torch.testing.assert_close(encoder.encode("a man talks"), first)
+    encoder.encode("a child sings")  # a third prompt: the least recently used one ("a man talks") is dropped
     assert len(calls) == 3
+    encoder.encode("a girl laughs")
+    assert len(calls) == 3  # still cached
+    again = encoder.encode("a man talks")
+    assert again is not first and len(calls) == 4
+    torch.testing.assert_close(again, first)
+    with pytest.raises(ValueError, match="max_cached_prompts"):
+        TextEncoder(tiny_umt5(len(tokenizer)), tokenizer, text_len=TEXT_LEN, max_cached_prompts=0)
 
 
 def test_offload_moves_the_model_for_encoding_and_back(monkeypatch):

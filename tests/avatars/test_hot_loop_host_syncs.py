@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.dit import LiveAvatarDiT, TextContext
 from avatars.liveavatar.dit.audio_encoder import AudioTokens
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
 
@@ -84,7 +84,7 @@ def inputs(device: str):
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
-    context = randn(1, CONFIG.text_len, CONFIG.dim)
+    context = TextContext(randn(1, CONFIG.text_len, CONFIG.dim))
     audio = AudioTokens(randn(1, 3, CONFIG.num_audio_token + 1, CONFIG.dim), randn(1, 3, 1, CONFIG.dim))
     return randn, context, audio
 

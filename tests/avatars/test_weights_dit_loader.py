@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.weights.dit_loader import INDEX_NAME, load_dit, read_weight_map
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.liveavatar.weights.lora import LORA_SCALE
@@ -39,7 +40,9 @@ def test_loaded_tensors_equal_what_was_written(checkpoint):
     loaded = model.state_dict()
     assert set(loaded) == set(state)
     for name, tensor in state.items():
-        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], tensor), name
+        kept = stored_dtype(name, torch.bfloat16)  # the DiT's fp32 modules load in fp32
+        assert loaded[name].dtype == kept and torch.equal(loaded[name], tensor.to(kept)), name
+    assert {t.dtype for t in loaded.values()} == {torch.bfloat16, torch.float32}
     assert not any(p.is_meta for p in model.parameters()) and not model.training
 
 

@@ -1,18 +1,20 @@
-"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, with_weight_delta, and the model conversion."""
+"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, and the model conversion."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avatars.liveavatar.dit.attention import SelfAttention
+from avatars.liveavatar.weights import fp8
 from avatars.liveavatar.weights.fp8 import (
     EXCLUDED_FROM_FP8,
     FP8_MAX,
     FP8Linear,
     convert_linears_to_fp8,
     dequantize,
+    linears_on_shared_input,
     quantize_per_tensor,
-    with_weight_delta,
 )
 
 # e4m3 keeps 3 mantissa bits: rounding a normal number costs at most half a step, 2^-4 of its magnitude;
@@ -45,39 +47,12 @@ def test_fallback_forward_is_the_dequantized_matmul():
     assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
 
-def test_with_weight_delta_leaves_the_original_untouched_and_requantizes():
-    layer = FP8Linear.from_linear(nn.Linear(24, 12))
-    before = (layer.weight_fp8.clone(), layer.weight_scale.clone(), layer.bias.detach().clone())
-    delta = 0.1 * torch.randn(12, 24)
-    new = layer.with_weight_delta(delta)
-
-    assert new is not layer and new.weight_fp8.data_ptr() != layer.weight_fp8.data_ptr()
-    assert torch.equal(layer.weight_fp8.view(torch.uint8), before[0].view(torch.uint8))
-    assert torch.equal(layer.weight_scale, before[1]) and torch.equal(layer.bias, before[2])
-
-    target = dequantize(before[0], before[1]) + delta
-    target_fp8, target_scale = quantize_per_tensor(target)
-    x = torch.randn(7, 24)
-    torch.testing.assert_close(
-        new(x), F.linear(x, dequantize(target_fp8, target_scale), before[2]), rtol=1e-6, atol=1e-6
-    )
-    assert torch.all(
-        (new.dequantized_weight() - target).abs() <= target.abs() * _REL + _SUBNORMAL_ABS * target_scale
-    )
-
-
-def test_with_weight_delta_on_a_plain_linear_copies():
-    linear = nn.Linear(8, 4)
-    weight = linear.weight.detach().clone()
-    delta = torch.randn(4, 8)
-    new = with_weight_delta(linear, delta)
-    assert torch.equal(linear.weight, weight)
-    torch.testing.assert_close(new.weight, weight + delta)
-    assert torch.equal(new.bias, linear.bias)
-    with pytest.raises(ValueError, match="shape"):
-        with_weight_delta(linear, torch.zeros(8, 4))
-    with pytest.raises(ValueError, match="nn.Linear or FP8Linear"):
-        with_weight_delta(nn.Conv1d(1, 1, 1), delta)
+def test_from_linear_keeps_the_source_dtype_as_its_activation_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = FP8Linear.from_linear(nn.Linear(8, 4).to(dtype))
+        assert layer.activation_dtype == dtype and layer.bias.dtype == dtype
+    with pytest.raises(ValueError, match="activation_dtype"):
+        FP8Linear(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.tensor(1.0), None, torch.float8_e4m3fn)
 
 
 class _Toy(nn.Module):
@@ -119,3 +94,36 @@ def test_convert_linears_skips_the_official_exclusions():
 def test_rejects_a_non_fp8_weight():
     with pytest.raises(ValueError, match="float8"):
         FP8Linear(torch.zeros(4, 4), torch.tensor(1.0), None)
+
+
+def test_q_k_v_share_one_quantization_of_their_input_on_the_scaled_mm_path(monkeypatch):
+    # This CPU build has a `_scaled_mm` kernel too, so the GPU path can run here once it is allowed.
+    monkeypatch.setattr(fp8, "_scaled_mm_supported", lambda x: True)
+    torch.manual_seed(0)
+    attn = SelfAttention(64, num_heads=4).to(torch.bfloat16)
+    assert convert_linears_to_fp8(attn) == 4  # q, k, v, o
+    x = torch.randn(2, 5, 64).bfloat16()
+    quantized = []
+    real = fp8.quantize_per_tensor
+    monkeypatch.setattr(fp8, "quantize_per_tensor", lambda t: quantized.append(tuple(t.shape)) or real(t))
+
+    q, k, v = attn.project(x)
+    assert quantized == [(10, 64)]  # once for the three projections
+
+    quantized.clear()
+    alone = [layer(x) for layer in (attn.q, attn.k, attn.v)]
+    assert len(quantized) == 3  # each layer by itself quantizes its input
+    heads = (4, 16)
+    assert torch.equal(q, attn.norm_q(alone[0]).unflatten(-1, heads))
+    assert torch.equal(k, attn.norm_k(alone[1]).unflatten(-1, heads))
+    assert torch.equal(v, alone[2].unflatten(-1, heads)) and v.dtype == torch.bfloat16
+    # and the product is the dequantized one up to e4m3 rounding of the input and bf16 output rounding
+    reference = F.linear(x.float(), attn.v.dequantized_weight(), attn.v.bias.float())
+    assert ((alone[2].float() - reference).norm() / reference.norm()) < 0.05
+
+
+def test_layers_without_scaled_mm_each_run_on_their_own():
+    layers = [nn.Linear(8, 4), FP8Linear.from_linear(nn.Linear(8, 4))]
+    x = torch.randn(3, 8)
+    outputs = linears_on_shared_input(layers, x)
+    assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers, strict=True))

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2ForCTC
 
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit.transformer import FP32_MODULES
 from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import EXCLUDED_FROM_FP8
@@ -23,9 +24,20 @@ def plan_14b():
     return memory.plan_memory(PRESETS["14b"], 384, 704, fp8=False)
 
 
-def test_bf16_dit_is_32_59_gb(plan_14b):
-    assert plan_14b.dit_weights == 16_295_755_609 * 2
-    assert f"{plan_14b.dit_weights / 1e9:.2f}" == "32.59"
+def _fp32_numel(params: dict) -> int:
+    """Values of the DiT's FP32_MODULES in the manifest: stored at 4 bytes, not 2."""
+    return sum(
+        torch.Size(shape).numel()
+        for name, shape in params.items()
+        if any(name.startswith(module + ".") for module in FP32_MODULES)
+    )
+
+
+def test_bf16_dit_is_33_15_gb(plan_14b):
+    params = json.loads(MANIFEST.read_text())["params"]
+    assert sum(torch.Size(s).numel() for s in params.values()) == 16_295_755_609
+    assert plan_14b.dit_weights == 16_295_755_609 * 2 + _fp32_numel(params) * 2
+    assert f"{plan_14b.dit_weights / 1e9:.2f}" == "33.15"
 
 
 def test_fp8_dit_counts_every_converted_linear_from_the_manifest():
@@ -40,10 +52,11 @@ def test_fp8_dit_counts_every_converted_linear_from_the_manifest():
     ]
     fp8_numel = sum(params[n][0] * params[n][1] for n in fp8_weights)
     total_numel = sum(torch.Size(s).numel() for s in params.values())
-    expected = fp8_numel * 1 + (total_numel - fp8_numel) * 2 + 4 * len(fp8_weights)
+    # FP8 converts none of the fp32 modules' linears (they are all in EXCLUDED_FROM_FP8)
+    expected = fp8_numel * 1 + (total_numel - fp8_numel) * 2 + _fp32_numel(params) * 2 + 4 * len(fp8_weights)
     plan = memory.plan_memory(PRESETS["14b"], 384, 704, fp8=True)
     assert plan.dit_weights == expected
-    assert f"{plan.dit_weights / 1e9:.2f}" == "16.65"
+    assert f"{plan.dit_weights / 1e9:.2f}" == "17.21"
 
 
 def test_kv_cache_follows_the_engine_layout(plan_14b):
@@ -104,7 +117,7 @@ def test_total_is_the_sum_of_its_parts(plan_14b):
     ]
     assert plan_14b.total == sum(parts)
     assert plan_14b.describe().startswith(
-        f"{sum(parts) / 1e9:.2f} GB (dit weights 32.59 GB, kv cache 33.31 GB"
+        f"{sum(parts) / 1e9:.2f} GB (dit weights 33.15 GB, kv cache 33.31 GB"
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 from avatars.base import GenerationRequest
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.sizing import TINY_SIZES
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import FP8Linear
@@ -63,12 +64,14 @@ def test_the_14b_fixture_has_the_real_sizes(fp8):
 
 def test_random_dit_is_seeded_and_built_in_the_asked_dtype():
     a, b, c = (random_dit(PRESETS["tiny"], "cpu", torch.bfloat16, seed) for seed in (1, 1, 2))
-    assert {t.dtype for t in a.state_dict().values()} == {torch.bfloat16}
+    dtypes = {name: t.dtype for name, t in a.state_dict().items()}
+    assert dtypes == {name: stored_dtype(name, torch.bfloat16) for name in dtypes}
+    assert set(dtypes.values()) == {torch.bfloat16, torch.float32}
     weights = [m.blocks[0].self_attn.q.weight for m in (a, b, c)]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
-def test_a_small_fp8_fixture_streams_and_absorbs_into_requantized_projections():
+def test_a_small_fp8_fixture_streams_and_absorbs_into_separate_changes():
     pipe = build_random_pipeline(SMALL, "cpu", dtype=torch.float32, fp8=True)
     portrait = np.random.default_rng(0).integers(0, 256, size=(128, 64, 3), dtype=np.uint8)
     request = GenerationRequest(portrait=portrait, audio=speech(2.5, 0), sample_rate=16000, prompt="a person")
@@ -76,8 +79,8 @@ def test_a_small_fp8_fixture_streams_and_absorbs_into_requantized_projections():
     assert [b["phase"] for b in result["blocks"]] == ["warmup", "warmup", "absorbed"]
     config = SMALL.dit
     local = ISPAPolicy(k_fraction=0.5).num_local_layers(config.num_layers)
-    # each L-layer holds its own re-quantized output projection: D x D FP8 bytes and an fp32 scale
-    assert result["delta_weight_bytes"] == local * (config.dim * config.dim + 4)
+    # each L-layer holds its change ΔW next to the FP8 projection, in the model's activation dtype (fp32 here)
+    assert result["delta_weight_bytes"] == local * config.dim * config.dim * 4
     sink, block = pipe.dit.sink_token_count(16, 8), 3 * pipe.dit.tokens_per_frame(16, 8)
     expected = memory.kv_cache_bytes_after_absorb(
         config.num_layers, config.dim, sink, block, 0.5, bytes_per_value=4

@@ -7,20 +7,29 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bench.streaming import parse_args
+from bench.streaming import parse_args, run_policy
+from ispa import FullPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BLOCKS, T_WARM = 3, 6  # warmup = 2 blocks, so the last block runs absorbed
 POLICY_KEYS = {"kv_bytes_peak", "stats_bytes_peak", "peak_allocated_bytes", "block_seconds_median", "fps"}
 
 
+# The benchmark's GPU machine has neither librosa nor soxr: the run below makes both unimportable first.
+WITHOUT_LIBROSA_AND_SOXR = (
+    "import runpy, sys; sys.modules['librosa'] = None; sys.modules['soxr'] = None; "
+    "sys.argv = ['bench/streaming.py', *sys.argv[1:]]; runpy.run_path('bench/streaming.py', run_name='__main__')"
+)
+
+
 @pytest.fixture(scope="module")
 def bench_run():
-    command = [sys.executable, "bench/streaming.py", "--model", "tiny", "--blocks", str(BLOCKS)]
+    command = [sys.executable, "-c", WITHOUT_LIBROSA_AND_SOXR, "--model", "tiny", "--blocks", str(BLOCKS)]
     command += ["--t-warm", str(T_WARM), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env)
@@ -38,6 +47,61 @@ def test_prints_a_table_then_one_json_object_with_the_contract_keys(bench_run):
         assert set(result[policy]) >= POLICY_KEYS, policy
         assert result[policy]["peak_allocated_bytes"] is None  # CUDA only
         assert len(result[policy]["blocks"]) == BLOCKS
+
+
+def test_each_block_is_printed_as_it_is_measured_before_the_summary(bench_run):
+    lines, result = bench_run
+    summary = next(i for i, line in enumerate(lines) if i > 0 and line.startswith("device: "))
+    rows = [line for line in lines[:summary] if " block " in line]
+    expected = [("Full", b, "full") for b in result["full"]["blocks"]] + [
+        ("ISPA", b, b["phase"]) for b in result["ispa"]["blocks"]
+    ]
+    assert len(rows) == len(expected) == 2 * BLOCKS
+    for line, (policy, block, phase) in zip(rows, expected, strict=True):
+        assert line.startswith(f"{policy:<5} block {block['index']:>3}  {phase}"), line
+        assert f"DiT {block['dit_seconds']:.3f} s" in line
+
+
+class _FailingPipe:
+    """Stands in for a pipeline whose third block crashes (a CUDA error, an OOM, a kill by timeout)."""
+
+    device = torch.device("cpu")
+
+    def stream(self, request, policy):
+        for index in range(2):
+            report = dict.fromkeys(("seconds", "decode_seconds", "merge_seconds", "statistics_seconds"), 0.5)
+            report.update(phase="full", event=None, frames=12, kv_bytes=10, stats_bytes=0)
+            report.update(absorb_seconds=0.0, delta_weight_bytes=0)
+            yield SimpleNamespace(index=index, report=report)
+        raise RuntimeError("CUDA out of memory")
+
+
+def test_rows_measured_before_a_crash_have_already_been_handed_over():
+    seen = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_policy(_FailingPipe(), None, FullPolicy(), blocks=4, warmup_blocks=2, on_block=seen.append)
+    assert [row["index"] for row in seen] == [0, 1] and seen[1]["dit_seconds"] == 0.5
+
+
+def test_the_14b_builder_needs_neither_librosa_nor_soxr():
+    """`bench.random_pipeline` (what --model 14b builds) at a small spec streams one block without them."""
+    script = (
+        "import sys; sys.modules['librosa'] = None; sys.modules['soxr'] = None\n"
+        "import torch\n"
+        "from tests.bench.test_random_pipeline import SMALL\n"
+        "from bench.random_pipeline import build_random_pipeline\n"
+        "from bench.streaming import make_request, run_policy\n"
+        "from ispa import FullPolicy\n"
+        "pipe = build_random_pipeline(SMALL, 'cpu', dtype=torch.float32)\n"
+        "request = make_request('tiny', 1, 0)\n"
+        "print(run_policy(pipe, request, FullPolicy(), 1, 1)['frames'])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "9"  # the first block drops 3 of its 12 frames
 
 
 def test_ispa_warms_up_absorbs_and_then_holds_what_the_memory_model_predicts(bench_run):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ispa import attention_with_lse, available_backends, merge_attention
+from ispa.attention_backends import BACKENDS as BACKEND_REGISTRY
 
 
 def _devices() -> list[str]:
@@ -15,9 +16,9 @@ def _devices() -> list[str]:
 
 
 BACKENDS = [(device, name) for device in _devices() for name in available_backends(device)]
-FP32_BACKENDS = [
-    (device, name) for device, name in BACKENDS if name != "flash_attn"
-]  # flash-attn: fp16/bf16 only
+FP32_BACKENDS = [  # flash-attn 2/3 and cuDNN: fp16/bf16 only
+    (device, name) for device, name in BACKENDS if BACKEND_REGISTRY[name].supports(torch.float32, 64)
+]
 # (batch, queries, keys, heads, head_dim)
 SHAPES = [(1, 1, 1, 1, 8), (2, 7, 13, 3, 16), (1, 33, 65, 4, 32), (3, 5, 40, 2, 64)]
 
@@ -50,6 +51,20 @@ def test_backend_matches_reference_fp32(device, backend, shape):
     assert (out.double() - ref_out).abs().max().item() <= 1e-5
     # Natural log: a base-2 LSE would be off by a factor 1/ln 2 here.
     assert (lse.double() - ref_lse).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backend_matches_reference_bf16(device, backend, head_dim):
+    """Every backend, the half-only ones (cuDNN, flash-attn 2/3 on CUDA) included; head_dim 128 is LiveAvatar's."""
+    q, k, v = random_qkv((2, 40, 150, 3, head_dim), dtype=torch.bfloat16, device=device, seed=3)
+    out, lse = attention_with_lse(q, k, v, backend=backend)
+    ref_out, ref_lse = reference_attention(q, k, v, 1.0 / math.sqrt(head_dim))
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32
+    assert ((out.double() - ref_out).norm() / ref_out.norm()).item() <= 1e-2  # bf16 output rounding
+    # fp32 accumulation of exact bf16 products; a base-2 LSE would be off by ~40 % here
+    assert (lse.double() - ref_lse).abs().max().item() <= 1e-3
 
 
 @pytest.mark.parametrize(("device", "backend"), FP32_BACKENDS)
@@ -116,14 +131,24 @@ def test_merge_with_an_empty_part_returns_the_other_part_exactly():
         assert torch.equal(lse, part[1])
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_merge_treats_inf_and_nan_lse_as_empty(bad):
+def test_merge_treats_a_neg_inf_lse_as_empty():
     q, k, v = random_qkv((1, 4, 6, 2, 8))
     out, lse = attention_with_lse(q, k, v)
-    flagged = torch.full_like(lse, bad)
-    merged, merged_lse = merge_attention(out, lse, torch.zeros_like(out), flagged)
+    merged, merged_lse = merge_attention(out, lse, torch.zeros_like(out), torch.full_like(lse, -math.inf))
     assert torch.equal(merged, out)
     assert torch.equal(merged_lse, lse)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("side", ["lse_a", "lse_b"])
+def test_merge_raises_on_a_nan_or_pos_inf_lse_instead_of_dropping_that_part(bad, side):
+    q, k, v = random_qkv((1, 4, 6, 2, 8))
+    out, lse = attention_with_lse(q, k, v)
+    flagged = lse.clone()
+    flagged[0, 1, 2] = bad  # one query of one head failed
+    parts = (out, flagged, out, lse) if side == "lse_a" else (out, lse, out, flagged)
+    with pytest.raises(RuntimeError, match=f"{side} holds NaN or \\+inf"):
+        merge_attention(*parts)
 
 
 def test_merge_of_two_empty_parts_is_zero_with_neg_inf_lse():

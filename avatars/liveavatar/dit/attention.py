@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from avatars.liveavatar.dit.layers import AttentionProjections
 from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope
+from avatars.liveavatar.weights.fp8 import linears_on_shared_input
 
 if TYPE_CHECKING:
     from ispa import AttentionSession
@@ -34,10 +35,12 @@ class SelfAttention(AttentionProjections):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised, not rotated) and v, each [B, L, heads, head_dim], from x [B, L, dim]."""
         heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        return q, k, v
+        q, k, v = linears_on_shared_input((self.q, self.k, self.v), x)  # FP8: x quantized once for all three
+        return (
+            self.norm_q(q).unflatten(-1, heads),
+            self.norm_k(k).unflatten(-1, heads),
+            v.unflatten(-1, heads),
+        )
 
 
 @dataclass
@@ -67,18 +70,22 @@ class StreamingAttention:
     sink_angles: RotaryAngles  # RoPE of the sink tokens for this forward (rolling reference)
 
     def __call__(self, attn: SelfAttention, x: torch.Tensor, layer: int) -> torch.Tensor:
-        # 1. Project and rotate the current block
+        # 1. Project the current block
         q, k, v = attn.project(x)  # [B, L, H, D]
-        q, k = apply_rope(q, self.query_angles), apply_rope(k, self.query_angles)
-        # 2. Rotate the stored sink keys at this forward's sink positions
         sink_k, sink_v = self.session.sink(layer)  # [B, S, H, D]
-        if sink_k.shape[1] != len(self.sink_angles):
+        sink = sink_k.shape[1]
+        if sink != len(self.sink_angles):
             raise ValueError(
-                f"the session's sink holds {sink_k.shape[1]} tokens but this video size needs "
+                f"the session's sink holds {sink} tokens but this video size needs "
                 f"{len(self.sink_angles)}; prefill the sink with latents of the same size"
             )
-        sink_k = apply_rope(sink_k, self.sink_angles)
-        # 3. Local = [sink; current]; the session merges in the history of `ring` and stores the current block
-        local_k = torch.cat((sink_k, k), dim=1)
-        local_v = torch.cat((sink_v, v), dim=1)
+        # 2. Local = [sink; current], written in place into the session's buffers: the rotated sink keys (at this
+        #    forward's sink positions), then the block's own rotated keys; values likewise, unrotated
+        local_k, local_v = self.session.local_buffers(k, sink + k.shape[1])
+        apply_rope(sink_k, self.sink_angles, out=local_k[:, :sink])
+        k = apply_rope(k, self.query_angles, out=local_k[:, sink:])
+        local_v[:, :sink].copy_(sink_v)
+        v = local_v[:, sink:].copy_(v)
+        q = apply_rope(q, self.query_angles)
+        # 3. The session merges in the history of `ring` and stores the current block (by copying it)
         return self.session.self_attention(layer, q, local_k, local_v, k, v, attn.o, ring=self.ring)

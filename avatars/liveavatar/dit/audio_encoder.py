@@ -41,10 +41,8 @@ class CausalConv1d(nn.Module):
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C_in, T] fp32 -> [N, C_out, ceil(T / stride)] fp32 (weights used in fp32)."""
-        x = F.pad(x, (self.left_pad, 0), mode="replicate")
-        bias = None if self.conv.bias is None else self.conv.bias.float()
-        return F.conv1d(x, self.conv.weight.float(), bias, stride=self.conv.stride)
+        """x [N, C_in, T] fp32 -> [N, C_out, ceil(T / stride)] fp32 (the DiT keeps this module in fp32)."""
+        return self.conv(F.pad(x, (self.left_pad, 0), mode="replicate"))
 
 
 def _norm_silu(x: torch.Tensor) -> torch.Tensor:
@@ -80,11 +78,11 @@ class AudioConvEncoder(nn.Module):
         local = local.unflatten(1, (self.num_tokens, -1)).flatten(0, 1)  # [B·n, dim/4, T]
         local = self._downsample(local)  # [B·n, T', dim]
         local = local.unflatten(0, (batch, self.num_tokens)).transpose(1, 2)  # [B, T', n, dim]
-        padding = self.padding_tokens.float().expand(batch, local.shape[1], 1, -1)
+        padding = self.padding_tokens.expand(batch, local.shape[1], 1, -1)
         local = torch.cat((local, padding), dim=2)  # [B, T', n + 1, dim]
         # 2. Global path: one token per latent frame, through the same stack and a final linear
         glob = self._downsample(self.conv1_global(x))  # [B, T', dim]
-        glob = F.linear(glob, self.final_linear.weight.float(), self.final_linear.bias.float())
+        glob = self.final_linear(glob)
         return AudioTokens(tokens=local, global_token=glob.unsqueeze(2))
 
 
@@ -98,7 +96,7 @@ class CausalAudioEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> AudioTokens:
         """features [B, num_hidden_states, audio_dim, T], a column per video frame -> tokens per 4 frames."""
-        weights = F.silu(self.weights.float())
+        weights = F.silu(self.weights)
         mixed = (features.float() * weights / weights.sum(dim=1, keepdim=True)).sum(
             dim=1
         )  # [B, audio_dim, T]

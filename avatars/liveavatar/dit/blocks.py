@@ -10,6 +10,7 @@ from torch import nn
 from avatars.liveavatar.dit.attention import SelfAttention
 from avatars.liveavatar.dit.cross_attention import CrossAttention
 from avatars.liveavatar.dit.layers import layer_norm
+from avatars.liveavatar.dit.text_context import TextContext
 
 # Computes self-attention for the block's normalised tokens: (module, x [B, L, dim]) -> [B, L, dim].
 SelfAttentionFn = Callable[[SelfAttention, torch.Tensor], torch.Tensor]
@@ -39,11 +40,12 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        context: torch.Tensor,
+        context: TextContext,
         self_attention: SelfAttentionFn,
     ) -> torch.Tensor:
         """x [B, G·n, dim] (G groups of n tokens, group-major); modulation [B, G, 6, dim] fp32;
-        context [B, text_len, dim]. Returns [B, G·n, dim] in x's dtype."""
+        context: the run's text context (its K/V are projected once per block and run). Returns [B, G·n, dim]
+        in x's dtype."""
         batch, length, dim = x.shape
         groups = modulation.shape[1]
         e = (self.modulation.float().unsqueeze(0) + modulation).unsqueeze(3)  # [B, G, 6, 1, dim]
@@ -58,7 +60,8 @@ class TransformerBlock(nn.Module):
         residual = x.float() + (grouped(y.float()) * gate_msa).flatten(1, 2)
 
         # 2. Cross-attention to the text
-        residual = residual + self.cross_attn(self.norm3(residual.to(x.dtype)), context).float()
+        text_kv = context.kv(self.cross_attn, x.shape[0])
+        residual = residual + self.cross_attn.attend(self.norm3(residual.to(x.dtype)), *text_kv).float()
 
         # 3. Feed-forward
         h = grouped(layer_norm(residual, self.eps)) * (1 + scale_ffn) + shift_ffn

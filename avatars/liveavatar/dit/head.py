@@ -4,7 +4,6 @@ to the patch's latent channels."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from avatars.liveavatar.dit.layers import layer_norm
@@ -21,9 +20,7 @@ class Head(nn.Module):
         """x [B, F·n, dim], time_embedding [B, F, dim] fp32 -> [B, F·n, out_features], computed in fp32."""
         batch, length, dim = x.shape
         frames = time_embedding.shape[1]
-        e = (self.modulation.float().unsqueeze(0) + time_embedding.unsqueeze(2)).unsqueeze(
-            3
-        )  # [B, F, 2, 1, dim]
+        e = (self.modulation.unsqueeze(0) + time_embedding.unsqueeze(2)).unsqueeze(3)  # [B, F, 2, 1, dim]
         shift, scale = e.unbind(2)  # [B, F, 1, dim] each
         h = layer_norm(x, self.eps).view(batch, frames, length // frames, dim) * (1 + scale) + shift
-        return F.linear(h.flatten(1, 2), self.head.weight.float(), self.head.bias.float())
+        return self.head(h.flatten(1, 2))

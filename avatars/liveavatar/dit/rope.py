@@ -50,8 +50,12 @@ def rope_angles(positions: torch.Tensor, head_dim: int) -> RotaryAngles:
     return RotaryAngles(cos=angles.cos(), sin=angles.sin())
 
 
-def apply_rope(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
-    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [B, N, H, D] in ≥ fp32; returns x's dtype."""
+def apply_rope(x: torch.Tensor, angles: RotaryAngles, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [B, N, H, D] in ≥ fp32; returns x's dtype.
+
+    With `out` (x's shape, any dtype; e.g. a slice of a preallocated buffer) the result is written there and
+    returned, which saves the copy a later concatenation would make.
+    """
     if x.shape[1] != len(angles) or x.shape[-1] != 2 * angles.cos.shape[-1]:
         raise ValueError(
             f"x {tuple(x.shape)} does not match RoPE angles for {len(angles)} tokens × "
@@ -62,5 +66,9 @@ def apply_rope(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
     real, imag = pairs.unbind(-1)
     cos = angles.cos.to(compute)[:, None, :]  # [N, 1, D/2], broadcast over batch and heads
     sin = angles.sin.to(compute)[:, None, :]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
+    if out is None:
+        return rotated.to(x.dtype)
+    if out.shape != x.shape:
+        raise ValueError(f"out {tuple(out.shape)} must have x's shape {tuple(x.shape)}")
+    return out.copy_(rotated)

@@ -56,6 +56,7 @@ from avatars.liveavatar.dit.positions import (
     sink_positions,
 )
 from avatars.liveavatar.dit.rope import rope_angles
+from avatars.liveavatar.dit.text_context import TextContext
 
 if TYPE_CHECKING:
     from ispa import AttentionSession
@@ -65,14 +66,16 @@ NOISY_TOKEN, REF_TOKEN, MOTION_TOKEN = 0, 1, 2
 MAX_REF_SHIFT = REF_BASE_TIME
 
 
-def _fp32_sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run an MLP in fp32 whatever the weights' dtype (the official code wraps these in fp32 autocast)."""
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            x = F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
-        else:
-            x = layer(x)
-    return x
+# The modules that compute in fp32 whatever the model's dtype (the official code runs them under fp32 autocast).
+# They are stored in fp32 once - at construction, on `.to(dtype)` and at load (`stored_dtype`) - so no forward
+# re-casts their weights (time_projection alone is 157 M parameters at 14B).
+FP32_MODULES = ("time_embedding", "time_projection", "head", "casual_audio_encoder")
+
+
+def stored_dtype(parameter_name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating parameter or buffer of the DiT is kept in when the model runs in `dtype`."""
+    in_fp32 = any(parameter_name.startswith(module + ".") for module in FP32_MODULES)
+    return torch.float32 if in_fp32 else dtype
 
 
 class LiveAvatarDiT(nn.Module):
@@ -108,6 +111,17 @@ class LiveAvatarDiT(nn.Module):
         self.injector_of_block = {block: i for i, block in enumerate(sorted(c.audio_inject_layers))}
         if c.zero_init:
             self._zero_init()
+        self._keep_fp32_modules()
+
+    def _keep_fp32_modules(self) -> None:
+        for name in FP32_MODULES:
+            self.get_submodule(name).float()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's own signature
+        # `.to(dtype)`, `.bfloat16()` and the like go through here: cast, then put the fp32 modules back.
+        super()._apply(fn, recurse)
+        self._keep_fp32_modules()
+        return self
 
     @classmethod
     def from_config(cls, config: DiTConfig) -> LiveAvatarDiT:
@@ -160,9 +174,9 @@ class LiveAvatarDiT(nn.Module):
     # Conditioning encoders
 
     @torch.no_grad()
-    def embed_text(self, t5_states: torch.Tensor) -> torch.Tensor:
-        """umT5 states [B, L, text_dim] (L ≤ text_len: the prompt's tokens, or already zero-padded) ->
-        context [B, text_len, dim].
+    def embed_text(self, t5_states: torch.Tensor) -> TextContext:
+        """umT5 states [B, L, text_dim] (L ≤ text_len: the prompt's tokens, or already zero-padded) -> the run's
+        context, states [B, text_len, dim] (its cross-attention K/V are computed once, on first use).
 
         Like the official code, the states are zero-padded to text_len *before* the embedding MLP and every
         one of the text_len positions stays visible to the cross-attention (there is no mask).
@@ -173,7 +187,7 @@ class LiveAvatarDiT(nn.Module):
         if t5_states.shape[1] > c.text_len:
             raise ValueError(f"t5_states has {t5_states.shape[1]} tokens, more than text_len={c.text_len}")
         padded = F.pad(t5_states.to(self.dtype), (0, 0, 0, c.text_len - t5_states.shape[1]))
-        return self.text_embedding(padded)
+        return TextContext(self.text_embedding(padded))
 
     @torch.no_grad()
     def encode_audio(self, wav2vec_hidden_states: torch.Tensor) -> AudioTokens:
@@ -212,11 +226,11 @@ class LiveAvatarDiT(nn.Module):
     def _time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
         """timesteps [B, F] -> embedding [B, F, dim] fp32."""
         features = sinusoidal_embedding(self.config.freq_dim, timesteps).float()
-        return _fp32_sequential(self.time_embedding, features).unflatten(0, timesteps.shape)
+        return self.time_embedding(features).unflatten(0, timesteps.shape)
 
     def _modulation(self, time_embedding: torch.Tensor) -> torch.Tensor:
         """[B, F, dim] -> six adaLN vectors per frame [B, F, 6, dim] fp32 (before each block's own offset)."""
-        return _fp32_sequential(self.time_projection, time_embedding).unflatten(-1, (6, self.config.dim))
+        return self.time_projection(time_embedding).unflatten(-1, (6, self.config.dim))
 
     def _frame_timesteps(self, timestep: float | torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         if isinstance(timestep, torch.Tensor):
@@ -243,7 +257,7 @@ class LiveAvatarDiT(nn.Module):
         session: AttentionSession,
         ref_latent: torch.Tensor,
         motion_latents: torch.Tensor,
-        context: torch.Tensor,
+        context: TextContext,
     ) -> None:
         """Fill every layer's sink: one forward at timestep 0 over [reference-frame tokens; FramePack tokens].
 
@@ -288,7 +302,7 @@ class LiveAvatarDiT(nn.Module):
         session: AttentionSession,
         latents: torch.Tensor,
         timestep: float | torch.Tensor,
-        context: torch.Tensor,
+        context: TextContext,
         audio: AudioTokens,
         frame_index: int,
         ring: int,
@@ -300,7 +314,7 @@ class LiveAvatarDiT(nn.Module):
             session: the run's ISPA `AttentionSession`; `prefill_sink` filled its sink at this video size.
             latents: [B, in_dim, F, h, w] noisy VAE latents of the block (F = 3 in LiveAvatar).
             timestep: the flow-matching timestep (0..1000) of this denoising step: scalar, [B] or [B, F].
-            context: text context from `embed_text`, [B or 1, text_len, dim].
+            context: the run's `TextContext` from `embed_text` (states [B or 1, text_len, dim]).
             audio: `encode_audio` output for the same F latent frames.
             frame_index: absolute latent-frame index of the block's first frame (3·k for block k).
             ring: denoising step index; history K/V are kept per step, and each ring is used once per block.
@@ -366,13 +380,19 @@ class LiveAvatarDiT(nn.Module):
         if frames is not None and latents.shape[2] != frames:
             raise ValueError(f"{name} must have {frames} latent frame(s), got {latents.shape[2]}")
 
-    def _check_context(self, context: torch.Tensor, batch: int) -> torch.Tensor:
-        expected = (self.config.text_len, self.config.dim)
-        if context.ndim != 3 or tuple(context.shape[1:]) != expected or context.shape[0] not in (1, batch):
+    def _check_context(self, context: TextContext, batch: int) -> TextContext:
+        if not isinstance(context, TextContext):
             raise ValueError(
-                f"context must be [B or 1, {expected[0]}, {expected[1]}], got {tuple(context.shape)}"
+                f"context must be the TextContext embed_text returns, got {type(context).__name__}"
             )
-        return context.to(self.dtype).expand(batch, -1, -1)
+        states, expected = context.states, (self.config.text_len, self.config.dim)
+        if states.ndim != 3 or tuple(states.shape[1:]) != expected or states.shape[0] not in (1, batch):
+            raise ValueError(
+                f"context states must be [B or 1, {expected[0]}, {expected[1]}], got {tuple(states.shape)}"
+            )
+        if states.dtype != self.dtype:
+            raise ValueError(f"context states must be in the model's dtype {self.dtype}, got {states.dtype}")
+        return context
 
     def _check_audio(self, audio: AudioTokens, batch: int, frames: int) -> None:
         c = self.config

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import soxr
 import torch
 
 from avatars.liveavatar.encoders.audio import (
@@ -70,11 +69,11 @@ class StreamingAudioEncoder:
         self.group_frames = group_frames
         self._left_steps = round(left_context_s * WAV2VEC_RATE)
         self._lookahead_steps = round(lookahead_s * WAV2VEC_RATE)
-        self._resampler = (
-            None
-            if sample_rate == SAMPLE_RATE
-            else soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        )
+        self._resampler = None
+        if sample_rate != SAMPLE_RATE:
+            import soxr  # only to resample: 16 kHz audio (the benchmark's) streams without it
+
+            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0  # global 16 kHz sample index of _buffer[0]
         self._received = 0  # 16 kHz samples received so far

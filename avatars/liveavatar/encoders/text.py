@@ -5,11 +5,13 @@ As in the official pipeline: the prompt is cleaned (HTML entities unescaped, whi
 zero-padded back to `text_len`; the DiT attends over all `text_len` positions, padding included.
 
 The umT5-XXL encoder is 11 GB in bf16, so it can live on the CPU and visit the GPU only while encoding
-(`offload=True`); results are cached per prompt, so a prompt is encoded once per session.
+(`offload=True`); the states of the last `max_cached_prompts` prompts are kept (least recently used dropped first),
+so a prompt is encoded once per run while a long-lived app cannot fill the GPU with one tensor per prompt ever typed.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from pathlib import Path
@@ -24,8 +26,11 @@ def clean_prompt(prompt: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+DEFAULT_MAX_CACHED_PROMPTS = 8
+
+
 class TextEncoder:
-    """umT5 encoder + tokenizer with a per-prompt cache; outputs [text_len, d_model] on `device`."""
+    """umT5 encoder + tokenizer with a bounded per-prompt cache; outputs [text_len, d_model] on `device`."""
 
     def __init__(
         self,
@@ -34,16 +39,23 @@ class TextEncoder:
         text_len: int,
         device: torch.device | str = "cpu",
         offload: bool = False,
+        max_cached_prompts: int = DEFAULT_MAX_CACHED_PROMPTS,
     ) -> None:
         if text_len <= 0:
             raise ValueError(f"text_len must be positive, got {text_len}")
+        if (
+            isinstance(max_cached_prompts, bool)
+            or not isinstance(max_cached_prompts, int)
+            or max_cached_prompts < 1
+        ):
+            raise ValueError(f"max_cached_prompts must be a positive int, got {max_cached_prompts!r}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.device = torch.device(device)
         self.offload = offload
         self.model.to("cpu" if offload else self.device)
-        self._cache: dict[str, torch.Tensor] = {}
+        self._encode_cached = functools.lru_cache(maxsize=max_cached_prompts)(self._encode)
 
     @classmethod
     def from_pretrained(
@@ -61,17 +73,14 @@ class TextEncoder:
             model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), text_len, device=device, offload=offload
         )
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
-        """States [text_len, d_model] for `prompt`, zero past its tokens; cached per prompt."""
+        """States [text_len, d_model] for `prompt`, zero past its tokens; cached (bounded, see the module)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        cached = self._cache.get(prompt)
-        if cached is not None:
-            return cached
+        return self._encode_cached(prompt)
+
+    @torch.no_grad()
+    def _encode(self, prompt: str) -> torch.Tensor:
         tokens = self.tokenizer(
             [clean_prompt(prompt)],
             padding="max_length",
@@ -94,5 +103,4 @@ class TextEncoder:
         length = int(tokens.attention_mask.sum())
         padded = torch.zeros_like(states)
         padded[:length] = states[:length]
-        self._cache[prompt] = padded
         return padded

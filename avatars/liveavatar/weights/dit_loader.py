@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.weights.errors import CheckpointError, listing
 from avatars.liveavatar.weights.lora import LORA_SCALE, lora_target_modules, merge_into_weight, read_lora
 
@@ -128,7 +129,7 @@ def load_dit(
             if name.endswith(".weight") and module in lora:
                 tensor = merge_into_weight(tensor, lora[module], lora_scale)
                 merged += 1
-            loaded[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            loaded[name] = tensor.to(stored_dtype(name, dtype)) if tensor.is_floating_point() else tensor
         model.load_state_dict(loaded, strict=False, assign=True)
         logger.info("loaded %d tensors from %s", len(loaded), shard)
 

@@ -1,17 +1,19 @@
 """Per-tensor e4m3 FP8 linear layers, as LiveAvatar's `--fp8` flag uses them.
 
-Why: FP8 halves the DiT's weight memory (32.6 GB → about 16.7 GB at 14B). The official scheme quantizes each weight
+Why: FP8 halves the DiT's weight memory (33.2 GB → about 17.2 GB at 14B). The official scheme quantizes each weight
 tensor with one fp32 scale; on Ada/Hopper GPUs (compute capability ≥ 8.9) the activations are quantized per tensor
 too and `torch._scaled_mm` multiplies the two. Elsewhere (CPU, older GPUs) `FP8Linear` multiplies by the
 dequantized weight instead, which is exact with respect to the stored FP8 weight.
 
-The ISPA engine changes the output projection of the layers it absorbs, but the model is shared between runs, so
-`with_weight_delta` builds a new layer from the dequantized weight plus the change and leaves the original alone.
+The ISPA engine reads `dequantized_weight()` to learn its update and applies the update as a product of its own
+(`ispa.projection.DeltaProjection`): re-quantizing `W + ΔW` to e4m3 would erase most of a small change.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,18 +55,56 @@ def _scaled_mm_supported(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
+@dataclass(frozen=True)
+class QuantizedInput:
+    """An activation quantized per tensor to e4m3, as `_scaled_mm` takes it: values [M, K], a 0-dim fp32 scale."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    leading_shape: tuple[int, ...]  # the activation's shape without its last (feature) dimension
+    dtype: torch.dtype  # the activation's dtype, which the layers' outputs take
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> QuantizedInput:
+        values, scale = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+        return cls(values, scale, tuple(x.shape[:-1]), x.dtype)
+
+
+def linears_on_shared_input(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, where FP8 layers running `_scaled_mm` share one quantization of `x`.
+
+    Why: q, k and v read the same tensor; quantizing it (amax, scale, cast: a few passes over the activation) for
+    each of them tripled that traffic. The products are the ones each layer alone computes, bit for bit.
+    """
+    if layers and all(isinstance(layer, FP8Linear) for layer in layers) and _scaled_mm_supported(x):
+        shared = QuantizedInput.of(x)
+        return [layer.forward_quantized(shared) for layer in layers]
+    return [layer(x) for layer in layers]
+
+
 class FP8Linear(nn.Module):
-    """A linear layer whose weight is stored as e4m3 plus one fp32 scale; the bias keeps its dtype."""
+    """A linear layer whose weight is stored as e4m3 plus one fp32 scale; the bias keeps its dtype.
+
+    `activation_dtype` is the dtype of the inputs and outputs (the model's, e.g. bf16): what a change applied next
+    to this layer (`ispa.projection.DeltaProjection`) is stored in.
+    """
 
     def __init__(
-        self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
         if weight_fp8.dtype != FP8_DTYPE or weight_fp8.dim() != 2:
             raise ValueError(
                 f"weight_fp8 must be a 2-D {FP8_DTYPE} tensor, got {weight_fp8.dtype} {tuple(weight_fp8.shape)}"
             )
+        if not activation_dtype.is_floating_point or activation_dtype.itemsize < 2:
+            raise ValueError(f"activation_dtype must be a 16- or 32-bit float dtype, got {activation_dtype}")
         self.out_features, self.in_features = weight_fp8.shape
+        self.activation_dtype = activation_dtype
         self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("weight_scale", weight_scale.float().reshape(()))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -72,80 +112,38 @@ class FP8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FP8Linear:
         weight_fp8, scale = quantize_per_tensor(linear.weight)
-        return cls(weight_fp8, scale, linear.bias)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> FP8Linear:
-        weight_fp8, scale = quantize_per_tensor(weight)
-        return cls(weight_fp8, scale, bias)
+        return cls(weight_fp8, scale, linear.bias, activation_dtype=linear.weight.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight this layer multiplies by, shape [out_features, in_features]."""
         return dequantize(self.weight_fp8, self.weight_scale)
 
-    def with_weight_delta(self, delta_weight: torch.Tensor) -> FP8Linear:
-        """A new layer quantized from `dequantized_weight() + delta_weight`; this layer is not modified.
-
-        `delta_weight` is in PyTorch's weight layout [out_features, in_features] (the paper's ΔW transposed).
-        """
-        if tuple(delta_weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"delta_weight shape {tuple(delta_weight.shape)} != weight shape {(self.out_features, self.in_features)}"
-            )
-        new_weight = self.dequantized_weight() + delta_weight.to(
-            device=self.weight_fp8.device, dtype=torch.float32
-        )
-        return FP8Linear.from_weight(new_weight, self.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _scaled_mm_supported(x):
-            return self._forward_scaled_mm(x)
+            return self.forward_quantized(QuantizedInput.of(x))
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.dequantized_weight(), bias).to(x.dtype)
 
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in_features] -> 2-D, quantized per tensor like the weight; the product comes back in bf16.
-        x_2d = x.reshape(-1, self.in_features)
-        x_fp8, x_scale = quantize_per_tensor(x_2d)
+    def forward_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        """The `_scaled_mm` product with an input quantized already (possibly shared with other layers)."""
+        if x.values.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.values.shape[-1]} features, this layer takes {self.in_features}")
         out = torch._scaled_mm(
-            x_fp8,
+            x.values,
             self.weight_fp8.t(),
-            scale_a=x_scale,
+            scale_a=x.scale,
             scale_b=self.weight_scale,
             bias=None if self.bias is None else self.bias.to(torch.bfloat16),
             out_dtype=torch.bfloat16,
             use_fast_accum=True,
         )
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out.reshape(*x.leading_shape, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activation_dtype={self.activation_dtype}"
         )
-
-
-def with_weight_delta(layer: nn.Module, delta_weight: torch.Tensor) -> nn.Module:
-    """A copy of `layer` (nn.Linear or FP8Linear) whose weight is changed by `delta_weight` ([out, in]).
-
-    The original layer and its tensors are left untouched, so two runs can share one model while one of them
-    uses changed projections. An FP8 layer is re-quantized; a plain linear layer keeps its dtype.
-    """
-    if isinstance(layer, FP8Linear):
-        return layer.with_weight_delta(delta_weight)
-    if isinstance(layer, nn.Linear):
-        if delta_weight.shape != layer.weight.shape:
-            raise ValueError(
-                f"delta_weight shape {tuple(delta_weight.shape)} != weight shape {tuple(layer.weight.shape)}"
-            )
-        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        weight = layer.weight.detach().float() + delta_weight.to(
-            device=layer.weight.device, dtype=torch.float32
-        )
-        new.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
-        if layer.bias is not None:
-            new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
-        return new
-    raise ValueError(f"with_weight_delta needs an nn.Linear or FP8Linear, got {type(layer).__name__}")
 
 
 def is_excluded_from_fp8(module_name: str, excluded: tuple[str, ...] = EXCLUDED_FROM_FP8) -> bool:

@@ -1,7 +1,7 @@
 """How much GPU memory a LiveAvatar configuration needs, and a check that says so before anything is loaded.
 
 Parts (bytes, 1 GB = 1e9 B):
-* DiT weights, counted from the model built on `meta`: bf16 everywhere, or with FP8 every linear layer the
+* DiT weights, counted from the model built on `meta`: bf16 (fp32 for `FP32_MODULES`), or with FP8 every linear layer the
   official conversion quantizes stored as 1 byte per weight plus a 4-byte scale (biases stay bf16).
 * KV cache in the engine's layout: per layer, one sink (reference frame + motion tokens) shared by the 4 denoising
   steps' rings, each ring holding 3 history blocks; keys and values, `heads·head_dim` wide, bf16.
@@ -25,6 +25,7 @@ from torch import nn
 from avatars.liveavatar.block_layout import DENOISING_STEPS, HISTORY_BLOCKS, cache_layout
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
 from ispa import ISPAPolicy, statistics_nbytes
 
@@ -69,8 +70,11 @@ class MemoryPlan:
 
 
 def dit_weight_bytes(model: nn.Module, fp8: bool, bytes_per_value: int = 2) -> int:
-    """Bytes of the DiT's weights as loaded (`model` may live on `meta`)."""
-    total = sum(t.numel() for t in model.state_dict().values()) * bytes_per_value
+    """Bytes of the DiT's weights as loaded (`model` may live on `meta`); its fp32 modules at 4 bytes a value."""
+    total = sum(
+        t.numel() * (4 if stored_dtype(name, torch.bfloat16) == torch.float32 else bytes_per_value)
+        for name, t in model.state_dict().items()
+    )
     if not fp8:
         return total
     for name, module in model.named_modules():
