@@ -48,6 +48,7 @@ class BlockCodec(ABC):
     def block_nbytes(self, batch: int, tokens: int, heads: int, head_dim: int) -> int:
         """Bytes `encode` keeps for one block of this shape (codes plus scales), for planning without tensors."""
 
+    @abstractmethod
     def check_block(self, tokens: int, head_dim: int) -> None:
         """Raise ValueError when blocks of this shape cannot be stored (group sizes must divide them)."""
 
@@ -56,6 +57,9 @@ class Fp8TokenCodec(BlockCodec):
     """e4m3 codes with one fp32 scale per (token, head)."""
 
     name = "fp8-token"
+
+    def check_block(self, tokens: int, head_dim: int) -> None:
+        """Any block shape can be stored: the scales need no divisibility."""
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
         scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(_TINY) / FP8_MAX
