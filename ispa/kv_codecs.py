@@ -6,7 +6,7 @@ caller-given view of the same shape, in place, so a layer can dequantize its who
 * `Fp8TokenCodec`: float8 e4m3 with one fp32 scale per token and head (amax / 448). e4m3 is a float format, so
   with a per-token scale every value keeps about 3 mantissa bits whatever its channel's magnitude.
 * `Fp8ChannelCodec`: the same with one scale per channel and head over the block's tokens (measured, not chosen:
-  see `avatars/liveavatar/kv_accuracy.py`).
+  see `bench/kv_formats.py`).
 * `Int4Codec`: 4-bit asymmetric integers (min and step in fp16) over groups along tokens (KIVI's per-channel
   keys: an outlier channel gets its own range) or along channels (per-token values), two codes per byte. The
   fp16 min must be finite: keys or values beyond ±65504 cannot be stored in this format.

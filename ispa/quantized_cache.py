@@ -14,7 +14,7 @@ Formats (bytes of one history token, keys + values, at LiveAvatar-14B's 40 heads
 * fp8: e4m3 with a fp32 scale per token and head for keys and values: 10,560 (51.6 %).
 * int4: KIVI-style, keys per channel over groups of up to 32 tokens, values per token over groups of 32 channels,
   fp16 min and step per group: 6,400 (31.3 %).
-The choices are measured, see `avatars/liveavatar/kv_accuracy.py` and the README.
+The choices are measured, see `bench/kv_formats.py` and the README.
 """
 
 from __future__ import annotations
