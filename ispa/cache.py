@@ -237,12 +237,16 @@ class SinkRingLayer(KVLayer):
         if k.shape[1] != self.layout.block_tokens:
             raise ValueError(f"a block must have {self.layout.block_tokens} tokens, got {k.shape[1]}")
         slot = self._next_slot[ring]
+        self._store_block(ring, slot, k, v, spec)
+        self._next_slot[ring] = (slot + 1) % self.layout.history_blocks
+        self._filled[ring] = min(self._filled[ring] + 1, self.layout.history_blocks)
+
+    def _store_block(self, ring: int, slot: int, k: Tensor, v: Tensor, spec: _TokenSpec) -> None:
+        """Keep block (k, v) in `slot` of `ring`; how is the storage's business (here: a copy into the ring)."""
         self._ensure_slot(ring, slot, spec)
         span = slice(slot * self.layout.block_tokens, (slot + 1) * self.layout.block_tokens)
         self._ring_k[ring][:, span].copy_(k)
         self._ring_v[ring][:, span].copy_(v)
-        self._next_slot[ring] = (slot + 1) % self.layout.history_blocks
-        self._filled[ring] = min(self._filled[ring] + 1, self.layout.history_blocks)
 
     def _ensure_slot(self, ring: int, slot: int, spec: _TokenSpec) -> None:
         """Grow `ring` to hold `slot` the first time it is written (slots fill in order, so it grows by one block).

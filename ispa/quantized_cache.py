@@ -138,25 +138,16 @@ class QuantizedRingLayer(SinkRingLayer):
             value_codec.decode_into(v_stored, v_out[:, span])
         return k_out, v_out
 
-    def append(self, ring: int, k: Tensor, v: Tensor) -> None:
-        """Quantize one block into the oldest slot of `ring` (a new slot while the ring fills)."""
-        self._check_ring(ring)
-        if self.is_local:
-            raise RuntimeError("this layer is local: it keeps no history")
-        spec = self._adopt_spec(k, v, "block")
-        if k.shape[1] != self.layout.block_tokens:
-            raise ValueError(f"a block must have {self.layout.block_tokens} tokens, got {k.shape[1]}")
+    def _store_block(self, ring: int, slot: int, k: Tensor, v: Tensor, spec: _TokenSpec) -> None:
+        """Quantize the block into `slot` (a new slot while the ring fills; the old slot's tensors are dropped)."""
         if self._codecs is None:
             self._codecs = self._choose_codecs(self.layout, spec)
         key_codec, value_codec = self._codecs
         stored = (key_codec.encode(k), value_codec.encode(v))
-        slot = self._next_slot[ring]
         if slot < len(self._slots[ring]):
-            self._slots[ring][slot] = stored  # the old slot's tensors are dropped here
+            self._slots[ring][slot] = stored
         else:
             self._slots[ring].append(stored)
-        self._next_slot[ring] = (slot + 1) % self.layout.history_blocks
-        self._filled[ring] = min(self._filled[ring] + 1, self.layout.history_blocks)
 
     def _drop_rings(self) -> None:
         super()._drop_rings()
