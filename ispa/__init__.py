@@ -1,7 +1,8 @@
 """ISPA: a model-agnostic KV-cache engine for autoregressive video transformers.
 
 Attention with log-sum-exp and exact merging, sink + ring KV storage per layer, the closed-form absorption of
-history into output projections, and the Full / ISPA policies that drive a generation session.
+history into output projections, the Full / ISPA policies that drive a generation session, and the KV storage
+formats (bf16, fp8, int4) chosen by name.
 """
 
 from ispa.absorption import (
@@ -15,10 +16,12 @@ from ispa.absorption import (
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
 from ispa.policies import FullPolicy, ISPAPolicy, Policy, PolicyState
+from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
 
 __all__ = [
+    "KV_FORMATS",
     "AbsorptionStats",
     "AttentionSession",
     "BlockReport",
@@ -33,6 +36,7 @@ __all__ = [
     "SinkRingLayer",
     "attention_with_lse",
     "available_backends",
+    "kv_layer_factory",
     "merge_attention",
     "reconstruction_error",
     "select_local_layers",
