@@ -1,7 +1,8 @@
 """ISPA: a model-agnostic KV-cache engine for autoregressive video transformers.
 
 Attention with log-sum-exp and exact merging, sink + ring KV storage per layer, the closed-form absorption of
-history into output projections, and the Full / ISPA policies that drive a generation session.
+history into output projections, the Full / ISPA policies that drive a generation session, and the KV storage
+formats (bf16, fp8, int4) chosen by name.
 """
 
 from ispa.absorption import (
@@ -15,11 +16,13 @@ from ispa.absorption import (
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
 from ispa.policies import POLICIES, FullPolicy, ISPAPolicy, Policy, PolicyState, make_policy
+from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
 
 __all__ = [
     "POLICIES",
+    "KV_FORMATS",
     "AbsorptionStats",
     "AttentionSession",
     "BlockReport",
@@ -35,6 +38,7 @@ __all__ = [
     "attention_with_lse",
     "available_backends",
     "make_policy",
+    "kv_layer_factory",
     "merge_attention",
     "reconstruction_error",
     "select_local_layers",

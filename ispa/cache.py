@@ -1,8 +1,8 @@
 """Per-layer KV storage: a persistent sink plus bounded rings of whole-block history slots.
 
 One `KVLayer` per self-attention layer (today's storage: `SinkRingLayer`), collected in a `KVCache` (the shape of transformers' per-layer cache
-objects). History lives in preallocated rings written in place, one block slot at a time, with explicit counters:
-no `torch.cat` growth and no shift-copy per step. A layer can be switched local (ISPA's L-layers): its ring storage
+objects). History lives in rings written in place, one block slot at a time, with explicit counters: no shift-copy per
+step, and a ring grows by one slot only while it fills (at most `history_blocks - 1` growth copies per ring). A layer can be switched local (ISPA's L-layers): its ring storage
 is dropped so the allocator gets the bytes back, and only the sink remains.
 
 Write-after-read: the caller attends to a ring's history first and appends the current block afterwards, so the
@@ -140,7 +140,11 @@ KVLayerFactory = Callable[[CacheLayout], KVLayer]
 
 
 class SinkRingLayer(KVLayer):
-    """Sink tokens written once, plus `num_rings` rings of `history_blocks` block slots, allocated on first use."""
+    """Sink tokens written once, plus `num_rings` rings of up to `history_blocks` block slots.
+
+    Slots are allocated lazily: a ring holds exactly the blocks written to it so far (at most `history_blocks`),
+    so memory follows the history actually held and a warmup shorter than the ring holds less at the absorb.
+    """
 
     def __init__(self, layout: CacheLayout) -> None:
         super().__init__(layout)
@@ -232,15 +236,34 @@ class SinkRingLayer(KVLayer):
         spec = self._adopt_spec(k, v, "block")
         if k.shape[1] != self.layout.block_tokens:
             raise ValueError(f"a block must have {self.layout.block_tokens} tokens, got {k.shape[1]}")
-        if self._ring_k[ring] is None:
-            self._ring_k[ring] = spec.empty(self.layout.history_tokens)
-            self._ring_v[ring] = spec.empty(self.layout.history_tokens)
         slot = self._next_slot[ring]
+        self._store_block(ring, slot, k, v, spec)
+        self._next_slot[ring] = (slot + 1) % self.layout.history_blocks
+        self._filled[ring] = min(self._filled[ring] + 1, self.layout.history_blocks)
+
+    def _store_block(self, ring: int, slot: int, k: Tensor, v: Tensor, spec: _TokenSpec) -> None:
+        """Keep block (k, v) in `slot` of `ring`; how is the storage's business (here: a copy into the ring)."""
+        self._ensure_slot(ring, slot, spec)
         span = slice(slot * self.layout.block_tokens, (slot + 1) * self.layout.block_tokens)
         self._ring_k[ring][:, span].copy_(k)
         self._ring_v[ring][:, span].copy_(v)
-        self._next_slot[ring] = (slot + 1) % self.layout.history_blocks
-        self._filled[ring] = min(self._filled[ring] + 1, self.layout.history_blocks)
+
+    def _ensure_slot(self, ring: int, slot: int, spec: _TokenSpec) -> None:
+        """Grow `ring` to hold `slot` the first time it is written (slots fill in order, so it grows by one block).
+
+        The ring stays one contiguous tensor, so `history` returns views with no copy per forward; the growth copy
+        happens at most `history_blocks - 1` times per ring and briefly holds the old and the new ring together.
+        """
+        held = self._filled[ring]
+        if slot < held:
+            return
+        tokens = (held + 1) * self.layout.block_tokens
+        grown_k, grown_v = spec.empty(tokens), spec.empty(tokens)
+        if held:
+            kept = held * self.layout.block_tokens
+            grown_k[:, :kept].copy_(self._ring_k[ring])
+            grown_v[:, :kept].copy_(self._ring_v[ring])
+        self._ring_k[ring], self._ring_v[ring] = grown_k, grown_v
 
     # ---- local / full switch -----------------------------------------------------------------------------------
     def make_local(self) -> None:

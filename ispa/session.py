@@ -360,14 +360,16 @@ class AttentionSession:
         event: str | None,
     ) -> BlockReport:
         per_layer = self.cache.nbytes_per_layer()
-        rings_started = sum(1 for count in self._blocks_written if count > 0)
+        # The Full baselines, in this session's own storage format (bytes per token of its layers): a Full session
+        # keeps every layer's ring slots as they are written (lazily, up to `history_blocks` per ring); an
+        # unbounded one would keep every block ever written.
+        slots_held = sum(min(count, self.layout.history_blocks) for count in self._blocks_written)
         blocks_written = sum(self._blocks_written)
         full_ring = full_unbounded = 0
         for cache_layer in self.cache.layers:
             token_bytes = cache_layer.bytes_per_token or 0
             sink_bytes = cache_layer.sink_nbytes()
-            # A Full session allocates a whole ring the first time it writes to it.
-            full_ring += sink_bytes + token_bytes * self.layout.history_tokens * rings_started
+            full_ring += sink_bytes + token_bytes * self.layout.block_tokens * slots_held
             full_unbounded += sink_bytes + token_bytes * self.layout.block_tokens * blocks_written
         return BlockReport(
             index=self.block_index,

@@ -25,6 +25,7 @@ from avatars.media.audio import AudioReadError, read_audio_file
 from avatars.media.portrait import PortraitReadError, read_portrait
 from avatars.media.run_video import RunVideoWriter
 from ispa import POLICIES, ISPAPolicy, make_policy
+from ispa.quantized_cache import KV_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-area", type=int, default=None, help="pixel budget of the video (default: model's)"
     )
     parser.add_argument("--fp8", action="store_true", help="FP8 linear layers (14b on Hopper/Ada GPUs)")
+    parser.add_argument(
+        "--kv-format",
+        choices=KV_FORMATS,
+        default="bf16",
+        help="how the KV history is stored (ispa.quantized_cache)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     return parser
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
     )
-    chunks = pipeline.stream(request, policy, max_area=args.max_area)
+    chunks = pipeline.stream(request, policy, max_area=args.max_area, kv_format=args.kv_format)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     writer = RunVideoWriter(args.out)
@@ -123,6 +130,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
             "t_warm": args.t_warm,
             "lam": args.lam,
             "seed": args.seed,
+            "kv_format": args.kv_format,
         },
         "fps": FPS,
         "frames": frames,

@@ -47,8 +47,9 @@ from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
 from avatars.media.audio import pcm_to_float32
 from avatars.media.portrait import check_rgb_image
-from ispa import AttentionSession, Policy
+from ispa import AttentionSession, KVLayerFactory, Policy
 from ispa.checks import check_positive_int, is_int
+from ispa.quantized_cache import kv_layer_factory
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class LiveAvatarPipeline:
         *,
         max_area: int | None = None,
         control: RunControl | None = None,
+        kv_format: str = "bf16",
     ) -> Iterator[AvatarChunk]:
         """Generate chunk by chunk. Bad input raises ValueError before anything runs.
 
@@ -150,11 +152,18 @@ class LiveAvatarPipeline:
             raise ValueError(f"seed must be a non-negative integer, got {request.seed!r}")
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an ISPA Policy (FullPolicy or ISPAPolicy), got {policy!r}")
+        kv_layer = kv_layer_factory(kv_format)  # `kv_format`: one of ispa.quantized_cache.KV_FORMATS
         height, width = self.output_size(portrait, max_area)
-        return self._run(request, policy, height, width, control or RunControl())
+        return self._run(request, policy, height, width, control or RunControl(), kv_layer)
 
     def _run(
-        self, request: GenerationRequest, policy: Policy, height: int, width: int, control: RunControl
+        self,
+        request: GenerationRequest,
+        policy: Policy,
+        height: int,
+        width: int,
+        control: RunControl,
+        kv_layer: KVLayerFactory,
     ) -> Iterator[AvatarChunk]:
         dit, device = self.dit, self.device
         audio = _AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
@@ -168,7 +177,7 @@ class LiveAvatarPipeline:
 
         # 2. The run's KV state and sink
         layout = cache_layout(dit.tokens_per_frame(latent_h, latent_w))
-        session = AttentionSession(policy, num_layers=dit.config.num_layers, layout=layout)
+        session = AttentionSession(policy, num_layers=dit.config.num_layers, layout=layout, kv_layer=kv_layer)
         decoder = self.vae.stream_decoder()
         try:
             dit.prefill_sink(session, ref_latent, motion_latents, context)

@@ -86,6 +86,29 @@ def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe):
     assert report["blocks"][-1]["kv_bytes"] == report["blocks"][-1]["kv_bytes_full_ring"]
 
 
+def test_kv_format_is_passed_to_the_session_and_recorded(tmp_path, short_speech, pipe):
+    reports = {}
+    for kv_format in ("bf16", "int4"):
+        report_path = tmp_path / f"{kv_format}.json"
+        argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+                "--kv-format", kv_format, "--out", str(tmp_path / f"{kv_format}.mp4"),
+                "--report", str(report_path)]  # fmt: skip
+        assert main(argv, pipeline=pipe) == 0
+        reports[kv_format] = json.loads(report_path.read_text())
+        assert reports[kv_format]["settings"]["kv_format"] == kv_format
+    bf16, int4 = reports["bf16"]["blocks"][-1], reports["int4"]["blocks"][-1]
+    # the same sink (bf16 in both) and the same history tokens, stored in fewer bytes
+    assert int4["kv_bytes"] == int4["kv_bytes_full_ring"] < bf16["kv_bytes"]
+
+
+def test_an_unknown_kv_format_is_refused(tmp_path, short_speech, capsys):
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--kv-format", "int3",
+            "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "--kv-format" in capsys.readouterr().err
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     text = tmp_path / "notes.txt"
     text.write_text("not media")

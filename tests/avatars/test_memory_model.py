@@ -7,13 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_dit_run import run_blocks
 
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
-from avatars.liveavatar.dit.audio_encoder import AudioTokens
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
-from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
+from ispa import FullPolicy, ISPAPolicy
+from ispa.quantized_cache import KV_FORMATS
 
 FIVE_LAYERS = dataclasses.replace(
     PRESETS["tiny"], num_layers=5, dim=96, num_heads=4, ffn_dim=192, audio_inject_layers=(0, 3)
@@ -26,53 +27,38 @@ CASES = {  # config, latent size, k_fraction, L-layers expected
 }
 
 
-def run_blocks(config, latent, policy, blocks: int):
-    """A bf16 DiT streaming `blocks` blocks of 4 steps through a session; reports and the session."""
-    torch.manual_seed(0)
-    model = LiveAvatarDiT.from_config(config).to(torch.bfloat16).eval()
-    gen = torch.Generator().manual_seed(1)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    layout = CacheLayout(
-        block_tokens=3 * model.tokens_per_frame(*latent), history_blocks=3, num_rings=4, frames_per_block=3
-    )
-    session = AttentionSession(policy, config.num_layers, layout)
-    context = model.embed_text(randn(1, config.text_len, config.text_dim))
-    model.prefill_sink(session, randn(1, 16, 1, *latent), randn(1, 16, 19, *latent), context)
-    audio = AudioTokens(randn(1, 3, config.num_audio_token + 1, config.dim), randn(1, 3, 1, config.dim))
-    reports = []
-    for block in range(blocks):
-        for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)):
-            model.forward_block(
-                session, randn(1, 16, 3, *latent), timestep, context, audio, 3 * block, step, ref_shift=4
-            )
-        reports.append(session.end_block())
-    return model, session, reports
-
-
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_kv_and_statistics_predictions_equal_live_tensors(case):
+def test_kv_and_statistics_predictions_equal_live_tensors(case, kv_format):
     config, latent, k_fraction, local = CASES[case]
-    plan = memory.plan_memory(config, 8 * latent[0], 8 * latent[1], fp8=False)
+    plan = memory.plan_memory(config, 8 * latent[0], 8 * latent[1], fp8=False, kv_format=kv_format)
+    model = LiveAvatarDiT.from_config(config)
+    sizes = {
+        "num_layers": config.num_layers,
+        "dim": config.dim,
+        "sink_tokens": model.sink_token_count(*latent),
+        "block_tokens": 3 * model.tokens_per_frame(*latent),
+        "kv_format": kv_format,
+        "heads": config.num_heads,
+    }
 
-    model, full_session, full = run_blocks(config, latent, FullPolicy(), blocks=2)
-    # every ring is allocated whole at its first write: the prediction holds from block 0 on
-    assert [r.kv_bytes for r in full] == [plan.kv_cache] * 2 == [full_session.cache.nbytes()] * 2
+    _, full_session, full, factory = run_blocks(config, latent, FullPolicy(), blocks=4, kv_format=kv_format)
+    # ring slots are allocated as blocks are written: 1, 2, then 3 blocks per ring, and no more
+    held = [memory.kv_cache_bytes(**sizes, history_blocks=n) for n in (1, 2, 3, 3)]
+    assert [r.kv_bytes for r in full] == held and full_session.cache.nbytes() == held[-1]
+    buffer = memory.dequantized_history_bytes(config.dim, sizes["block_tokens"], kv_format)
+    assert plan.kv_cache == held[-1] + buffer
+    assert buffer == (0 if kv_format == "bf16" else factory.buffer.nbytes())
     assert {r.stats_bytes for r in full} == {0}
 
-    _, session, ispa = run_blocks(config, latent, ISPAPolicy(k_fraction=k_fraction, t_warm=6), blocks=3)
+    policy = ISPAPolicy(k_fraction=k_fraction, t_warm=6)
+    _, session, ispa, _ = run_blocks(config, latent, policy, blocks=3, kv_format=kv_format)
     assert [r.phase for r in ispa] == ["warmup", "warmup", "absorbed"]
     assert [r.stats_bytes for r in ispa] == [0, plan.ispa_statistics, 0]
-    after = memory.kv_cache_bytes_after_absorb(
-        config.num_layers,
-        config.dim,
-        model.sink_token_count(*latent),
-        3 * model.tokens_per_frame(*latent),
-        k_fraction,
-    )
-    assert [r.kv_bytes for r in ispa] == [plan.kv_cache, after, after] and session.cache.nbytes() == after
+    after = [
+        memory.kv_cache_bytes_after_absorb(**sizes, k_fraction=k_fraction, history_blocks=n) for n in (2, 3)
+    ]
+    assert [r.kv_bytes for r in ispa] == [held[0], *after] and session.cache.nbytes() == after[-1]
     assert len(ispa[-1].l_layers) == local
 
 

@@ -178,3 +178,9 @@ def test_audio_buffers_stay_bounded_over_a_long_input(pipe):
         largest = max(largest, timeline._buffer.size)
     assert frame > 900  # the whole 40 s went through
     assert largest <= 2.5 * rate  # at most ~one feed piece plus a block and the lookahead
+
+
+def test_an_unknown_kv_format_is_refused_before_anything_runs(pipe, portrait):
+    request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
+    with pytest.raises(ValueError, match="kv_format"):
+        pipe.stream(request, FullPolicy(), kv_format="int3")

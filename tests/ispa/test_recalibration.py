@@ -83,10 +83,12 @@ def test_manual_recalibration_restores_base_projections_reselects_and_moves_byte
     )  # recomputed from fresh statistics
 
     kv = [r.kv_bytes for r in reports] + [started.kv_bytes] + [r.kv_bytes for r in later]
-    full_bytes = reports[0].kv_bytes
-    low = full_bytes - 2 * session.cache.layers[0].bytes_per_token * layout.history_tokens
-    # down at the absorb, still down when recalibration starts (rings emptied), up while re-warming, down again
-    assert kv == [full_bytes, full_bytes, low, low, low, full_bytes, low]
+    full_bytes = reports[1].kv_bytes
+    slot = session.cache.layers[0].bytes_per_token * layout.block_tokens
+    low = full_bytes - 2 * slot * layout.history_blocks
+    # one slot per layer after block 0 (slots are allocated as written), the whole ring after block 1; down at the
+    # absorb, still down when recalibration starts (rings emptied), up while re-warming, down again
+    assert kv == [full_bytes - 4 * slot, full_bytes, low, low, low, full_bytes, low]
 
 
 def test_the_re_warming_layers_collect_statistics_again():

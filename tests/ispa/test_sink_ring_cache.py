@@ -30,21 +30,35 @@ def test_nothing_is_allocated_before_the_first_write():
     assert k.shape[1] == 0 and v.shape[1] == 0
 
 
-def test_first_append_allocates_one_whole_ring_with_the_first_tensors_dtype():
+def slot_bytes(dtype=torch.float32) -> int:
+    return 2 * BATCH * LAYOUT.block_tokens * HEADS * HEAD_DIM * dtype.itemsize
+
+
+def test_first_append_allocates_one_block_slot_with_the_first_tensors_dtype():
     layer = SinkRingLayer(LAYOUT)
     layer.append(1, *block(1.0, dtype=torch.bfloat16))
-    assert layer.nbytes() == ring_bytes(torch.bfloat16)
+    assert layer.nbytes() == slot_bytes(torch.bfloat16)
     k, _ = layer.history(1)
     assert k.dtype == torch.bfloat16 and k.shape == (BATCH, 4, HEADS, HEAD_DIM)
     assert layer.history(0)[0].shape == (BATCH, 0, HEADS, HEAD_DIM)  # the other ring is untouched
     assert layer.bytes_per_token == 2 * BATCH * HEADS * HEAD_DIM * 2
 
 
+def test_memory_follows_the_history_held_and_stops_at_the_ring():
+    layer = SinkRingLayer(LAYOUT)
+    held = []
+    for fill in range(5):
+        layer.append(0, *block(float(fill)))
+        held.append(layer.nbytes())
+    assert held == [slot_bytes() * n for n in (1, 2, 3, 3, 3)] and held[-1] == ring_bytes()
+
+
 def test_history_holds_exactly_the_last_blocks_oldest_slot_overwritten_in_place():
     layer = SinkRingLayer(LAYOUT)
-    layer.append(0, *block(0.0))
-    base_pointer = layer.history(0)[0].data_ptr()
-    for fill in (1.0, 2.0, 3.0, 4.0):
+    for fill in (0.0, 1.0, 2.0):
+        layer.append(0, *block(fill))
+    base_pointer = layer.history(0)[0].data_ptr()  # the ring is whole now
+    for fill in (3.0, 4.0):
         layer.append(0, *block(fill))
     k, v = layer.history(0)
     assert k.shape[1] == 3 * 4 and layer.filled_blocks(0) == 3
@@ -52,17 +66,17 @@ def test_history_holds_exactly_the_last_blocks_oldest_slot_overwritten_in_place(
     slot_values = [k[:, i * 4 : (i + 1) * 4].unique().item() for i in range(3)]
     assert slot_values == [3.0, 4.0, 2.0]
     assert torch.equal(v, -k)
-    assert k.data_ptr() == base_pointer  # written in place, never reallocated
+    assert k.data_ptr() == base_pointer  # once whole, written in place, never reallocated
 
 
 def test_history_is_a_view_of_the_ring_not_a_copy():
     layer = SinkRingLayer(LAYOUT)
     layer.append(0, *block(5.0))
-    first, _ = layer.history(0)
     layer.append(0, *block(6.0))
+    first, _ = layer.history(0)
+    first.fill_(1.5)  # writing into the view writes the ring itself
     second, _ = layer.history(0)
-    assert first.data_ptr() == second.data_ptr()
-    assert first._base is second._base
+    assert first.data_ptr() == second.data_ptr() and (second == 1.5).all()
 
 
 def test_counters_are_explicit_not_inferred_from_data():
@@ -94,7 +108,7 @@ def test_make_local_releases_ring_storage():
     del view
     gc.collect()
     assert ring_tensor() is not None
-    assert layer.nbytes() == layer.sink_nbytes() + LAYOUT.num_rings * ring_bytes()
+    assert layer.nbytes() == layer.sink_nbytes() + LAYOUT.num_rings * slot_bytes()
 
     layer.make_local()
     gc.collect()
@@ -123,7 +137,7 @@ def test_reset_forgets_everything_including_dtype():
     layer.reset()
     assert layer.nbytes() == 0 and layer.bytes_per_token is None
     layer.append(0, *block(1.0, dtype=torch.float16))  # a new dtype is accepted after reset
-    assert layer.nbytes() == ring_bytes(torch.float16)
+    assert layer.nbytes() == slot_bytes(torch.float16)
 
 
 def test_bad_input_raises_value_error():
@@ -167,7 +181,7 @@ def test_kv_cache_sums_its_layers():
     cache.layers[0].append(0, *block(1.0))
     cache.layers[2].write_sink(*block(1.0, tokens=2))
     per_layer = cache.nbytes_per_layer()
-    assert per_layer == [ring_bytes(), 0, 2 * BATCH * 2 * HEADS * HEAD_DIM * 4]
+    assert per_layer == [slot_bytes(), 0, 2 * BATCH * 2 * HEADS * HEAD_DIM * 4]
     assert cache.nbytes() == sum(per_layer) and len(cache) == 3
     cache.reset()
     assert cache.nbytes() == 0

@@ -69,13 +69,12 @@ def test_half_the_layers_drop_their_history_and_bytes_fall_by_exactly_their_ring
         expected = SINK_BYTES + (0 if index in local else CONFIG.num_rings * RING_BYTES)
         assert layer.nbytes() == expected, index
 
-    full_layer_bytes = SINK_BYTES + CONFIG.num_rings * RING_BYTES
-    drop = len(local) * CONFIG.num_rings * RING_BYTES
     for block, (full, ispa) in enumerate(zip(full_reports, ispa_reports, strict=True)):
-        assert (
-            full.kv_bytes == CONFIG.num_layers * full_layer_bytes
-        )  # every ring is allocated at its first write
-        assert ispa.kv_bytes == full.kv_bytes - (drop if block >= T_WARM - 1 else 0), block
+        # ring slots are allocated as blocks are written: the history held, never more than the ring
+        held = CONFIG.num_rings * bytes_of(min(block + 1, CONFIG.history_blocks) * CONFIG.block_tokens)
+        assert full.kv_bytes == CONFIG.num_layers * (SINK_BYTES + held), block
+        drop = len(local) * held if block >= T_WARM - 1 else 0
+        assert ispa.kv_bytes == full.kv_bytes - drop, block
         assert sum(ispa.kv_bytes_per_layer) == ispa.kv_bytes
         assert ispa.kv_bytes_full_ring == full.kv_bytes == full.kv_bytes_full_ring
         written = (block + 1) * CONFIG.num_rings * CONFIG.block_tokens

@@ -4,7 +4,9 @@ Parts (bytes, 1 GB = 1e9 B):
 * DiT weights, counted from the model built on `meta`: bf16 (fp32 for `FP32_MODULES`), or with FP8 every linear layer the
   official conversion quantizes stored as 1 byte per weight plus a 4-byte scale (biases stay bf16).
 * KV cache in the engine's layout: per layer, one sink (reference frame + motion tokens) shared by the 4 denoising
-  steps' rings, each ring holding 3 history blocks; keys and values, `heads·head_dim` wide, bf16.
+  steps' rings, each ring holding up to 3 history blocks (slots are allocated as written); keys and values,
+  `heads·head_dim` wide; the sink in bf16, the history in the run's KV format (bf16, fp8 or int4 codes plus
+  scales, `ispa.quantized_cache`), plus a quantized format's one shared dequantization buffer.
 * ISPA statistics during warmup: G (symmetric, half a D×D) and C (a full D×D) per layer in fp32, in the engine's
   paired-triangle layout (`ispa.statistics_nbytes`). After the absorb the statistics are gone and the L-layers'
   rings too (`kv_cache_bytes_after_absorb`).
@@ -27,7 +29,8 @@ from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
-from ispa import ISPAPolicy, statistics_nbytes
+from ispa import CacheLayout, ISPAPolicy, statistics_nbytes
+from ispa.quantized_cache import history_bytes_per_token
 
 GB = 1e9
 
@@ -93,10 +96,24 @@ def kv_cache_bytes(
     rings: int = DENOISING_STEPS,
     history_blocks: int = HISTORY_BLOCKS,
     bytes_per_value: int = 2,
+    kv_format: str = "bf16",
+    heads: int | None = None,
 ) -> int:
-    """Keys + values of every layer: one sink shared by all rings, plus `history_blocks` blocks per ring."""
-    tokens = sink_tokens + rings * history_blocks * block_tokens
-    return num_layers * 2 * tokens * dim * bytes_per_value
+    """Keys + values of every layer: one sink shared by all rings, plus `history_blocks` blocks held per ring.
+
+    Ring slots are allocated as blocks are written, so `history_blocks` is what a ring holds at the moment counted
+    (the ring length once it is full). The sink is stored at `bytes_per_value`; history in `kv_format`
+    (`ispa.quantized_cache`, codes plus scales, which needs `heads` to size per-head scales).
+    """
+    sink = 2 * sink_tokens * dim * bytes_per_value
+    if kv_format == "bf16":
+        token = 2 * dim * bytes_per_value
+    else:
+        if heads is None:
+            raise ValueError(f"kv_format {kv_format!r} needs heads to count its scales")
+        layout = CacheLayout(block_tokens=block_tokens, history_blocks=HISTORY_BLOCKS)
+        token = history_bytes_per_token(kv_format, layout, 1, heads, dim // heads)
+    return num_layers * (sink + rings * history_blocks * block_tokens * token)
 
 
 def kv_cache_bytes_after_absorb(
@@ -109,6 +126,8 @@ def kv_cache_bytes_after_absorb(
     rings: int = DENOISING_STEPS,
     history_blocks: int = HISTORY_BLOCKS,
     bytes_per_value: int = 2,
+    kv_format: str = "bf16",
+    heads: int | None = None,
 ) -> int:
     """KV bytes once ISPA has absorbed: every layer keeps its sink, only the F-layers keep their rings.
 
@@ -126,8 +145,23 @@ def kv_cache_bytes_after_absorb(
         rings=rings,
         history_blocks=history_blocks,
         bytes_per_value=bytes_per_value,
+        kv_format=kv_format,
+        heads=heads,
     )
     return sink_only + f_layers
+
+
+def dequantized_history_bytes(
+    dim: int,
+    block_tokens: int,
+    kv_format: str,
+    bytes_per_value: int = 2,
+    history_blocks: int = HISTORY_BLOCKS,
+) -> int:
+    """The quantized formats' one shared dequantization buffer: one layer's ring of keys and values (0 for bf16)."""
+    if kv_format == "bf16":
+        return 0
+    return 2 * history_blocks * block_tokens * dim * bytes_per_value
 
 
 def encoder_bytes(text_encoder_on_gpu: bool, bytes_per_value: int = 2) -> int:
@@ -159,8 +193,13 @@ def plan_memory(
     fp8: bool,
     ispa_warmup: bool = True,
     text_encoder_on_gpu: bool = False,
+    kv_format: str = "bf16",
 ) -> MemoryPlan:
-    """GPU memory for generating `height`×`width` video with this DiT configuration (peak during warmup if asked)."""
+    """GPU memory for generating `height`×`width` video with this DiT configuration (peak during warmup if asked).
+
+    The KV cache is counted with full rings, as a Full run holds from its fourth block on, plus the quantized
+    formats' dequantization buffer; `avatars.liveavatar.memory_plan` splits the run into warmup and after.
+    """
     if height <= 0 or width <= 0 or height % 64 or width % 64:
         raise ValueError(f"video size must be positive multiples of 64, got {height}×{width}")
     with torch.device("meta"):
@@ -170,7 +209,15 @@ def plan_memory(
     block_tokens = cache_layout(model.tokens_per_frame(latent_height, latent_width)).block_tokens
     return MemoryPlan(
         dit_weights=dit_weight_bytes(model, fp8),
-        kv_cache=kv_cache_bytes(config.num_layers, config.dim, sink_tokens, block_tokens),
+        kv_cache=kv_cache_bytes(
+            config.num_layers,
+            config.dim,
+            sink_tokens,
+            block_tokens,
+            kv_format=kv_format,
+            heads=config.num_heads,
+        )
+        + dequantized_history_bytes(config.dim, block_tokens, kv_format),
         ispa_statistics=statistics_nbytes(config.num_layers, config.dim) if ispa_warmup else 0,
         encoders=encoder_bytes(text_encoder_on_gpu),
         activations=activation_bytes(config, sink_tokens, block_tokens, height, width),

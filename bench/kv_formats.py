@@ -1,0 +1,269 @@
+"""How much each KV format changes attention, a layer at a time and over a whole tiny-model run.
+
+    python -m bench.kv_formats [--json]
+
+1. Synthetic keys and values shaped like LiveAvatar's heads (128 wide), keys with a few outlier channels and
+   per-channel offsets as real key caches have: relative error of the merged attention output (local keys plus
+   the quantized history, fused by LSE as the session does) for every codec, including the ones not chosen.
+2. The tiny DiT's own queries, keys and values, captured per layer from a Full bf16 session: the same error per
+   layer for each format.
+3. Drift of whole runs against bf16 KV, same inputs and seeds: max abs difference of the tiny DiT's outputs over
+   all blocks and steps, and the PSNR of the tiny pipeline's frames.
+
+Everything runs on the CPU with random weights: it measures what the storage does to attention, never visual
+quality with the real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatars.base import GenerationRequest
+from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.dit.audio_encoder import AudioTokens
+from avatars.liveavatar.loading import build_tiny_pipeline
+from ispa import AttentionSession, CacheLayout, FullPolicy, attention_with_lse, merge_attention
+from ispa.kv_codecs import BlockCodec, Fp8ChannelCodec, Fp8TokenCodec, Int4Codec
+from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
+
+CODEC_PAIRS: dict[str, tuple[BlockCodec, BlockCodec]] = {  # (keys, values); the chosen formats come first
+    "fp8 (token scales, chosen)": (Fp8TokenCodec(), Fp8TokenCodec()),
+    "fp8 (channel scales for K)": (Fp8ChannelCodec(), Fp8TokenCodec()),
+    "int4 KIVI (K per channel/32 tokens, V per token/32 ch, chosen)": (
+        Int4Codec("tokens", 32),
+        Int4Codec("channels", 32),
+    ),
+    "int4 per token (K and V per token/32 ch)": (Int4Codec("channels", 32), Int4Codec("channels", 32)),
+}
+
+
+def roundtrip(codec: BlockCodec, x: Tensor, block_tokens: int) -> Tensor:
+    """`x` [B, T, H, D] stored block by block in `codec` and dequantized, as a quantized ring would hold it."""
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[1], block_tokens):
+        span = slice(start, start + block_tokens)
+        codec.decode_into(codec.encode(x[:, span]), out[:, span])
+    return out
+
+
+def merged_attention(q: Tensor, local_k: Tensor, local_v: Tensor, hist_k: Tensor, hist_v: Tensor) -> Tensor:
+    out_loc, lse_loc = attention_with_lse(q, local_k, local_v)
+    out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v)
+    return merge_attention(out_loc, lse_loc, out_hist, lse_hist)[0]
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def output_error(
+    pair: tuple[BlockCodec, BlockCodec], captured: tuple[Tensor, ...], block_tokens: int
+) -> float:
+    """Relative error of the merged attention output when the history is stored with `pair`."""
+    q, local_k, local_v, hist_k, hist_v = captured
+    want = merged_attention(q, local_k, local_v, hist_k, hist_v)
+    got = merged_attention(
+        q,
+        local_k,
+        local_v,
+        roundtrip(pair[0], hist_k, block_tokens),
+        roundtrip(pair[1], hist_v, block_tokens),
+    )
+    return relative_error(got, want)
+
+
+def synthetic_heads(seed: int, outliers: float, block_tokens: int = 256) -> tuple[Tensor, ...]:
+    """Queries, local and history keys/values [1, T, 8, 128] in bf16; `outliers` scales 4 key channels."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, dim = 8, 128
+
+    def keys(tokens: int) -> Tensor:
+        k = torch.randn(1, tokens, heads, dim, generator=gen) + offset
+        k[..., :4] *= outliers
+        return k
+
+    offset = 0.5 * torch.randn(heads, dim, generator=gen)  # per-channel means, as after RoPE'd projections
+    q = torch.randn(1, block_tokens, heads, dim, generator=gen)
+    local = 64 + block_tokens
+    hist = 3 * block_tokens
+    values = [torch.randn(1, n, heads, dim, generator=gen) for n in (local, hist)]
+    return tuple(t.to(torch.bfloat16) for t in (q, keys(local), values[0], keys(hist), values[1]))
+
+
+class CapturingSession(AttentionSession):
+    """A Full session that keeps a copy of what ring 0's attention saw per layer in block `capture_block`."""
+
+    def __init__(self, *args, capture_block: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture_block = capture_block
+        self.captured: dict[int, tuple[Tensor, ...]] = {}
+
+    def self_attention(self, layer, q, local_k, local_v, new_k, new_v, out_proj, ring=0):
+        if self.block_index == self.capture_block and ring == 0:
+            hist_k, hist_v = self.cache.layers[layer].history(ring)
+            self.captured[layer] = tuple(t.clone() for t in (q, local_k, local_v, hist_k, hist_v))
+        return super().self_attention(layer, q, local_k, local_v, new_k, new_v, out_proj, ring)
+
+
+@dataclass
+class TinyDiTRun:
+    """Streams `blocks` blocks of 4 steps through the tiny bf16 DiT with fixed random inputs."""
+
+    blocks: int = 4
+    latent: tuple[int, int] = (16, 8)
+    seed: int = 0
+
+    def run(self, session_factory) -> tuple[AttentionSession, list[Tensor]]:
+        config = PRESETS["tiny"]
+        torch.manual_seed(self.seed)
+        model = LiveAvatarDiT.from_config(config).to(torch.bfloat16).eval()
+        gen = torch.Generator().manual_seed(self.seed + 1)
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen)
+
+        layout = CacheLayout(
+            block_tokens=3 * model.tokens_per_frame(*self.latent),
+            history_blocks=3,
+            num_rings=4,
+            frames_per_block=3,
+        )
+        session = session_factory(config.num_layers, layout)
+        context = model.embed_text(randn(1, config.text_len, config.text_dim))
+        with torch.no_grad():
+            model.prefill_sink(
+                session, randn(1, 16, 1, *self.latent), randn(1, 16, 19, *self.latent), context
+            )
+            audio = AudioTokens(
+                randn(1, 3, config.num_audio_token + 1, config.dim), randn(1, 3, 1, config.dim)
+            )
+            outputs = []
+            for block in range(self.blocks):
+                latents = randn(1, 16, 3, *self.latent)
+                for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)):
+                    latents = model.forward_block(
+                        session, latents, timestep, context, audio, 3 * block, step, ref_shift=4
+                    )
+                    outputs.append(latents.float())
+                session.end_block()
+        return session, outputs
+
+
+def tiny_layer_errors(blocks: int = 4) -> tuple[dict[str, list[float]], int]:
+    """Per-layer merged-output error of each codec pair on the tiny DiT's own q/k/v (last block, ring 0)."""
+    holder = {}
+
+    def factory(num_layers, layout):
+        holder["session"] = CapturingSession(FullPolicy(), num_layers, layout, capture_block=blocks - 1)
+        holder["layout"] = layout
+        return holder["session"]
+
+    TinyDiTRun(blocks=blocks).run(factory)
+    captured, block_tokens = holder["session"].captured, holder["layout"].block_tokens
+    errors = {}
+    for name, (key_codec, value_codec) in CODEC_PAIRS.items():
+        pair = (_fit(key_codec, block_tokens), _fit(value_codec, block_tokens))
+        errors[name] = [output_error(pair, captured[layer], block_tokens) for layer in sorted(captured)]
+    return errors, block_tokens
+
+
+def _fit(codec: BlockCodec, block_tokens: int) -> BlockCodec:
+    """The codec with its token group shrunk to tile the tiny model's blocks (as `int4_key_group` does)."""
+    if isinstance(codec, Int4Codec) and codec.axis == "tokens" and block_tokens % codec.group:
+        group = max(g for g in range(2, codec.group + 1) if block_tokens % g == 0)
+        return Int4Codec("tokens", group)
+    if isinstance(codec, Int4Codec) and codec.axis == "channels":
+        return Int4Codec("channels", 16)  # the tiny model's heads are 16 wide
+    return codec
+
+
+def dit_drift(kv_format: str, blocks: int = 4) -> tuple[float, float]:
+    """Max abs difference of the tiny DiT's outputs (every block and step) against a bf16-KV run, and the bf16
+    run's own max abs for scale."""
+
+    def session_in(fmt):
+        return lambda n, layout: AttentionSession(FullPolicy(), n, layout, kv_layer=kv_layer_factory(fmt))
+
+    _, reference = TinyDiTRun(blocks=blocks).run(session_in("bf16"))
+    _, outputs = TinyDiTRun(blocks=blocks).run(session_in(kv_format))
+    drift = max((a - b).abs().max().item() for a, b in zip(outputs, reference, strict=True))
+    return drift, max(r.abs().max().item() for r in reference)
+
+
+def frames_psnr(kv_format: str, seconds: float = 2.0) -> tuple[float, int]:
+    """PSNR (dB) of the tiny pipeline's frames with `kv_format` against bf16 KV, and the frame count."""
+    pipe = build_tiny_pipeline()
+    rng = np.random.default_rng(0)
+    portrait = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    t = np.arange(int(16000 * seconds)) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    request = GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=1)
+
+    def frames(fmt: str) -> np.ndarray:
+        return np.concatenate([c.frames for c in pipe.stream(request, FullPolicy(), kv_format=fmt)])
+
+    want, got = frames("bf16").astype(np.float64), frames(kv_format).astype(np.float64)
+    mse = float(np.mean((want - got) ** 2))
+    return (math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)), len(want)
+
+
+def measure() -> dict[str, object]:
+    synthetic = {
+        f"outliers x{scale:g}": {
+            name: output_error(pair, synthetic_heads(seed=3, outliers=scale), 256)
+            for name, pair in CODEC_PAIRS.items()
+        }
+        for scale in (1.0, 10.0, 30.0)
+    }
+    layers, block_tokens = tiny_layer_errors()
+    quantized = [f for f in KV_FORMATS if f != "bf16"]
+    return {
+        "synthetic_output_error": synthetic,
+        "tiny_layer_output_error": layers,
+        "tiny_block_tokens": block_tokens,
+        "tiny_dit_max_abs_drift": {fmt: dit_drift(fmt)[0] for fmt in quantized},
+        "tiny_dit_max_abs_output": dit_drift("bf16")[1],
+        "tiny_pipeline_frames_psnr_db": {fmt: frames_psnr(fmt)[0] for fmt in quantized},
+    }
+
+
+def render(result: dict[str, object]) -> list[str]:
+    lines = ["device: CPU, tiny model with random weights; errors are ||out - out_bf16|| / ||out_bf16||"]
+    for case, errors in result["synthetic_output_error"].items():
+        lines.append(f"synthetic, key {case}:")
+        lines += [f"  {name:<66} {error:.4%}" for name, error in errors.items()]
+    lines.append(f"tiny DiT, per layer (block of {result['tiny_block_tokens']} tokens):")
+    for name, errors in result["tiny_layer_output_error"].items():
+        lines.append(f"  {name:<66} " + "  ".join(f"{e:.4%}" for e in errors))
+    for fmt, drift in result["tiny_dit_max_abs_drift"].items():
+        psnr = result["tiny_pipeline_frames_psnr_db"][fmt]
+        scale = result["tiny_dit_max_abs_output"]
+        lines.append(
+            f"whole run, {fmt} vs bf16 KV: DiT output max abs diff {drift:.4g} (outputs up to {scale:.3g}), "
+            f"frames PSNR {psnr:.2f} dB"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kv_formats", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    result = measure()
+    print("\n".join(render(result)))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

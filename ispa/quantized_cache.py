@@ -1,0 +1,195 @@
+"""KV storage formats by name: bf16 rings, or rings whose history is stored quantized.
+
+`kv_layer_factory("fp8")` gives the factory an `AttentionSession(kv_layer=...)` takes. A quantized layer keeps its
+sink in the model's dtype (small, and every layer keeps it) and each history block as codes plus scales
+(`ispa.kv_codecs`), one lazily allocated slot per block. `history()` dequantizes the valid slots into a buffer
+shared by all layers of one factory (one layer's ring of keys and values), so attention, the LSE merge and ISPA's
+statistics all see exactly the same dequantized history, and no forward allocates a history-sized tensor.
+
+The shared buffer means a history returned by one layer is valid until the next `history()` call on any layer of
+the same factory: the session attends to it and is done before the next layer runs. Build one factory per session.
+
+Formats (bytes of one history token, keys + values, at LiveAvatar-14B's 40 heads x 128):
+* bf16: 20,480 (today's `SinkRingLayer`).
+* fp8: e4m3 with a fp32 scale per token and head for keys and values: 10,560 (51.6 %).
+* int4: KIVI-style, keys per channel over groups of up to 32 tokens, values per token over groups of 32 channels,
+  fp16 min and step per group: 6,400 (31.3 %).
+The choices are measured, see `bench/kv_formats.py` and the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ispa.cache import CacheLayout, KVLayer, KVLayerFactory, SinkRingLayer, _TokenSpec
+from ispa.kv_codecs import BlockCodec, Fp8TokenCodec, Int4Codec
+
+__all__ = [
+    "KV_FORMATS",
+    "DequantizedHistory",
+    "QuantizedKVFactory",
+    "QuantizedRingLayer",
+    "history_bytes_per_token",
+    "int4_key_group",
+    "kv_history_bytes_per_block",
+    "kv_layer_factory",
+]
+
+INT4_MAX_GROUP = 32
+INT4_VALUE_GROUP = 32
+
+CodecPair = tuple[BlockCodec, BlockCodec]
+
+
+def int4_key_group(block_tokens: int, width: int) -> int:
+    """Token group of int4 keys: the largest size <= 32 that tiles a block and makes whole bytes per token.
+
+    `width` is batch x heads x head_dim; fp16 min and step per group cost 4 x width / group bytes per token.
+    """
+    for group in range(min(INT4_MAX_GROUP, block_tokens), 1, -1):
+        if block_tokens % group == 0 and (4 * width) % group == 0:
+            return group
+    raise ValueError(
+        f"int4 KV needs block_tokens with a divisor in [2, {INT4_MAX_GROUP}] that divides 4 x {width}; "
+        f"block_tokens={block_tokens} has none"
+    )
+
+
+def _fp8_codecs(layout: CacheLayout, spec: _TokenSpec) -> CodecPair:
+    return Fp8TokenCodec(), Fp8TokenCodec()
+
+
+def _int4_codecs(layout: CacheLayout, spec: _TokenSpec) -> CodecPair:
+    width = spec.batch * spec.heads * spec.head_dim
+    key = Int4Codec("tokens", int4_key_group(layout.block_tokens, width))
+    value_group = INT4_VALUE_GROUP if spec.head_dim % INT4_VALUE_GROUP == 0 else spec.head_dim
+    return key, Int4Codec("channels", value_group)
+
+
+CodecChooser = Callable[[CacheLayout, _TokenSpec], CodecPair]
+_QUANTIZED: dict[str, CodecChooser] = {"fp8": _fp8_codecs, "int4": _int4_codecs}
+KV_FORMATS = ("bf16", *_QUANTIZED)
+
+
+class DequantizedHistory:
+    """One reusable key and value buffer [B, history_tokens, H, D], allocated on first use, shared by layers."""
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self._spec: _TokenSpec | None = None
+
+    def views(self, spec: _TokenSpec, capacity: int, tokens: int) -> tuple[Tensor, Tensor]:
+        if self._k is None or self._spec != spec or self._k.shape[1] < capacity:
+            self._k, self._v, self._spec = spec.empty(capacity), spec.empty(capacity), spec
+        return self._k[:, :tokens], self._v[:, :tokens]
+
+    def nbytes(self) -> int:
+        return 0 if self._k is None else self._k.nbytes + self._v.nbytes
+
+
+class QuantizedRingLayer(SinkRingLayer):
+    """A `SinkRingLayer` whose history blocks are stored as codes plus scales, one slot per written block."""
+
+    def __init__(self, layout: CacheLayout, choose_codecs: CodecChooser, buffer: DequantizedHistory) -> None:
+        self._choose_codecs = choose_codecs
+        self._buffer = buffer
+        super().__init__(layout)
+
+    def reset(self) -> None:
+        super().reset()
+        self._codecs: CodecPair | None = None
+        self._slots: list[list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]] = [
+            [] for _ in range(self.layout.num_rings)
+        ]
+
+    @property
+    def codecs(self) -> CodecPair | None:
+        """(key codec, value codec), chosen when the first block arrives."""
+        return self._codecs
+
+    @property
+    def bytes_per_token(self) -> int | None:
+        """Bytes of one history token: codes plus its share of the scales (the sink is stored unquantized)."""
+        if self._spec is None:
+            return None
+        codecs = self._codecs or self._choose_codecs(self.layout, self._spec)
+        return kv_history_bytes_per_block(codecs, self.layout, self._spec) // self.layout.block_tokens
+
+    def nbytes(self) -> int:
+        stored = [t for ring in self._slots for k, v in ring for t in (*k, *v)]
+        return self.sink_nbytes() + sum(t.nbytes for t in stored)
+
+    def history(self, ring: int) -> tuple[Tensor, Tensor]:
+        """The valid history of `ring`, dequantized into the shared buffer (valid until the next `history`)."""
+        self._check_ring(ring)
+        slots = self._slots[ring][: self._filled[ring]]
+        if not slots:
+            return super().history(ring)
+        block = self.layout.block_tokens
+        k_out, v_out = self._buffer.views(self._spec, self.layout.history_tokens, len(slots) * block)
+        key_codec, value_codec = self._codecs
+        for index, (k_stored, v_stored) in enumerate(slots):
+            span = slice(index * block, (index + 1) * block)
+            key_codec.decode_into(k_stored, k_out[:, span])
+            value_codec.decode_into(v_stored, v_out[:, span])
+        return k_out, v_out
+
+    def _store_block(self, ring: int, slot: int, k: Tensor, v: Tensor, spec: _TokenSpec) -> None:
+        """Quantize the block into `slot` (a new slot while the ring fills; the old slot's tensors are dropped)."""
+        if self._codecs is None:
+            self._codecs = self._choose_codecs(self.layout, spec)
+        key_codec, value_codec = self._codecs
+        stored = (key_codec.encode(k), value_codec.encode(v))
+        if slot < len(self._slots[ring]):
+            self._slots[ring][slot] = stored
+        else:
+            self._slots[ring].append(stored)
+
+    def _drop_rings(self) -> None:
+        super()._drop_rings()
+        self._slots = [[] for _ in range(self.layout.num_rings)]
+
+
+def kv_history_bytes_per_block(codecs: CodecPair, layout: CacheLayout, spec: _TokenSpec) -> int:
+    """Bytes one stored history block (keys and values, codes plus scales) occupies."""
+    shape = (spec.batch, layout.block_tokens, spec.heads, spec.head_dim)
+    return codecs[0].block_nbytes(*shape) + codecs[1].block_nbytes(*shape)
+
+
+class QuantizedKVFactory:
+    """Builds the layers of one session in one quantized format; they share one `DequantizedHistory`."""
+
+    def __init__(self, kv_format: str) -> None:
+        self.kv_format = kv_format
+        self.buffer = DequantizedHistory()
+        self._choose = _QUANTIZED[kv_format]
+
+    def __call__(self, layout: CacheLayout) -> KVLayer:
+        return QuantizedRingLayer(layout, self._choose, self.buffer)
+
+
+def kv_layer_factory(kv_format: str) -> KVLayerFactory:
+    """The `kv_layer` factory for a format name in `KV_FORMATS`; call once per session (quantized layers share a
+    buffer within a session)."""
+    if kv_format == "bf16":
+        return SinkRingLayer
+    if kv_format not in _QUANTIZED:
+        raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {kv_format!r}")
+    return QuantizedKVFactory(kv_format)
+
+
+def history_bytes_per_token(
+    kv_format: str, layout: CacheLayout, batch: int, heads: int, head_dim: int
+) -> int:
+    """Bytes of one history token in `kv_format` for this layout and shape, without building any tensor."""
+    if kv_format == "bf16":
+        return 2 * batch * heads * head_dim * 2
+    if kv_format not in _QUANTIZED:
+        raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {kv_format!r}")
+    spec = _TokenSpec(batch, heads, head_dim, torch.bfloat16, torch.device("meta"))
+    codecs = _QUANTIZED[kv_format](layout, spec)
+    return kv_history_bytes_per_block(codecs, layout, spec) // layout.block_tokens
