@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-area", type=int, default=None, help="pixel budget of the video (default: model's)"
     )
     parser.add_argument("--fp8", action="store_true", help="FP8 linear layers (14b on Hopper/Ada GPUs)")
+    parser.add_argument(
+        "--refresh-sink",
+        action="store_true",
+        help="at clip 1, prefill the sink again with the first generated frame (official 5-GPU behaviour)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     return parser
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
     )
-    chunks = pipeline.stream(request, policy, max_area=args.max_area)
+    chunks = pipeline.stream(request, policy, max_area=args.max_area, refresh_sink=args.refresh_sink)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     writer = RunVideoWriter(args.out)
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
             "t_warm": args.t_warm,
             "lam": args.lam,
             "seed": args.seed,
+            "refresh_sink": args.refresh_sink,
         },
         "fps": FPS,
         "frames": frames,

@@ -20,10 +20,10 @@ at these positions. Against the official whole-clip features two things differ: 
 `j · (T−1)/(L−1)` run ahead of the nominal `j · 5/3` by a drift that grows linearly from 0 at the clip's start to
 between 2/3 and 7/3 steps at its end (set by the step count mod 5), unknowable while the clip grows; (2) context
 beyond the window is not seen. The defaults minimise the measured distance to the whole-clip features
-(`bench/live_audio_fidelity.py`, random-weight wav2vec2, clips of 5–20 s): an offset of half a step halves the
-drift on average (mean rel. Frobenius 0.45 → 0.33 over the five drift cases); 2 s of left context is as close as
-8 s (≤ 0.003 apart; 4 s kept, since the real model's attention may reach further); a lookahead of 1 s instead of
-0.2 s gained only ~0.02 for 0.8 s more latency. Latency: a group waits for `lookahead_s` of audio after its last
+(`bench/live_audio_fidelity.py`, random-weight wav2vec2, clips of 5–20 s): an offset of half a step (best of
+0, ¼, ½, ¾, 1) lowers the mean rel. Frobenius from 0.48 to 0.36 over the five drift cases; 2 s of left context
+is as close as 8 s (≤ 0.001 apart; 4 s kept, since the real model's attention may reach further); a lookahead of
+1 s instead of 0.2 s gained only 0.025 for 0.8 s more latency. Latency: a group waits for `lookahead_s` of audio after its last
 frame. The size of both parts with the real wav2vec2 weights is not measured (no weights offline).
 """
 
