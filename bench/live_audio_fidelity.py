@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
+from avatars.liveavatar.encoders.tiny import tiny_wav2vec2
 
 # 50 Hz step counts 249, 250, 501, 502, 1003: mod 5 = 4, 0, 1, 2, 3.
 LENGTHS_S = (5.0, 5.02, 10.04, 10.06, 20.08)
@@ -37,22 +37,9 @@ WINDOWS_S = ((1.0, 0.2), (2.0, 0.2), (4.0, 0.2), (8.0, 0.2), (4.0, 0.5), (4.0, 1
 
 
 def random_wav2vec2(seed: int = 0) -> AudioEncoder:
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,
-        num_conv_pos_embeddings=128,
-        num_conv_pos_embedding_groups=16,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        conv_bias=True,
-        vocab_size=32,
-    )
-    torch.manual_seed(seed)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, do_normalize=True)
-    return AudioEncoder(Wav2Vec2ForCTC(config).eval(), extractor)
+    """The tiny wav2vec2 made deeper, with the real 128-tap positional convolution, so windows matter."""
+    model = tiny_wav2vec2(seed, num_layers=4, conv_dim=32, positional_taps=128, positional_groups=16)
+    return AudioEncoder(*model)
 
 
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
