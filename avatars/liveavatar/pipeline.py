@@ -1,17 +1,19 @@
 """LiveAvatar streaming generation: a portrait and speech in, one chunk of video per 12-frame block out.
 
 The loop, per block k (latent frames 3k..3k+2, video frames 12k..12k+11 at 25 fps):
-1. the block's 12 wav2vec2 features (computed as the audio arrives) → the DiT's audio tokens, padded with the
-   block's first frame as the official loop does;
+1. the block's 12 wav2vec2 features (from one pass over the whole clip when it is known, else computed as the
+   audio arrives) → the DiT's audio tokens, padded with the block's first frame as the official loop does;
 2. noise for the block from the run's own generator — one draw per 4-block clip seeded `seed + clip`, the
    official single-GPU layout — then 4 Euler steps of the flow-matching schedule (shift 3), each attending
    through the ISPA session to the sink and to that step's own history ring;
 3. `session.end_block()`: the policy may absorb or recalibrate here, and reports the KV figures;
-4. the VAE decodes the block with its causal cache (warmed once with the motion latents, as the official
-   decode sees them in front of the first clip); the first block drops its first 3 frames as the official
-   pipeline does, and the last block is cut where the audio ends.
+4. the VAE decodes the block with its causal cache (warmed once with the last 19 motion latents, as the
+   official decode sees motion latents in front of the first clip); the first block drops its first 3 frames
+   as the official pipeline does, and the last block is cut where the audio ends.
+With `refresh_sink`, the sink is prefilled again before block 4 with block 0's first latent frame as reference.
 
-Nothing grows with video length: chunks are handed out, the audio buffers keep only what is still needed,
+Nothing grows with video length: chunks are handed out, the audio buffers of live input keep only what is
+still needed (audio known in full gets its features in one pass, as the official pipeline computes them),
 RoPE angles come from positions (no table to run off), and the KV history is the session's bounded rings.
 Each `stream()` call owns its session, decoder cache and random generators, so two runs (Full and ISPA with
 the same seed) can share one loaded model and be advanced alternately, block by block.
@@ -205,8 +207,8 @@ class LiveAvatarPipeline:
         decoder = self.vae.stream_decoder()
         try:
             dit.prefill_sink(session, ref_latent, motion_latents, context)
-            # Warm the causal cache on the 19 motion latents the sink sees (not all 92: 5× the decode for a
-            # still video whose latents have settled); those frames are not shown.
+            # Warm the causal cache on the 19 motion latents the sink sees, not all 92 (5× this decode; the
+            # difference is measured in the README's "Fidelity"); those frames are not shown.
             decoder.decode_block(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
             del ref_latent
             sink_refresh = _SinkRefresh(motion_latents) if refresh_sink else None
@@ -316,7 +318,6 @@ class _SinkRefresh:
 
     def prefill(self, dit: LiveAvatarDiT, session: AttentionSession, context: torch.Tensor) -> None:
         dit.prefill_sink(session, self.reference, self.motion_latents, context)
-        self.motion_latents = self.reference = None  # once per run
 
 
 class _AudioTimeline:
