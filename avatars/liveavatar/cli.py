@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="bf16",
         help="how the KV history is stored (ispa.quantized_cache)",
     )
+    parser.add_argument(
+        "--refresh-sink",
+        action="store_true",
+        help="at clip 1, prefill the sink again with the first generated frame (official 5-GPU behaviour)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     return parser
@@ -101,7 +106,9 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
     )
-    chunks = pipeline.stream(request, policy, max_area=args.max_area, kv_format=args.kv_format)
+    chunks = pipeline.stream(
+        request, policy, max_area=args.max_area, kv_format=args.kv_format, refresh_sink=args.refresh_sink
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     writer = RunVideoWriter(args.out)
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
             "lam": args.lam,
             "seed": args.seed,
             "kv_format": args.kv_format,
+            "refresh_sink": args.refresh_sink,
         },
         "fps": FPS,
         "frames": frames,

@@ -1,17 +1,19 @@
 """LiveAvatar streaming generation: a portrait and speech in, one chunk of video per 12-frame block out.
 
 The loop, per block k (latent frames 3k..3k+2, video frames 12k..12k+11 at 25 fps):
-1. the block's 12 wav2vec2 features (computed as the audio arrives) → the DiT's audio tokens, padded with the
-   block's first frame as the official loop does;
+1. the block's 12 wav2vec2 features (from one pass over the whole clip when it is known, else computed as the
+   audio arrives) → the DiT's audio tokens, padded with the block's first frame as the official loop does;
 2. noise for the block from the run's own generator — one draw per 4-block clip seeded `seed + clip`, the
    official single-GPU layout — then 4 Euler steps of the flow-matching schedule (shift 3), each attending
    through the ISPA session to the sink and to that step's own history ring;
 3. `session.end_block()`: the policy may absorb or recalibrate here, and reports the KV figures;
-4. the VAE decodes the block with its causal cache (warmed once with the motion latents, as the official
-   decode sees them in front of the first clip); the first block drops its first 3 frames as the official
-   pipeline does, and the last block is cut where the audio ends.
+4. the VAE decodes the block with its causal cache (warmed once with the last 19 motion latents, as the
+   official decode sees motion latents in front of the first clip); the first block drops its first 3 frames
+   as the official pipeline does, and the last block is cut where the audio ends.
+With `refresh_sink`, the sink is prefilled again before block 4 with block 0's first latent frame as reference.
 
-Nothing grows with video length: chunks are handed out, the audio buffers keep only what is still needed,
+Nothing grows with video length: chunks are handed out, the audio buffers of live input keep only what is
+still needed (audio known in full gets its features in one pass, as the official pipeline computes them),
 RoPE angles come from positions (no table to run off), and the KV history is the session's bounded rings.
 Each `stream()` call owns its session, decoder cache and random generators, so two runs (Full and ISPA with
 the same seed) can share one loaded model and be advanced alternately, block by block.
@@ -24,6 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,7 +45,8 @@ from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
-from avatars.liveavatar.encoders.vae import MOTION_FRAMES, StreamingDecoder, WanVAE
+from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder, WanVAE
+from avatars.liveavatar.portrait_latents import PortraitLatentCache
 from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
 from avatars.media.audio import pcm_to_float32
@@ -55,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 SCHEDULE_SHIFT = 3.0
 REF_SHIFT_RANGE = (4, 30)  # the official `random.randint(4, 30)`, redrawn every forward
-AUDIO_PIECE_SECONDS = 1.0  # whole-file audio is fed to the feature encoder in pieces of this length
 
 
 class RunControl:
@@ -116,6 +119,7 @@ class LiveAvatarPipeline:
         sigmas = flow_match_sigmas(DENOISING_STEPS, SCHEDULE_SHIFT)
         self._sigmas = sigmas.tolist()
         self._timesteps = timesteps_from_sigmas(sigmas).tolist()
+        self.portrait_latents = PortraitLatentCache(vae)
 
     @property
     def device(self) -> torch.device:
@@ -140,11 +144,14 @@ class LiveAvatarPipeline:
         max_area: int | None = None,
         control: RunControl | None = None,
         kv_format: str = "bf16",
+        refresh_sink: bool = False,
     ) -> Iterator[AvatarChunk]:
         """Generate chunk by chunk. Bad input raises ValueError before anything runs.
 
         Closing the generator (or `control.cancel()`, honoured between blocks) ends the run and frees what it
-        held on the device.
+        held on the device. `refresh_sink`: at the start of clip 1 (block 4), prefill the sink again with the
+        first generated latent frame as its reference, as the official 5-GPU pipeline does (and the single-GPU
+        one with `--enable_online_decode`); off by default, as in the official single-GPU scripts.
         """
         portrait = _check_portrait(request.portrait)
         check_positive_int(request.sample_rate, "sample_rate")
@@ -153,8 +160,10 @@ class LiveAvatarPipeline:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an ISPA Policy (FullPolicy or ISPAPolicy), got {policy!r}")
         kv_layer = kv_layer_factory(kv_format)  # `kv_format`: one of ispa.quantized_cache.KV_FORMATS
+        if not isinstance(refresh_sink, bool):
+            raise ValueError(f"refresh_sink must be True or False, got {refresh_sink!r}")
         height, width = self.output_size(portrait, max_area)
-        return self._run(request, policy, height, width, control or RunControl(), kv_layer)
+        return self._run(request, policy, height, width, control or RunControl(), kv_layer, refresh_sink)
 
     def _run(
         self,
@@ -164,16 +173,18 @@ class LiveAvatarPipeline:
         width: int,
         control: RunControl,
         kv_layer: KVLayerFactory,
+        refresh_sink: bool,
     ) -> Iterator[AvatarChunk]:
         dit, device = self.dit, self.device
         audio = _AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
         fitted = fit_portrait(request.portrait, height, width)
         latent_h, latent_w = height // 8, width // 8
 
-        # 1. Conditioning: text, reference latent, motion latents
+        # 1. Conditioning: text, and the portrait's reference and motion latents (encoded once per portrait)
         context = dit.embed_text(self.text_encoder.encode(request.prompt)[None].to(device))
-        ref_latent = self.vae.encode_reference(fitted).to(device)
-        motion_latents = self.vae.encode_motion(fitted, MOTION_FRAMES).to(device)
+        portrait_latents = self.portrait_latents.get(fitted)
+        ref_latent = portrait_latents.reference.to(device)
+        motion_latents = portrait_latents.motion.to(device)
 
         # 2. The run's KV state and sink
         layout = cache_layout(dit.tokens_per_frame(latent_h, latent_w))
@@ -181,10 +192,14 @@ class LiveAvatarPipeline:
         decoder = self.vae.stream_decoder()
         try:
             dit.prefill_sink(session, ref_latent, motion_latents, context)
-            decoder.decode_block(motion_latents)  # warms the causal cache; those frames are not shown
-            del ref_latent, motion_latents
+            # Warm the causal cache on the 19 motion latents the sink sees, not all 92 (5× this decode; the
+            # difference is measured in the README's "Fidelity"); those frames are not shown.
+            decoder.decode_block(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
+            del ref_latent
+            sink_refresh = _SinkRefresh(motion_latents) if refresh_sink else None
+            del motion_latents
             yield from self._blocks(
-                request.seed, session, decoder, audio, context, latent_h, latent_w, control
+                request.seed, session, decoder, audio, context, latent_h, latent_w, control, sink_refresh
             )
         finally:
             session.close()
@@ -202,6 +217,7 @@ class LiveAvatarPipeline:
         latent_h: int,
         latent_w: int,
         control: RunControl,
+        sink_refresh: _SinkRefresh | None,
     ) -> Iterator[AvatarChunk]:
         dit, device = self.dit, self.device
         ref_shifts = random.Random(seed)
@@ -213,6 +229,9 @@ class LiveAvatarPipeline:
             if control.take_recalibration():
                 session.request_recalibration()
             started = time.perf_counter()
+
+            if sink_refresh is not None and block == BLOCKS_PER_CLIP:
+                sink_refresh.prefill(dit, session, context)
 
             # 1. Noise: one draw per clip of 4 blocks, from the run's own generator
             within_clip = block % BLOCKS_PER_CLIP
@@ -239,6 +258,8 @@ class LiveAvatarPipeline:
                 )
                 latents = euler_step(latents, flow, self._sigmas[step], self._sigmas[step + 1])
             report = session.end_block()
+            if sink_refresh is not None and block == 0:
+                sink_refresh.reference = latents[:, :, :1]
             _synchronize(device)
             model_seconds = time.perf_counter() - started
 
@@ -271,32 +292,51 @@ class LiveAvatarPipeline:
             )
 
 
+@dataclass
+class _SinkRefresh:
+    """What the sink refresh at clip 1 needs: the motion latents of the first prefill and the new reference."""
+
+    motion_latents: torch.Tensor
+    reference: torch.Tensor | None = None  # the first generated latent frame, set after block 0
+
+    def prefill(self, dit: LiveAvatarDiT, session: AttentionSession, context: torch.Tensor) -> None:
+        dit.prefill_sink(session, self.reference, self.motion_latents, context)
+
+
 class _AudioTimeline:
     """The request's audio as it arrives: wav2vec2 features in blocks of 12 frames, and raw slices per chunk.
 
-    Whole-file audio and live pieces take the same path (the streaming feature encoder), so a live run
-    equals an offline run of the same audio. Raw samples are kept only until their chunk is handed out.
+    Whole audio (an array) gets the official features: one wav2vec2 pass over the clip
+    (`AudioEncoder.frame_features`, bit-equal to the official computation). Live audio (an iterable of pieces)
+    goes through the streaming encoder at its default settings, chosen by `bench/live_audio_fidelity.py` to
+    stay closest to the whole-clip features; that path keeps its buffers bounded. Raw samples are kept only
+    until their chunk is handed out.
     """
 
     def __init__(
         self, audio: np.ndarray | Iterable[np.ndarray], sample_rate: int, encoder: AudioEncoder
     ) -> None:
         self.sample_rate = sample_rate
-        self._encoder = StreamingAudioEncoder(encoder, sample_rate, group_frames=VIDEO_FRAMES_PER_BLOCK)
+        self._whole_clip_encoder = encoder
+        self._whole: np.ndarray | None = None
         if isinstance(audio, np.ndarray):
-            whole = pcm_to_float32(audio)
-            if whole.size == 0:
+            self._whole = pcm_to_float32(audio)
+            if self._whole.size == 0:
                 raise ValueError("audio is empty (zero samples)")
-            step = max(1, round(AUDIO_PIECE_SECONDS * sample_rate))
-            self._pieces: Iterable[np.ndarray] = (whole[i : i + step] for i in range(0, whole.size, step))
         else:
             self._pieces = audio
+            self._encoder = StreamingAudioEncoder(encoder, sample_rate, group_frames=VIDEO_FRAMES_PER_BLOCK)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._buffer_start = 0  # sample index of _buffer[0]
         self._features = None  # features not yet handed out, [n, layers, dim]
 
     def feature_blocks(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(features [12, layers, dim], frames with real audio) per block, as soon as each is computable."""
+        if self._whole is not None:
+            self._buffer = self._whole
+            features = self._whole_clip_encoder.frame_features(self._whole, self.sample_rate)
+            yield from self._take(features, final=True)
+            return
         for piece in self._pieces:
             if piece is None:
                 break

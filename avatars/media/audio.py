@@ -81,13 +81,14 @@ def read_audio_file(path: str | Path, *, max_seconds: float | None = None) -> tu
 
 
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Band-limited resampling of mono float32, trimmed or padded to exactly round(duration · target_rate)."""
+    """Band-limited resampling of mono float32 to ceil(duration · target_rate) samples: what `librosa.load(sr=)`
+    returns, so whole-clip features equal the official pipeline's (which loads its audio that way)."""
     if rate == target_rate:
         return samples
     import soxr
 
     out = soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32)
-    want = round(len(samples) * target_rate / rate)
+    want = math.ceil(len(samples) * target_rate / rate)
     if len(out) >= want:
         return out[:want]
     return np.pad(out, (0, want - len(out)))

@@ -58,6 +58,7 @@ def test_cli_writes_mp4_with_audio_and_report(tmp_path, short_speech):
     report = json.loads(report_path.read_text())
     assert report["model"] == "tiny" and report["policy"] == "ispa" and report["fps"] == 25
     assert "untrained" in report["model_label"]
+    assert report["settings"]["refresh_sink"] is False
     assert all(set(block) >= BLOCK_KEYS for block in report["blocks"])
     assert report["frames"] == sum(block["frames"] for block in report["blocks"])
     phases = [block["phase"] for block in report["blocks"]]
@@ -75,12 +76,17 @@ def test_cli_writes_mp4_with_audio_and_report(tmp_path, short_speech):
     assert abs(samples - frames / 25 * rate) <= 1024 + 2  # within one AAC frame (encoder priming trimmed)
 
 
-def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe):
+def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe, monkeypatch):
     out, report_path = tmp_path / "v.mp4", tmp_path / "r.json"
     argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
-            "--out", str(out), "--report", str(report_path)]  # fmt: skip
+            "--refresh-sink", "--out", str(out), "--report", str(report_path)]  # fmt: skip
+    prefills = []
+    prefill_sink = pipe.dit.prefill_sink
+    monkeypatch.setattr(pipe.dit, "prefill_sink", lambda *a: prefills.append(a) or prefill_sink(*a))
     assert main(argv, pipeline=pipe) == 0
     report = json.loads(report_path.read_text())
+    assert report["settings"]["refresh_sink"] is True
+    assert len(report["blocks"]) > 4 and len(prefills) == 2  # the flag reached the run: refreshed at clip 1
     assert {block["phase"] for block in report["blocks"]} == {"full"}
     assert all(block["l_layers"] == [] for block in report["blocks"])
     assert report["blocks"][-1]["kv_bytes"] == report["blocks"][-1]["kv_bytes_full_ring"]

@@ -64,7 +64,7 @@ def test_window_covering_the_clip_equals_whole_clip_hidden_states(encoder):
     assert counts[-1] == streamed.shape[0]  # nothing is ready before the end
     hidden = encoder.hidden_states(audio)  # [layers, T, dim]
     k = np.arange(streamed.shape[0])
-    position = ((6 * k + 2) // 5) * (50 / 30)  # nominal 50 Hz position of video frame k
+    position = ((6 * k + 2) // 5) * (50 / 30) + 0.5  # nominal 50 Hz position of video frame k + the offset
     low = np.minimum(np.floor(position).astype(int), hidden.shape[1] - 1)
     high = np.minimum(low + 1, hidden.shape[1] - 1)
     w = torch.tensor(position - low, dtype=torch.float32)[None, :, None]

@@ -47,7 +47,7 @@ def test_reference_and_motion_latents_follow_the_official_recipe(vae):
     reference = vae.encode_reference(portrait)
     motion = vae.encode_motion(portrait)
     assert reference.shape == (1, 16, 1, 4, 4)
-    assert motion.shape == (1, 16, 19, 4, 4)  # 73 frames → 1 + 72/4 latent frames
+    assert motion.shape == (1, 16, 92, 4, 4)  # the 5-frame reference repeated 73×: 365 frames → 1 + 364/4
 
     pixels = portrait_to_tensor(portrait)
     assert pixels.shape == (1, 3, 1, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
@@ -57,6 +57,18 @@ def test_reference_and_motion_latents_follow_the_official_recipe(vae):
     torch.testing.assert_close(reference, (mu - mean) / std, rtol=1e-5, atol=1e-5)
     # a still video's latents after the first settle: the reference (latent 1 of 5 frames) is motion latent 1
     torch.testing.assert_close(reference[:, :, 0], motion[:, :, 1], rtol=1e-4, atol=1e-4)
+    reference_video = pixels.repeat(1, 1, 5, 1, 1)
+    torch.testing.assert_close(motion, vae.encode(reference_video.repeat(1, 1, 73, 1, 1)), rtol=0, atol=0)
+
+
+def test_framepack_window_of_the_official_motion_differs_from_a_73_frame_encode(vae):
+    """The 19 latents FramePack reads: steady-state ones of the 365-frame encode, not a 19-latent encode's."""
+    portrait = _portrait(seed=2)
+    official = vae.encode_motion(portrait)[:, :, -19:]
+    short = vae.encode_motion(portrait, motion_frames=73)
+    assert short.shape == official.shape
+    # Latent 0 of the short encode is a one-image latent; the 365-frame window has none.
+    assert not torch.allclose(short[:, :, 0], official[:, :, 0], rtol=1e-3, atol=1e-3)
 
 
 def test_decode_inverts_the_normalisation(vae):

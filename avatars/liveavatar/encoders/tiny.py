@@ -66,16 +66,26 @@ _WORDS = [
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 
-def tiny_wav2vec2(seed: int = 0) -> tuple[Wav2Vec2ForCTC, Wav2Vec2FeatureExtractor]:
-    """A CTC wav2vec2 with the large model's layout (stable layer norm) but 32 wide and 2 layers deep."""
+def tiny_wav2vec2(
+    seed: int = 0,
+    *,
+    num_layers: int = TINY_AUDIO_LAYERS,
+    conv_dim: int = 16,
+    positional_taps: int = 16,
+    positional_groups: int = 2,
+) -> tuple[Wav2Vec2ForCTC, Wav2Vec2FeatureExtractor]:
+    """A CTC wav2vec2 with the large model's layout (stable layer norm) but 32 wide and 2 layers deep.
+
+    The keywords give a deeper variant with the real 128-tap positional convolution for measurements.
+    """
     config = Wav2Vec2Config(
         hidden_size=TINY_AUDIO_DIM,
-        num_hidden_layers=TINY_AUDIO_LAYERS,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
+        conv_dim=(conv_dim,) * 7,
+        num_conv_pos_embeddings=positional_taps,
+        num_conv_pos_embedding_groups=positional_groups,
         feat_extract_norm="layer",
         do_stable_layer_norm=True,
         conv_bias=True,

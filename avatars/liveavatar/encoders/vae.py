@@ -1,9 +1,11 @@
 """The Wan2.1 VAE (diffusers `AutoencoderKLWan`): portrait latents in, streamed video frames out.
 
-Encoding follows the official single-GPU pipeline: the portrait, as a [-1, 1] tensor, is repeated 5 frames and
-encoded, and latent frame 1 is kept (frame 0 of a causal encode sees only the first image); the motion context
-is the portrait repeated `motion_frames` (73) times, 19 latent frames. Latents are the posterior mean,
-normalised as `(mu - latents_mean) / latents_std`.
+Encoding follows the official single-GPU pipeline (`causal_s2v_pipeline.py`): the portrait, as a [-1, 1] tensor,
+is repeated 5 frames and encoded, and latent frame 1 is kept (frame 0 of a causal encode sees only the first
+image). The motion context is that 5-frame reference repeated `motion_frames` (73) times, a still video of 365
+frames → 92 latent frames, of which FramePack reads the last 19. (The 5-GPU pipeline instead encodes 73 frames and
+a 1-frame reference; this module does not follow it.) Latents are the posterior mean, normalised as
+`(mu - latents_mean) / latents_std`.
 
 Decoding streams: the decoder's causal 3-D convolutions keep a cache of their last input frames, and diffusers'
 own `decode` already walks the latent frames one by one through that cache. `StreamingDecoder` keeps the cache
@@ -23,7 +25,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from avatars.media.portrait import check_rgb_image
 
 REFERENCE_REPEAT = 5  # frames the portrait is repeated for its reference latent
-MOTION_FRAMES = 73  # video frames of motion context (19 latent frames)
+MOTION_FRAMES = 73  # the official `motion_frames`: FramePack reads (73 + 3) // 4 = 19 latent frames
+# The single-GPU pipeline repeats the already 5-frame reference 73 times: 365 frames, 92 latent frames.
+MOTION_VIDEO_FRAMES = REFERENCE_REPEAT * MOTION_FRAMES
+MOTION_LATENT_FRAMES = (MOTION_FRAMES + 3) // 4  # 19
 
 
 def portrait_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -76,8 +81,11 @@ class WanVAE:
         """The reference latent [1, z, 1, h, w]: portrait repeated 5 frames, latent frame 1 kept."""
         return self.encode(portrait_to_tensor(portrait).repeat(1, 1, REFERENCE_REPEAT, 1, 1))[:, :, 1:]
 
-    def encode_motion(self, portrait: np.ndarray, motion_frames: int = MOTION_FRAMES) -> torch.Tensor:
-        """Motion-context latents [1, z, (motion_frames+3)//4, h, w] of a still video of the portrait."""
+    def encode_motion(self, portrait: np.ndarray, motion_frames: int = MOTION_VIDEO_FRAMES) -> torch.Tensor:
+        """Motion-context latents [1, z, (motion_frames+3)//4, h, w] of a still video of the portrait.
+
+        The default is the single-GPU pipeline's 365 frames (92 latents); the DiT's FramePack keeps the last 19.
+        """
         if motion_frames < 1 or motion_frames % 4 != 1:
             raise ValueError(f"motion_frames must be 1 more than a multiple of 4, got {motion_frames}")
         return self.encode(portrait_to_tensor(portrait).repeat(1, 1, motion_frames, 1, 1))
