@@ -75,7 +75,12 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                 seed=spec.settings.seed,
             )
             streams[name] = pipe.stream(
-                request, policy=policy, max_area=spec.max_area, control=controls[name]
+                request,
+                policy=policy,
+                max_area=spec.max_area,
+                control=controls[name],
+                kv_format=spec.kv_format,
+                refresh_sink=spec.refresh_sink,
             )
         for step in _lockstep(streams):
             panels.add(step)

@@ -15,7 +15,7 @@ import numpy as np
 
 from app import tts
 from app.validation import Settings, ValidationError, validate_audio, validate_portrait, validate_settings
-from ispa import FullPolicy, ISPAPolicy, Policy, make_policy
+from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy, make_policy
 
 ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
 POLICY_CHOICES = (ISPA, FULL, COMPARE)
@@ -36,6 +36,8 @@ class EngineChoices:
     seed: Any
     size: Any
     model: Any
+    kv_format: Any = "bf16"
+    refresh_sink: Any = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class RunSpec:
     settings: Settings
     size_label: str
     max_area: int
+    kv_format: str = "bf16"  # one of ispa.KV_FORMATS: how the KV history is stored
+    refresh_sink: bool = False  # prefill the sink again at clip 1 (the official 5-GPU pipeline's behaviour)
     warnings: list[str] = field(default_factory=list)
 
     def policies(self) -> list[tuple[str, Policy]]:
@@ -83,6 +87,18 @@ def check_prompt(prompt: Any) -> str:
     return text
 
 
+def check_kv_format(kv_format: Any) -> str:
+    if not isinstance(kv_format, str) or kv_format not in KV_FORMATS:
+        raise ValidationError(f"The KV-cache format must be one of: {', '.join(KV_FORMATS)}.")
+    return kv_format
+
+
+def check_refresh_sink(refresh_sink: Any) -> bool:
+    if not isinstance(refresh_sink, bool):
+        raise ValidationError("The sink refresh must be on or off (true or false).")
+    return refresh_sink
+
+
 def choose_size(size: Any, size_choices: Sequence[tuple[str, int]]) -> tuple[str, int]:
     """(label, max_area) for a size label from the dropdown; "default" is the model's first choice."""
     if not size_choices:
@@ -111,6 +127,8 @@ def prepare_run(
     size_choices: Sequence[tuple[str, int]],
     sample_rate: int,
     speech_dir: Path,
+    kv_format: Any = "bf16",
+    refresh_sink: Any = False,
     live: bool = False,
 ) -> RunSpec:
     """Check every input; speech comes from the audio file, else from `text` (synthesised into `speech_dir`),
@@ -119,6 +137,8 @@ def prepare_run(
     prompt_text = check_prompt(prompt)
     settings = validate_settings(k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed)
     size_label, max_area = choose_size(size, size_choices)
+    kv_format = check_kv_format(kv_format)
+    refresh_sink = check_refresh_sink(refresh_sink)
     portrait_check = validate_portrait(portrait)
     notes = [*settings.warnings, *portrait_check.warnings]
     samples, source = None, "live"
@@ -135,6 +155,8 @@ def prepare_run(
         settings=settings,
         size_label=size_label,
         max_area=max_area,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
         warnings=notes,
     )
 

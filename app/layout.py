@@ -18,7 +18,7 @@ from app.inputs import DEFAULT_SIZE, ISPA, POLICY_CHOICES
 from app.models import MODEL_LABELS, REAL_MODEL
 from app.panels import LAYER_MAP_PLACEHOLDER, SUMMARY_PLACEHOLDER
 from app.portrait_input import portrait_image
-from ispa import ISPAPolicy
+from ispa import KV_FORMATS, ISPAPolicy
 
 T = TypeVar("T")
 
@@ -74,6 +74,8 @@ class InputControls:
     seed: gr.Number
     size: gr.Dropdown
     model: gr.Radio
+    kv_format: gr.Dropdown
+    refresh_sink: gr.Checkbox
     generate: gr.Button
     stop: gr.Button
     recalibrate: gr.Button
@@ -145,6 +147,18 @@ def input_column(
             interactive=real_reason is None,
             info=f"14B unavailable: {real_reason}" if real_reason else None,
         )
+        kv_format = gr.Dropdown(
+            list(KV_FORMATS),
+            value="bf16",
+            label="KV-cache format",
+            info="How the history is stored: bf16 as the model computes it, fp8 (about half), int4 (about a "
+            "quarter); the sink stays bf16.",
+        )
+        refresh_sink = gr.Checkbox(
+            value=False,
+            label="Refresh the sink at clip 1",
+            info="Prefill the sink again with the first generated frame, as the official 5-GPU pipeline does.",
+        )
     with gr.Accordion("Live mode (microphone)", open=False, visible=live_mode):
         gr.Markdown(LIVE_HELP)
         live_mic = gr.Audio(
@@ -166,6 +180,8 @@ def input_column(
         seed=seed,
         size=size,
         model=model,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
         generate=generate,
         stop=stop,
         recalibrate=recalibrate,

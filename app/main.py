@@ -96,11 +96,21 @@ def generate(
     model: str,
     lam: float = ISPAPolicy.lam,
     size: str = DEFAULT_SIZE,
+    kv_format: str = "bf16",
+    refresh_sink: bool = False,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video."""
     choices = EngineChoices(
-        policy=policy, k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed, size=size, model=model
+        policy=policy,
+        k_fraction=k_fraction,
+        t_warm=t_warm,
+        lam=lam,
+        seed=seed,
+        size=size,
+        model=model,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
     )
     yield from _generate(request, choices, portrait=portrait, prompt=prompt, audio=audio, text=text)
 
@@ -115,11 +125,21 @@ def generate_live(
     model: str,
     lam: float = ISPAPolicy.lam,
     size: str = DEFAULT_SIZE,
+    kv_format: str = "bf16",
+    refresh_sink: bool = False,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Live mode: generate while the microphone streams into this session's feed."""
     choices = EngineChoices(
-        policy=policy, k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed, size=size, model=model
+        policy=policy,
+        k_fraction=k_fraction,
+        t_warm=t_warm,
+        lam=lam,
+        seed=seed,
+        size=size,
+        model=model,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
     )
     yield from _generate(request, choices, portrait=portrait, prompt=prompt, live=True)
 
@@ -169,6 +189,8 @@ def _prepare(
         lam=choices.lam,
         seed=choices.seed,
         size=choices.size,
+        kv_format=choices.kv_format,
+        refresh_sink=choices.refresh_sink,
         size_choices=pipe.size_choices(),
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),

@@ -189,6 +189,8 @@ def run_report(
             "seed": settings.seed,
             "size": spec.size_label,
             "max_area": spec.max_area,
+            "kv_format": spec.kv_format,
+            "refresh_sink": spec.refresh_sink,
         },
         "stopped_early": stopped_early,
         "first_video_after_s": first_video_s,

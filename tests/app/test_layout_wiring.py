@@ -70,5 +70,7 @@ def check_wiring(demo, handler, dep) -> None:
         "model": "Model",
         "lam": "λ (ridge regulariser of the absorb)",
         "size": "Size",
+        "kv_format": "KV-cache format",
+        "refresh_sink": "Refresh the sink at clip 1",
     }
     assert [label(demo, i) for i in dep["inputs"]] == [by_label[name] for name in parameters]

@@ -53,6 +53,8 @@ def submit(
     seed=1,
     model="tiny",
     size=SMALL,
+    kv_format="bf16",
+    refresh_sink=False,
 ):
     return client.submit(
         handle_file(str(portrait)) if portrait else None,
@@ -66,6 +68,8 @@ def submit(
         model,
         1e-3,
         size,
+        kv_format,
+        refresh_sink,
         api_name="/generate",
     )
 
@@ -195,6 +199,22 @@ def test_full_run_never_turns_a_layer_local(client, examples_dir: Path, tmp_path
     check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
 
 
+def test_the_kv_format_and_the_sink_refresh_reach_the_engine(
+    client, examples_dir: Path, tmp_path: Path
+) -> None:
+    speech = speech_clip(examples_dir, tmp_path, 1.0)
+    portrait = examples_dir / "fashion_blogger.jpg"
+    bf16 = run(client, portrait, speech, policy="Full")[-1][REPORT]
+    fp8 = run(client, portrait, speech, policy="Full", kv_format="fp8", refresh_sink=True)[-1][REPORT]
+    assert (bf16["settings"]["kv_format"], bf16["settings"]["refresh_sink"]) == ("bf16", False)
+    assert (fp8["settings"]["kv_format"], fp8["settings"]["refresh_sink"]) == ("fp8", True)
+    bf16_kv = [c["kv_bytes"] for c in bf16["runs"]["Full"]["chunks"]]
+    fp8_kv = [c["kv_bytes"] for c in fp8["runs"]["Full"]["chunks"]]
+    assert len(bf16_kv) == len(fp8_kv) >= 2
+    # The sink stays as computed; the history is stored in about a byte per value plus its scales.
+    assert all(0 < f < b for f, b in zip(fp8_kv, bf16_kv, strict=True))
+
+
 def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Path, tmp_path: Path) -> None:
     speech = speech_clip(examples_dir, tmp_path, 2.0)
     outputs = run(client, examples_dir / "fashion_blogger.jpg", speech, policy="Compare")
@@ -258,6 +278,7 @@ def bad_requests(examples_dir: Path, tmp_path: Path) -> list[tuple[dict, str]]:
         ({"portrait": portrait, "audio": None, "text": "word " * 120}, "The text is 599 characters long"),
         ({"portrait": portrait, "audio": speech, "seed": -1}, "The seed must be between 0 and"),
         ({"portrait": portrait, "audio": speech, "size": "huge"}, "The size must be 'default' or one of"),
+        ({"portrait": portrait, "audio": speech, "kv_format": "int3"}, "The KV-cache format must be one of"),
         ({"portrait": portrait, "audio": speech, "k": 0}, "less than minimum value"),
     ]
     reason = model_availability().get("14b")
