@@ -31,6 +31,7 @@ from app.models import (
     get_pipeline,
     hide_paths,
     model_availability,
+    usable_sizes,
 )
 from app.sessions import SESSIONS, ActiveRun
 from app.tts import TextToSpeechError
@@ -178,6 +179,9 @@ def _prepare(
     live: bool,
 ) -> RunSpec:
     pipe = get_pipeline(check_model(choices.model))
+    sizes, too_big = usable_sizes(choices.model, pipe)
+    if not sizes:
+        raise ValidationError("No size of this model fits this GPU: " + "; ".join(too_big))
     spec = prepare_run(
         portrait=portrait,
         audio=audio,
@@ -191,7 +195,7 @@ def _prepare(
         size=choices.size,
         kv_format=choices.kv_format,
         refresh_sink=choices.refresh_sink,
-        size_choices=pipe.size_choices(),
+        size_choices=sizes,
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),
         live=live,
@@ -269,9 +273,9 @@ def refresh_sizes(model: str) -> Any:
         pipe = get_pipeline(check_model(model))
     except ValidationError:
         return gr.skip()
-    return gr.Dropdown(
-        choices=[DEFAULT_SIZE, *(label for label, _ in pipe.size_choices())], value=DEFAULT_SIZE
-    )
+    sizes, too_big = usable_sizes(model, pipe)
+    note = "Left out, by the memory plan: " + "; ".join(too_big) if too_big else None
+    return gr.Dropdown(choices=[DEFAULT_SIZE, *(label for label, _ in sizes)], value=DEFAULT_SIZE, info=note)
 
 
 # ---------------------------------------------------------------------------------------------------- layout

@@ -11,6 +11,7 @@ import re
 import threading
 from functools import lru_cache
 
+from app.gpu_sizes import sizes_for_gpu
 from app.validation import ValidationError
 from avatars.liveavatar.loading import available_models, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
@@ -58,6 +59,13 @@ def get_pipeline(name: str) -> LiveAvatarPipeline:
         if name not in _loaded:
             _loaded[name] = load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8())
         return _loaded[name]
+
+
+def usable_sizes(name: str, pipe: LiveAvatarPipeline) -> tuple[list[tuple[str, int]], list[str]]:
+    """The sizes of `pipe` this machine can run (all of them for the test model), and why any others cannot."""
+    if name != REAL_MODEL:
+        return pipe.size_choices(), []
+    return sizes_for_gpu(pipe.size_choices(), pipe.size_divisor, fp8_weights=wants_fp8())
 
 
 def wants_fp8() -> bool:

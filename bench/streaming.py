@@ -73,7 +73,15 @@ from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 from avatars.liveavatar.weights.memory import kv_cache_bytes, kv_cache_bytes_after_absorb
 from bench.attention import device_name, median_seconds
 from bench.random_pipeline import LIVEAVATAR_14B, build_random_pipeline
-from ispa import FullPolicy, ISPAPolicy, Policy, attention_with_lse, merge_attention, statistics_nbytes
+from ispa import (
+    KV_FORMATS,
+    FullPolicy,
+    ISPAPolicy,
+    Policy,
+    attention_with_lse,
+    merge_attention,
+    statistics_nbytes,
+)
 
 PORTRAIT_SHAPES = {
     "tiny": (128, 64),
@@ -94,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k-fraction", type=float, default=0.5, help="ISPA: share of layers made local")
     parser.add_argument("--t-warm", type=int, default=12, help="ISPA: warmup in latent frames (3 per block)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kv-format", choices=KV_FORMATS, default="bf16", help="how both runs store their KV history"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = parser.parse_args(argv)
     if args.blocks < 1:
@@ -144,6 +155,7 @@ def run_policy(
     blocks: int,
     warmup_blocks: int,
     on_block: Callable[[dict[str, Any]], None] | None = None,
+    kv_format: str = "bf16",
 ) -> dict[str, Any]:
     """Stream `blocks` chunks; per-block figures, plus CUDA peaks before and after the absorb block's end.
 
@@ -156,7 +168,7 @@ def run_policy(
         torch.cuda.reset_peak_memory_stats(pipe.device)
     rows: list[dict[str, Any]] = []
     peak_warmup = peak_after = None
-    stream = pipe.stream(request, policy)
+    stream = pipe.stream(request, policy, kv_format=kv_format)
     try:
         for chunk in itertools.islice(stream, blocks):
             engine, timings = chunk.report.engine, chunk.report.timings
@@ -265,7 +277,9 @@ def decomposition_seconds(pipe: LiveAvatarPipeline, height: int, width: int) -> 
     }
 
 
-def predictions(pipe: LiveAvatarPipeline, height: int, width: int, k_fraction: float) -> dict[str, int]:
+def predictions(
+    pipe: LiveAvatarPipeline, height: int, width: int, k_fraction: float, kv_format: str = "bf16"
+) -> dict[str, int]:
     config = pipe.dit.config
     latent_h, latent_w = height // 8, width // 8
     sizes = {
@@ -274,6 +288,8 @@ def predictions(pipe: LiveAvatarPipeline, height: int, width: int, k_fraction: f
         "sink_tokens": pipe.dit.sink_token_count(latent_h, latent_w),
         "block_tokens": LATENT_FRAMES_PER_BLOCK * pipe.dit.tokens_per_frame(latent_h, latent_w),
         "bytes_per_value": pipe.dit.dtype.itemsize,
+        "kv_format": kv_format,
+        "heads": config.num_heads,
     }
     return {
         "kv_bytes_full": kv_cache_bytes(**sizes),
@@ -299,11 +315,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup_blocks = math.ceil(args.t_warm / LATENT_FRAMES_PER_BLOCK)
     print(
         f"device: {device_name(pipe.device)}  torch {torch.__version__}  model: {args.model}"
-        f"{' fp8' if args.fp8 else ''}  video: {height}x{width}  (rows as measured; summary at the end)",
+        f"{' fp8' if args.fp8 else ''}  KV: {args.kv_format}  video: {height}x{width}"
+        "  (rows as measured; summary at the end)",
         flush=True,
     )
     full = run_policy(
-        pipe, request, FullPolicy(), args.blocks, warmup_blocks, lambda row: print_block_row("Full", row)
+        pipe,
+        request,
+        FullPolicy(),
+        args.blocks,
+        warmup_blocks,
+        lambda row: print_block_row("Full", row),
+        kv_format=args.kv_format,
     )
     ispa = run_policy(
         pipe,
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.blocks,
         warmup_blocks,
         lambda row: print_block_row("ISPA", row),
+        kv_format=args.kv_format,
     )
     merge_share, stats_share = warmup_shares(ispa)
     attention = decomposition_seconds(pipe, height, width)
@@ -324,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "model": args.model,
         "fp8": args.fp8,
+        "kv_format": args.kv_format,
         "dtype": str(pipe.dit.dtype).removeprefix("torch."),
         "video": {"height": height, "width": width},
         "blocks": args.blocks,
@@ -342,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dit_speedup_after_warmup": _ratio(
             full["dit_seconds_median_after_warmup"], ispa["dit_seconds_median_after_warmup"]
         ),
-        "predicted": predictions(pipe, height, width, args.k_fraction),
+        "predicted": predictions(pipe, height, width, args.k_fraction, args.kv_format),
     }
     print_table(result)
     if args.json:

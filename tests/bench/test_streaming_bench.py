@@ -176,3 +176,18 @@ def test_the_14b_model_needs_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "14b"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_kv_format_runs_through_the_bench_and_its_predictions():
+    """`--kv-format`: both runs store their history that way, and the prediction counts that format's bytes."""
+    from bench.streaming import load, make_request, predictions
+
+    pipe = load("tiny", fp8=False)
+    request = make_request("tiny", blocks=4, seed=0)
+    height, width = pipe.output_size(request.portrait)
+    by_format = {fmt: run_policy(pipe, request, FullPolicy(), 4, 2, kv_format=fmt) for fmt in ("bf16", "fp8")}
+    for fmt, result in by_format.items():
+        full_ring = result["blocks"][-1]["kv_bytes"]  # by block 3 every ring holds its 3 history blocks
+        assert full_ring == predictions(pipe, height, width, 0.5, fmt)["kv_bytes_full"], fmt
+    assert by_format["fp8"]["blocks"][-1]["kv_bytes"] < by_format["bf16"]["blocks"][-1]["kv_bytes"]
+    assert parse_args(["--kv-format", "int4"]).kv_format == "int4"
