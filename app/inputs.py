@@ -6,8 +6,8 @@ have to be synthesised from text. Every problem is a `ValidationError` whose mes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ class EngineChoices:
     model: Any
     kv_format: Any = "bf16"
     refresh_sink: Any = False
+
+    @classmethod
+    def from_handler(cls, arguments: Mapping[str, Any]) -> EngineChoices:
+        """The choices among a handler's arguments (its `locals()`): its parameters carry these fields' names."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -189,28 +189,25 @@ def input_column(
     )
 
 
+def _player(label: str, elem_id: str, can_stream: bool, visible: bool) -> gr.Video:
+    return gr.Video(
+        label=label,
+        streaming=can_stream,
+        autoplay=True,
+        interactive=False,
+        height=PLAYER_HEIGHT,
+        visible=visible,
+        elem_id=elem_id,
+    )
+
+
 def output_columns(can_stream: bool) -> RunOutputs[Any]:
     """The players, status, downloads and report (middle), and the engine's panels (right), each saying what
     will appear there before the first run."""
     with gr.Column(scale=4):
         with gr.Row():
-            player_a = gr.Video(
-                label="Video",
-                streaming=can_stream,
-                autoplay=True,
-                interactive=False,
-                height=PLAYER_HEIGHT,
-                elem_id="player_a",
-            )
-            player_b = gr.Video(
-                label="ISPA",
-                streaming=can_stream,
-                autoplay=True,
-                interactive=False,
-                height=PLAYER_HEIGHT,
-                visible=False,
-                elem_id="player_b",
-            )
+            player_a = _player("Video", "player_a", can_stream, visible=True)
+            player_b = _player("ISPA", "player_b", can_stream, visible=False)  # compare mode's second player
         status = gr.Markdown(STATUS_PLACEHOLDER, label="Status", elem_id="status")
         downloads = gr.File(label="Downloads: video(s) and report", file_count="multiple", interactive=False)
         with gr.Accordion("Engine report (JSON)", open=False):

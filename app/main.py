@@ -102,17 +102,7 @@ def generate(
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video."""
-    choices = EngineChoices(
-        policy=policy,
-        k_fraction=k_fraction,
-        t_warm=t_warm,
-        lam=lam,
-        seed=seed,
-        size=size,
-        model=model,
-        kv_format=kv_format,
-        refresh_sink=refresh_sink,
-    )
+    choices = EngineChoices.from_handler(locals())
     yield from _generate(request, choices, portrait=portrait, prompt=prompt, audio=audio, text=text)
 
 
@@ -131,17 +121,7 @@ def generate_live(
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Live mode: generate while the microphone streams into this session's feed."""
-    choices = EngineChoices(
-        policy=policy,
-        k_fraction=k_fraction,
-        t_warm=t_warm,
-        lam=lam,
-        seed=seed,
-        size=size,
-        model=model,
-        kv_format=kv_format,
-        refresh_sink=refresh_sink,
-    )
+    choices = EngineChoices.from_handler(locals())
     yield from _generate(request, choices, portrait=portrait, prompt=prompt, live=True)
 
 
