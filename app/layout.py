@@ -151,6 +151,7 @@ def input_column(
             list(KV_FORMATS),
             value="bf16",
             label="KV-cache format",
+            allow_custom_value=True,  # so that the app's own check answers an unknown value, in its words
             info="How the history is stored: bf16 as the model computes it, fp8 (about half), int4 (about a "
             "quarter); the sink stays bf16.",
         )

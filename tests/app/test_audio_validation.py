@@ -83,12 +83,13 @@ def test_8k_int16_from_gradio_numpy_is_upsampled_with_pitch_kept() -> None:
 @pytest.mark.parametrize(
     ("rate", "n_samples"), [(44_100, 88_201), (22_050, 33_077), (48_000, 47_999), (32_000, 88_201)]
 )
-def test_resampled_length_is_the_rounded_duration(rate: int, n_samples: int) -> None:
-    """round(duration · rate), as chunks count samples; 88 201 samples at 32 kHz is an exact half."""
+def test_resampled_length_is_the_duration_rounded_up(rate: int, n_samples: int) -> None:
+    """ceil(duration · rate), what `librosa.load(sr=)` gives the official pipeline; 88 201 samples at 32 kHz is an
+    exact half."""
     samples = sine(440, n_samples / rate, rate)[:n_samples]
     assert len(samples) == n_samples
     check = validate_audio((rate, samples), target_rate=TARGET)
-    assert len(check.samples) == round(n_samples * TARGET / rate)
+    assert len(check.samples) == math.ceil(n_samples * TARGET / rate)
 
 
 def test_same_rate_input_is_passed_through_exactly() -> None:

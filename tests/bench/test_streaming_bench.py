@@ -14,6 +14,7 @@ import torch
 
 from bench.streaming import parse_args, run_policy
 from ispa import FullPolicy
+from tests.fixtures.chunk_reports import full_policy_report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BLOCKS, T_WARM = 3, 6  # warmup = 2 blocks, so the last block runs absorbed
@@ -67,12 +68,9 @@ class _FailingPipe:
 
     device = torch.device("cpu")
 
-    def stream(self, request, policy):
+    def stream(self, request, policy, **options):
         for index in range(2):
-            report = dict.fromkeys(("seconds", "decode_seconds", "merge_seconds", "statistics_seconds"), 0.5)
-            report.update(phase="full", event=None, frames=12, kv_bytes=10, stats_bytes=0)
-            report.update(absorb_seconds=0.0, delta_weight_bytes=0)
-            yield SimpleNamespace(index=index, report=report)
+            yield SimpleNamespace(index=index, report=full_policy_report(index, frames=12, end_seconds=0.48))
         raise RuntimeError("CUDA out of memory")
 
 
@@ -80,7 +78,7 @@ def test_rows_measured_before_a_crash_have_already_been_handed_over():
     seen = []
     with pytest.raises(RuntimeError, match="out of memory"):
         run_policy(_FailingPipe(), None, FullPolicy(), blocks=4, warmup_blocks=2, on_block=seen.append)
-    assert [row["index"] for row in seen] == [0, 1] and seen[1]["dit_seconds"] == 0.5
+    assert [row["index"] for row in seen] == [0, 1] and seen[1]["dit_seconds"] == 0.1  # the fixture's timing
 
 
 def test_the_14b_builder_needs_neither_librosa_nor_soxr():
