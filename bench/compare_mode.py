@@ -26,17 +26,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
-
 if __package__ in (None, ""):  # run as `python bench/compare_mode.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples"
+from bench.app_requests import bench_temp_dir, example_request
+
 TARGETS = {"ratio_first_video": 1.5, "ratio_total": 2.2}
 
 
@@ -79,33 +77,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
-        os.environ.setdefault("GRADIO_TEMP_DIR", tmp)
-        tempfile.tempdir = tmp
-        from app.inputs import prepare_run
+    with bench_temp_dir("bench-compare-") as tmp:
         from app.models import get_pipeline
 
         pipe = get_pipeline("tiny")
-        audio, rate = sf.read(EXAMPLES / "fashion_blogger.wav", dtype="float32")
-        speech = Path(tmp) / "speech.wav"
-        sf.write(speech, audio[: round(args.seconds * rate)], rate)
         specs = {}
         for mode in ("ISPA", "Compare"):
-            spec = prepare_run(
-                portrait=EXAMPLES / "fashion_blogger.jpg",
-                audio=speech,
-                text=None,
-                prompt="",
-                policy=mode,
-                k_fraction=0.5,
-                t_warm=6,
-                lam=1e-3,
-                seed=1,
-                size="default",
-                size_choices=pipe.size_choices(),
-                sample_rate=pipe.sample_rate,
-                speech_dir=Path(tmp),
-            )
+            spec = example_request(pipe, mode, args.seconds, tmp)
             if args.max_area is not None:
                 spec = dataclasses.replace(spec, max_area=args.max_area, size_label=f"{args.max_area} px")
             specs[mode] = spec

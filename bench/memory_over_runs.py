@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-
-import soundfile as sf
 
 if __package__ in (None, ""):  # run as `python bench/memory_over_runs.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare_mode import EXAMPLES, machine
+from bench.app_requests import bench_temp_dir, example_request
+from bench.compare_mode import machine
 
 
 def rss_mb() -> float:
@@ -48,36 +45,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        os.environ.setdefault("GRADIO_TEMP_DIR", tmp)
-        tempfile.tempdir = tmp
+    with bench_temp_dir("bench-memory-") as tmp:
         from app.generation import run_generation
-        from app.inputs import prepare_run
         from app.models import get_pipeline
         from app.sessions import SESSIONS
 
         pipe = get_pipeline("tiny")
-        audio, rate = sf.read(EXAMPLES / "fashion_blogger.wav", dtype="float32")
-        speech = Path(tmp) / "speech.wav"
-        sf.write(speech, audio[: round(args.seconds * rate)], rate)
         start_mb = rss_mb()
         rss, cache = [], []
         for run in range(args.runs):
-            spec = prepare_run(
-                portrait=EXAMPLES / "fashion_blogger.jpg",
-                audio=speech,
-                text=None,
-                prompt="a person talks in a warm studio",
-                policy="ISPA",
-                k_fraction=0.5,
-                t_warm=6,
-                lam=1e-3,
-                seed=1,
-                size="default",
-                size_choices=pipe.size_choices(),
-                sample_rate=pipe.sample_rate,
-                speech_dir=Path(tmp),
-            )
+            spec = example_request(pipe, "ISPA", args.seconds, tmp, prompt="a person talks in a warm studio")
             session = f"bench-memory-{run}"
             for _ in run_generation(spec, "tiny", session, live=False):
                 pass
