@@ -172,7 +172,7 @@ def _finish(
             pipe.is_test_model,
             spec,
             recorders,
-            panels.drifts,
+            panels.finish_drifts(),
             first_video_s,
             meter and meter.summary(),
             stopped_early=stopped,

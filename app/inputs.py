@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from app import tts
-from app.validation import Settings, ValidationError, validate_audio, validate_portrait, validate_settings
+from app.validation import (
+    Settings,
+    ValidationError,
+    validate_audio,
+    validate_portrait,
+    validate_prompt,
+    validate_settings,
+    validate_tts_text,
+)
 from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy, make_policy
 
 ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
@@ -22,7 +30,6 @@ POLICY_CHOICES = (ISPA, FULL, COMPARE)
 MODE_RUNS = {ISPA: (ISPA,), FULL: (FULL,), COMPARE: (FULL, ISPA)}  # compare mode: Full first, then ISPA
 ENGINE_POLICY = {ISPA: ISPAPolicy.name, FULL: FullPolicy.name}  # run name -> the engine's policy name
 DEFAULT_SIZE = "default"
-MAX_PROMPT_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -80,16 +87,9 @@ class RunSpec:
 
 
 def check_mode(policy: Any) -> str:
-    if policy not in POLICY_CHOICES:
+    if not isinstance(policy, str) or policy not in POLICY_CHOICES:
         raise ValidationError(f"The policy must be one of: {', '.join(POLICY_CHOICES)}.")
     return policy
-
-
-def check_prompt(prompt: Any) -> str:
-    text = " ".join(str(prompt or "").split())
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ValidationError(f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}.")
-    return text
 
 
 def check_kv_format(kv_format: Any) -> str:
@@ -139,13 +139,13 @@ def prepare_run(
     """Check every input; speech comes from the audio file, else from `text` (synthesised into `speech_dir`),
     and in `live` mode from the microphone later on."""
     mode = check_mode(policy)
-    prompt_text = check_prompt(prompt)
+    prompt_check = validate_prompt(prompt)
     settings = validate_settings(k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed)
     size_label, max_area = choose_size(size, size_choices)
     kv_format = check_kv_format(kv_format)
     refresh_sink = check_refresh_sink(refresh_sink)
     portrait_check = validate_portrait(portrait)
-    notes = [*settings.warnings, *portrait_check.warnings]
+    notes = [*prompt_check.warnings, *settings.warnings, *portrait_check.warnings]
     samples, source = None, "live"
     if not live:
         samples, source, speech_notes = _speech(audio, text, sample_rate, speech_dir)
@@ -155,7 +155,7 @@ def prepare_run(
         audio=samples,
         audio_source=source,
         speech_seconds=None if samples is None else len(samples) / sample_rate,
-        prompt=prompt_text,
+        prompt=prompt_check.text,
         mode=mode,
         settings=settings,
         size_label=size_label,
@@ -167,18 +167,19 @@ def prepare_run(
 
 
 def _speech(
-    audio: str | Path | None, text: str | None, sample_rate: int, speech_dir: Path
+    audio: str | Path | None, text: Any, sample_rate: int, speech_dir: Path
 ) -> tuple[np.ndarray, str, list[str]]:
-    has_text = bool(text and text.strip())
+    has_text = not (text is None or (isinstance(text, str) and not text.strip()))
     if audio is not None:
         check = validate_audio(audio, target_rate=sample_rate)
         notes = ["Both audio and text were given; the audio was used."] if has_text else []
         return check.samples, "audio", [*check.warnings, *notes]
     if has_text:
+        cleaned = validate_tts_text(text)
         try:
-            speech = tts.synthesize(str(text), speech_dir)
+            speech = tts.synthesize(cleaned.text, speech_dir)
         except tts.TextToSpeechError as exc:
             raise ValidationError(str(exc)) from None
         check = validate_audio((speech.sample_rate, speech.samples), target_rate=sample_rate)
-        return check.samples, "text", check.warnings
+        return check.samples, "text", [*cleaned.warnings, *check.warnings]
     raise ValidationError("Please provide the driving audio: upload or record it, or type text to speak.")

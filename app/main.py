@@ -24,6 +24,7 @@ from app.inputs import COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_ru
 from app.layout import PLAYER_HEIGHT, InputControls, RunOutputs, input_column, output_columns
 from app.live_audio import decode_mic_piece
 from app.media import ffmpeg_status, remove_stale_run_dirs, temp_root
+from app.missing_inputs import name_missing_inputs
 from app.models import (
     REAL_MODEL,
     check_model,
@@ -33,6 +34,7 @@ from app.models import (
     model_availability,
     usable_sizes,
 )
+from app.raw_numbers import pass_raw
 from app.sessions import SESSIONS, ActiveRun
 from app.tts import TextToSpeechError
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
@@ -305,6 +307,9 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=4):
                 controls = input_column(availability, default_model(), not ON_ZERO_GPU, _example_rows())
             outputs = output_columns(media.can_stream)
+        # The settings check and the input count are answered in the app's words, not Gradio's.
+        pass_raw(controls.k_fraction, controls.t_warm, controls.lam, controls.seed)
+        name_missing_inputs(demo)
         _wire_events(demo, controls, outputs)
     return demo
 

@@ -1,9 +1,10 @@
 """How far two runs' frames drift apart, chunk by chunk: PSNR and SSIM, computed here with no model weights.
 
-SSIM follows Wang et al. 2004 ("Image quality assessment: from error visibility to structural
-similarity") on BT.601 luma: an 11×11 Gaussian window with σ = 1.5, population (not sample) variances,
-and the mean over the positions where the window fits inside the frame. Those are the choices
-scikit-image makes with `gaussian_weights=True, use_sample_covariance=False`, so the two agree.
+SSIM is scikit-image's `structural_similarity` (Wang et al. 2004, "Image quality assessment: from error
+visibility to structural similarity") on BT.601 luma: an 11×11 Gaussian window with σ = 1.5, population (not
+sample) variances, and the mean over the positions where the window fits inside the frame. It is about four
+times faster on the CPU than the float64 torch convolutions this module used before, with the same values
+(the test keeps that computation as its reference).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from skimage.metrics import structural_similarity
 
 SSIM_SIGMA = 1.5
-SSIM_RADIUS = 5  # int(3.5 · σ + 0.5): the Gaussian truncated at 3.5 σ, an 11-tap window
+SSIM_RADIUS = 5  # scikit-image truncates the Gaussian at 3.5 σ: an 11-tap window
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 _BT601 = (0.299, 0.587, 0.114)
 
@@ -52,18 +52,6 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def _gaussian_window() -> torch.Tensor:
-    x = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
-    w = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
-    return w / w.sum()
-
-
-def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter without padding: only positions where the whole window fits. [N,1,H,W]."""
-    x = F.conv2d(x, window.view(1, 1, -1, 1))
-    return F.conv2d(x, window.view(1, 1, 1, -1))
-
-
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     """Mean SSIM on luma of RGB frames [H, W, 3] or [T, H, W, 3]; averaged over frames."""
     _check_pair(a, b)
@@ -74,16 +62,20 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
         raise ValueError(
             f"SSIM needs frames of at least {2 * SSIM_RADIUS + 1} pixels per side, got {a.shape}"
         )
-    x = torch.from_numpy(ya)[:, None]  # [T, 1, H, W]
-    y = torch.from_numpy(yb)[:, None]
-    window = _gaussian_window()
-    mu_x, mu_y = _blur(x, window), _blur(y, window)
-    var_x = _blur(x * x, window) - mu_x**2
-    var_y = _blur(y * y, window) - mu_y**2
-    cov = _blur(x * y, window) - mu_x * mu_y
-    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.mean(dim=(1, 2, 3)).mean())
+    scores = [
+        structural_similarity(
+            x,
+            y,
+            data_range=data_range,
+            gaussian_weights=True,
+            sigma=SSIM_SIGMA,
+            use_sample_covariance=False,
+            K1=SSIM_K1,
+            K2=SSIM_K2,
+        )
+        for x, y in zip(ya, yb, strict=True)
+    ]
+    return float(np.mean(scores))
 
 
 def chunk_drift(index: int, frames_a: np.ndarray, frames_b: np.ndarray) -> ChunkDrift:

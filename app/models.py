@@ -44,7 +44,7 @@ def default_model() -> str:
 def check_model(name: str) -> str:
     """The model name if this machine can run it; a `ValidationError` naming the reason otherwise."""
     availability = model_availability()
-    if name not in availability:
+    if not isinstance(name, str) or name not in availability:
         raise ValidationError(f"Unknown model {name!r}; choose one of: {', '.join(availability)}.")
     reason = availability[name]
     if reason is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from html import escape
 from typing import Any
 
@@ -78,14 +79,21 @@ class DelayMeter:
 
 
 class RunPanels:
-    """The side panel's contents for the run(s) of one request, updated chunk by chunk."""
+    """The side panel's contents for the run(s) of one request, updated chunk by chunk.
+
+    Compare mode's drift (PSNR, SSIM) is computed on a worker thread, so the generation does not wait for it:
+    the drift table shows the chunks whose drift is done, in chunk order, and `finish_drifts` waits for all.
+    """
 
     def __init__(self, spec: RunSpec, recorders: Mapping[str, RunRecorder]) -> None:
         self.spec = spec
         self.recorders = recorders
         self.compare = spec.mode == COMPARE
         self.timeline = KVTimeline(compare=self.compare)
-        self.drifts: list[ChunkDrift] = []
+        self._drift_jobs: list[Future[ChunkDrift]] = []
+        self._drift_worker = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift") if self.compare else None
+        )
 
     def add(self, step: Mapping[str, AvatarChunk]) -> None:
         """One step: a chunk from each run (compare mode advances both runs together)."""
@@ -93,8 +101,27 @@ class RunPanels:
             run = _TIMELINE_RUNS[name] if self.compare else THIS_RUN
             self.timeline.add(chunk.report.engine, seconds=len(chunk.frames) / chunk.fps, run=run)
         full, ispa = step.get(FULL), step.get(ISPA)
-        if self.compare and full is not None and ispa is not None and full.frames.shape == ispa.frames.shape:
-            self.drifts.append(chunk_drift(ispa.index, full.frames, ispa.frames))
+        pair = full is not None and ispa is not None and full.frames.shape == ispa.frames.shape
+        if self._drift_worker is not None and pair:
+            self._drift_jobs.append(
+                self._drift_worker.submit(chunk_drift, ispa.index, full.frames, ispa.frames)
+            )
+
+    def ready_drifts(self) -> list[ChunkDrift]:
+        """The drifts computed so far, in chunk order (stops at the first one still being computed)."""
+        ready = []
+        for job in self._drift_jobs:
+            if not job.done():
+                break
+            ready.append(job.result())
+        return ready
+
+    def finish_drifts(self) -> list[ChunkDrift]:
+        """Every chunk's drift, waiting for those still being computed; the worker then ends."""
+        drifts = [job.result() for job in self._drift_jobs]
+        if self._drift_worker is not None:
+            self._drift_worker.shutdown()
+        return drifts
 
     def plot(self) -> pd.DataFrame:
         return self.timeline.dataframe()
@@ -135,7 +162,7 @@ class RunPanels:
         return f'<div style="overflow-x:auto">{"".join(parts)}</div>'
 
     def drift(self) -> str:
-        return drift_table_html(self.drifts) if self.compare else ""
+        return drift_table_html(self.ready_drifts()) if self.compare else ""
 
 
 def status_markdown(

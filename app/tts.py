@@ -50,7 +50,7 @@ def synthesize(
     max_chars: int = MAX_TTS_CHARS,
 ) -> Speech:
     """Speak `text` (checked by `validate_tts_text`, so too-long text raises `ValidationError`)."""
-    cleaned = validate_tts_text(text, max_chars=max_chars)
+    cleaned = validate_tts_text(text, max_chars=max_chars).text
     if not re.fullmatch(r"[a-z]{2,3}(-[a-z0-9]{1,8})*", voice):
         raise ValueError(f"voice must be an espeak-ng voice name such as 'en-us', got {voice!r}")
     if not 80 <= words_per_minute <= 450:

@@ -1,5 +1,5 @@
-"""Driving-audio check: refuse empty, silent or too-long audio, and return mono float32 at the backend's sample
-rate. Decoding and PCM conversion are the project's one audio reader (`avatars.media.audio`)."""
+"""Driving-audio check: refuse empty, too short, silent (a DC offset included) or too long audio, and return mono
+float32 at the backend's sample rate. Decoding and PCM conversion are the project's one audio reader (`avatars.media.audio`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.validation.errors import ValidationError
 from avatars.media.audio import AudioReadError, pcm_to_float32, read_audio_file, resample
 
 MAX_AUDIO_SECONDS = 60.0
+MIN_AUDIO_SECONDS = 0.1  # shorter than any spoken syllable
 SILENCE_RMS = 1e-3  # -60 dBFS: quieter than any usable speech recording
 
 
@@ -60,7 +61,14 @@ def validate_audio(
         raise ValidationError(
             f"The audio is {seconds:.1f} s long; the limit is {max_seconds:g} s. Please trim it."
         )
-    rms = float(np.sqrt(np.mean(mono.astype(np.float64) ** 2)))
+    if seconds < MIN_AUDIO_SECONDS:
+        raise ValidationError(
+            f"The audio is too short ({mono.size} sample(s), {seconds * 1000:.1f} ms); it needs at least "
+            f"{MIN_AUDIO_SECONDS:g} s of speech."
+        )
+    # The level of what varies: a constant (DC) offset carries no sound, however far from zero it sits.
+    centred = mono.astype(np.float64) - mono.mean(dtype=np.float64)
+    rms = float(np.sqrt(np.mean(centred**2)))
     if rms < silence_rms:
         raise ValidationError(
             f"The audio is silent (its level is below {20 * math.log10(silence_rms):.0f} dBFS); "

@@ -1,4 +1,9 @@
-"""Check on the ISPA and generation settings (numbers may arrive as floats or strings from Gradio)."""
+"""Check on the ISPA and generation settings, as they arrive from the page or an API client.
+
+The app takes these values raw (see `app.raw_numbers`): a number, a numeric string, or anything a client sends
+(None, True, "NaN", "abc"). Every refusal names the field and the values it allows, and nothing is rounded
+silently: T_warm is rounded up to whole blocks with a warning, a fractional seed is refused.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,13 @@ from app.validation.errors import ValidationError
 from avatars.liveavatar.block_layout import LATENT_FRAMES_PER_BLOCK
 
 MAX_SEED = 2**32 - 1
+MIN_WARM_BLOCKS = 2  # the ISPA policy needs a warmup longer than one block
+MAX_T_WARM = 48  # latent frames (16 blocks, 7.7 s of video)
+
+K_FRACTION = "The fraction of local layers (k_fraction)"
+T_WARM = "The warmup length (T_warm)"
+LAM = "The regulariser (λ)"
+SEED = "The seed"
 
 
 @dataclass(frozen=True)
@@ -32,12 +44,16 @@ def validate_settings(
 ) -> Settings:
     """Check the ISPA and generation settings; T_warm is rounded up to whole blocks with a warning."""
     notes: list[str] = []
-    k = _number(k_fraction, "The fraction of local layers (k_fraction)")
+    k_allowed = "a number in (0, 1]"
+    k = _number(k_fraction, K_FRACTION, k_allowed)
     if not 0 < k <= 1:
-        raise ValidationError(f"The fraction of local layers (k_fraction) must be in (0, 1], got {k:g}.")
-    warm = _whole(t_warm, "The warmup length (T_warm)")
-    if warm < 1:
-        raise ValidationError(f"The warmup length (T_warm) must be at least 1 latent frame, got {warm}.")
+        raise ValidationError(f"{K_FRACTION} must be {k_allowed}, got {k:g}.")
+    min_warm = MIN_WARM_BLOCKS * frames_per_block
+    warm_allowed = (
+        f"a whole number of latent frames from {min_warm} to {MAX_T_WARM}, "
+        f"rounded up to whole {frames_per_block}-frame blocks"
+    )
+    warm = given = _whole(t_warm, T_WARM, warm_allowed)
     if warm % frames_per_block:
         rounded = -(-warm // frames_per_block) * frames_per_block
         notes.append(
@@ -45,32 +61,42 @@ def validate_settings(
             f"using {rounded}."
         )
         warm = rounded
-    lam_value = _number(lam, "The regulariser (λ)")
+    if not min_warm <= warm <= MAX_T_WARM:
+        raise ValidationError(f"{T_WARM} must be {warm_allowed}, got {given}.")
+    lam_allowed = "a number greater than 0"
+    lam_value = _number(lam, LAM, lam_allowed)
     if lam_value <= 0:
-        raise ValidationError(f"The regulariser (λ) must be greater than 0, got {lam_value:g}.")
-    seed_value = _whole(seed, "The seed")
+        raise ValidationError(f"{LAM} must be {lam_allowed}, got {lam_value:g}.")
+    seed_allowed = f"a whole number from 0 to {MAX_SEED}"
+    seed_value = _whole(seed, SEED, seed_allowed)
     if not 0 <= seed_value <= MAX_SEED:
-        raise ValidationError(f"The seed must be between 0 and {MAX_SEED}, got {seed_value}.")
+        raise ValidationError(f"{SEED} must be {seed_allowed}, got {seed_value}.")
     return Settings(k_fraction=k, t_warm=warm, lam=lam_value, seed=seed_value, warnings=notes)
 
 
-def _number(value: Any, label: str) -> float:
-    """A finite real number; numeric strings are accepted because text boxes deliver them."""
+def _shown(value: Any) -> str:
+    """The value as the message quotes it, cut short (a client may send anything)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any, label: str, allowed: str) -> float:
+    """A finite real number; numeric strings are accepted because text boxes and API clients send them."""
     if isinstance(value, bool) or value is None:
-        raise ValidationError(f"{label} must be a number.")
+        raise ValidationError(f"{label} must be {allowed}, got {_shown(value)}.")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValidationError(f"{label} must be a number.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationError(f"{label} must be {allowed}, got {_shown(value)}.") from None
     if not math.isfinite(number):
-        raise ValidationError(f"{label} must be a finite number.")
+        raise ValidationError(f"{label} must be {allowed} (a finite number), got {_shown(value)}.")
     return number
 
 
-def _whole(value: Any, label: str) -> int:
+def _whole(value: Any, label: str, allowed: str) -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
-    number = _number(value, label)
+    number = _number(value, label, allowed)
     if not number.is_integer():
-        raise ValidationError(f"{label} must be a whole number, got {number:g}.")
+        raise ValidationError(f"{label} must be {allowed}, got {number:g} (it is not rounded for you).")
     return int(number)

@@ -148,6 +148,33 @@ def test_silent_audio_is_refused(tmp_path: Path, level: float) -> None:
         validate_audio(path, target_rate=TARGET)
 
 
+@pytest.mark.parametrize("offset", [0.25, -0.5, 16_000])
+def test_a_dc_offset_alone_is_silent(tmp_path: Path, offset: float) -> None:
+    """A constant far from zero has an RMS of |offset| but no sound: the level is measured about the mean."""
+    if offset == 16_000:  # int16 PCM sitting at a constant code
+        samples = np.full(32_000, 16_000, dtype=np.int16)
+    else:
+        samples = np.full(32_000, offset, dtype=np.float32)
+    with pytest.raises(ValidationError, match=r"silent \(its level is below -60 dBFS\)"):
+        validate_audio((16_000, samples), target_rate=TARGET)
+    # The same offset under a quiet but real tone is speech-level sound, and is accepted.
+    tone = sine(200, 2.0, 16_000, amplitude=0.05) + (0.25 if offset == 16_000 else offset)
+    assert validate_audio((16_000, tone.astype(np.float32)), target_rate=TARGET).seconds == 2.0
+
+
+@pytest.mark.parametrize("n_samples", [1, 1599])
+def test_a_few_samples_are_too_short_not_silent(tmp_path: Path, n_samples: int) -> None:
+    path = tmp_path / "short.wav"
+    sf.write(path, np.full(n_samples, 0.5, dtype=np.float32), 16_000, subtype="FLOAT")
+    with pytest.raises(ValidationError) as err:
+        validate_audio(path, target_rate=TARGET)
+    assert str(err.value).startswith(f"The audio is too short ({n_samples} sample(s),")
+    assert str(err.value).endswith("it needs at least 0.1 s of speech.")
+    # At the limit it is checked for sound as usual.
+    sf.write(path, sine(300, 0.1, 16_000), 16_000, subtype="FLOAT")
+    assert validate_audio(path, target_rate=TARGET).seconds == 0.1
+
+
 def test_too_long_audio_is_refused_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "long.wav"
     sf.write(path, sine(440, 5.0, 16_000), 16_000)

@@ -20,6 +20,7 @@ from gradio_client.exceptions import AppError
 
 from app.models import model_availability
 from app.panels import FULL_RING, FULL_RUN, FULL_UNBOUNDED, ISPA_RUN, THIS_RUN
+from app.validation import MAX_SEED
 
 PLAYER_A, PLAYER_B, PLOT, LAYERS, SUMMARY, DRIFT, STATUS, FILES, REPORT = range(9)
 SMALL = "64×64 area"  # the tiny model's smaller size keeps every run short
@@ -266,6 +267,10 @@ def test_stop_and_recalibrate_reach_the_running_run(client, examples_dir: Path, 
 def bad_requests(examples_dir: Path, tmp_path: Path) -> list[tuple[dict, str]]:
     silent = tmp_path / "silent.wav"
     sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    dc_offset = tmp_path / "dc.wav"
+    sf.write(dc_offset, np.full(16000, 0.3, dtype=np.float32), 16000, subtype="FLOAT")
+    one_sample = tmp_path / "one.wav"
+    sf.write(one_sample, np.full(1, 0.5, dtype=np.float32), 16000, subtype="FLOAT")
     not_an_image = tmp_path / "portrait.png"
     not_an_image.write_bytes(b"this is not a picture")
     portrait = examples_dir / "fashion_blogger.jpg"
@@ -275,11 +280,39 @@ def bad_requests(examples_dir: Path, tmp_path: Path) -> list[tuple[dict, str]]:
         ({"portrait": not_an_image, "audio": speech}, "The portrait is not a readable image."),
         ({"portrait": portrait, "audio": silent}, "The audio is silent"),
         ({"portrait": portrait, "audio": None}, "Please provide the driving audio"),
-        ({"portrait": portrait, "audio": None, "text": "word " * 120}, "The text is 599 characters long"),
-        ({"portrait": portrait, "audio": speech, "seed": -1}, "The seed must be between 0 and"),
+        (
+            {"portrait": portrait, "audio": None, "text": "word " * 120},
+            "The text to speak is 599 characters long",
+        ),
+        ({"portrait": portrait, "audio": None, "text": "😀 \u200f"}, "Please type some text to speak"),
+        ({"portrait": portrait, "audio": dc_offset}, "The audio is silent"),
+        ({"portrait": portrait, "audio": one_sample}, "The audio is too short (1 sample(s)"),
         ({"portrait": portrait, "audio": speech, "size": "huge"}, "The size must be 'default' or one of"),
         ({"portrait": portrait, "audio": speech, "kv_format": "int3"}, "The KV-cache format must be one of"),
-        ({"portrait": portrait, "audio": speech, "k": 0}, "less than minimum value"),
+    ]
+    # The engine settings: the app's own message naming the field and what it allows, never Gradio's
+    # "Value -1 is less than minimum value 0.05." and never a rounded seed.
+    seed = f"The seed must be a whole number from 0 to {MAX_SEED}, got"
+    k = "The fraction of local layers (k_fraction) must be a number in (0, 1]"
+    warm = "The warmup length (T_warm) must be a whole number of latent frames from 6 to 48"
+    cases += [
+        ({"portrait": portrait, "audio": speech, "seed": -1}, f"{seed} -1."),
+        ({"portrait": portrait, "audio": speech, "seed": "abc"}, f"{seed} 'abc'."),
+        ({"portrait": portrait, "audio": speech, "seed": True}, f"{seed} True."),
+        ({"portrait": portrait, "audio": speech, "seed": 1.5}, f"{seed} 1.5 (it is not rounded for you)."),
+        ({"portrait": portrait, "audio": speech, "k": 0}, f"{k}, got 0."),
+        ({"portrait": portrait, "audio": speech, "k": -1}, f"{k}, got -1."),
+        ({"portrait": portrait, "audio": speech, "k": "NaN"}, f"{k} (a finite number), got 'NaN'."),
+        ({"portrait": portrait, "audio": speech, "k": None}, f"{k}, got None."),
+        (
+            {"portrait": portrait, "audio": speech, "t_warm": 3},
+            f"{warm}, rounded up to whole 3-frame blocks, got 3.",
+        ),
+        ({"portrait": portrait, "audio": speech, "t_warm": 60}, "got 60."),
+        (
+            {"portrait": portrait, "audio": speech, "policy": None},
+            "The policy must be one of: ISPA, Full, Compare.",
+        ),
     ]
     reason = model_availability().get("14b")
     if reason is not None:  # on a machine that can run it, asking for 14B is not an error
@@ -301,3 +334,82 @@ def test_bad_inputs_get_clear_errors_and_the_app_keeps_serving(
         client, examples_dir / "fashion_blogger.jpg", speech_clip(examples_dir, tmp_path, 1.0), policy="Full"
     )
     assert len(outputs[-1][REPORT]["runs"]["Full"]["chunks"]) >= 2
+
+
+def raw_call(url: str, body: str) -> dict:
+    """POST a hand-written JSON body to /generate (what a client other than gradio_client may send: NaN, lone
+    surrogates as JSON escapes, too few values) and return the event that ends the call."""
+    base = url.rstrip("/") + "/gradio_api/call/generate"
+    response = httpx.post(base, content=body, headers={"content-type": "application/json"}, timeout=60)
+    response.raise_for_status()
+    stream = httpx.get(f"{base}/{response.json()['event_id']}", timeout=120).text
+    events = re.findall(r"event: (\w+)\ndata: (.*)", stream)
+    assert events, stream
+    kind, data = events[-1]
+    return {"event": kind, "data": json.loads(data)}
+
+
+def upload(url: str, path: Path) -> str:
+    """A JSON FileData for a file uploaded the way clients do (only uploaded files are accepted as inputs)."""
+    with path.open("rb") as f:
+        response = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": f}, timeout=60)
+    response.raise_for_status()
+    return json.dumps({"path": response.json()[0], "meta": {"_type": "gradio.FileData"}})
+
+
+def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, tmp_path: Path) -> None:
+    portrait = upload(app_url, examples_dir / "fashion_blogger.jpg")
+    speech = upload(app_url, speech_clip(examples_dir, tmp_path, 1.0))
+
+    def body(
+        *, seed: str = "1", k: str = "0.5", prompt: str = '""', text: str = '""', audio: str = speech
+    ) -> str:
+        return f'{{"data": [{portrait}, {audio}, {text}, {prompt}, "ISPA", {k}, 6, {seed}, "tiny", 0.001, "{SMALL}"]}}'
+
+    def error(payload: str) -> str:
+        result = raw_call(app_url, payload)
+        assert result["event"] == "error", result
+        return result["data"]["error"]
+
+    assert (
+        error(body(seed="NaN"))
+        == f"The seed must be a whole number from 0 to {MAX_SEED} (a finite number), got nan."
+    )
+    assert error(body(k="null")).endswith("(k_fraction) must be a number in (0, 1], got None.")
+    assert error(body(prompt='"a \\ud800 face"')) == (
+        "The prompt contains a broken character (a lone UTF-16 surrogate, U+D800) at position 3; "
+        "please retype or paste the text again."
+    )
+    assert error(body(text='"hi \\udfff"', audio="null")).startswith(
+        "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
+    )
+    assert error('{"data": [null, null, ""]}') == (
+        "/generate takes 11 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size. The inputs, in order: portrait, audio, text, prompt, policy, k_fraction, t_warm, seed, "
+        "model, lam, size."
+    )
+
+
+def test_control_characters_rtl_marks_and_emoji_do_not_stop_a_run(
+    client, examples_dir: Path, tmp_path: Path
+) -> None:
+    """NUL, escape, right-to-left marks and emoji in the prompt and the text to speak: cleaned, then a run."""
+    job = client.submit(
+        handle_file(str(examples_dir / "fashion_blogger.jpg")),
+        None,
+        "Hello\x00 there \u200f\u202e 😀 friend",
+        "a\x1b person \u2066smiles 😀",
+        "Full",
+        0.5,
+        6,
+        1,
+        "tiny",
+        1e-3,
+        SMALL,
+        api_name="/generate",
+    )
+    job.result()
+    assert job.status().success
+    report = job.outputs()[-1][REPORT]
+    assert report["prompt"] == "a person smiles 😀" and report["speech"] == "text"
+    assert report["runs"]["Full"]["video_seconds"] > 0

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.inputs import COMPARE, FULL, ISPA, check_prompt, choose_size, prepare_run
+from app.inputs import COMPARE, FULL, ISPA, choose_size, prepare_run
 from app.media import RunDir
 from app.models import hide_paths
 from app.sessions import Sessions
-from app.validation import ValidationError, validate_audio
+from app.validation import ValidationError, validate_audio, validate_prompt
 from ispa import FullPolicy, ISPAPolicy
 
 SIZES = [("128×64 area", 8192), ("64×64 area", 4096)]
@@ -96,7 +96,7 @@ def test_live_mode_needs_no_speech_up_front(examples_dir: Path, tmp_path: Path) 
         ({"policy": "Turbo"}, "The policy must be one of: ISPA, Full, Compare"),
         ({"size": "huge"}, "The size must be 'default' or one of: 128×64 area, 64×64 area"),
         ({"prompt": "x" * 501}, "The prompt is 501 characters long"),
-        ({"k_fraction": 0}, r"k_fraction\) must be in \(0, 1\]"),
+        ({"k_fraction": 0}, r"k_fraction\) must be a number in \(0, 1\], got 0"),
         ({"portrait": None}, "Please provide a portrait image"),
     ],
 )
@@ -111,7 +111,7 @@ def test_sizes_prompt_and_paths() -> None:
     assert choose_size("default", SIZES) == SIZES[0]
     assert choose_size(None, SIZES) == SIZES[0]
     assert choose_size("64×64 area", SIZES) == SIZES[1]
-    assert check_prompt("  a   person\n speaks ") == "a person speaks"
+    assert validate_prompt("  a   person\n speaks ").text == "a person speaks"
     hidden = hide_paths("weights not found in /root/.cache/huggingface/hub (missing /srv/w/dit.safetensors)")
     assert hidden == "weights not found in … (missing …)"
     assert hide_paths("needs an NVIDIA GPU (none found)") == "needs an NVIDIA GPU (none found)"
