@@ -18,6 +18,8 @@ from app.inputs import DEFAULT_SIZE, ISPA, POLICY_CHOICES
 from app.models import MODEL_LABELS, REAL_MODEL
 from app.panels import LAYER_MAP_PLACEHOLDER, SUMMARY_PLACEHOLDER
 from app.portrait_input import portrait_image
+from app.validation.settings import MAX_T_WARM, MIN_WARM_BLOCKS
+from avatars.liveavatar.block_layout import LATENT_FRAMES_PER_BLOCK
 from ispa import KV_FORMATS, ISPAPolicy
 
 T = TypeVar("T")
@@ -134,7 +136,8 @@ def input_column(
             info="Share of layers that become local after warmup.",
         )  # fmt: skip
         t_warm = gr.Slider(
-            6, 48, value=ISPAPolicy.t_warm, step=3, label="T_warm (latent frames)",
+            MIN_WARM_BLOCKS * LATENT_FRAMES_PER_BLOCK, MAX_T_WARM, value=ISPAPolicy.t_warm,
+            step=LATENT_FRAMES_PER_BLOCK, label="T_warm (latent frames)",
             info="Warmup before absorbing, at least two blocks (3 latent frames = one 0.48 s block).",
         )  # fmt: skip
         lam = gr.Number(value=ISPAPolicy.lam, label="λ (ridge regulariser of the absorb)")
