@@ -2,8 +2,10 @@
 
 Gradio checks the number of values before anything else (`Blocks.validate_inputs`) and raises a ValueError
 written for developers of JavaScript event handlers; with `show_error=False` an API client sees an empty
-message. Here the same check names the endpoint, the missing inputs and the order the endpoint takes them in.
-The check is replaced on the app's instance (the app builds a plain `gr.Blocks`).
+message. Here the same check names the endpoint, the missing inputs and the order the endpoint takes them in;
+trailing inputs whose handler parameter has a default may be left out (a client written before an optional input
+was added keeps working), and take that default. The check is replaced on the app's instance (the app builds a
+plain `gr.Blocks`).
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ def name_missing_inputs(demo: gr.Blocks) -> None:
     demo.validate_inputs = _validate_inputs  # type: ignore[method-assign]
 
 
-def input_names(fn: Any, count: int) -> list[str]:
-    """The handler's parameter names for its `count` inputs (Gradio's own `request` is not an input)."""
+def input_parameters(fn: Any, count: int) -> list[inspect.Parameter | None]:
+    """The handler's parameters for its `count` inputs (Gradio's own `request` is not an input); None where the
+    handler's signature cannot be read."""
     try:
-        names = [n for n in inspect.signature(fn).parameters if n != "request"]
+        parameters = [p for name, p in inspect.signature(fn).parameters.items() if name != "request"]
     except (TypeError, ValueError):
-        names = []
-    return names[:count] if len(names) >= count else [f"input {i + 1}" for i in range(count)]
+        parameters = []
+    return parameters[:count] if len(parameters) >= count else [None] * count
 
 
 def _validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
     wanted = len(block_fn.inputs)
     if len(inputs) >= wanted:
         return
-    names = input_names(block_fn.fn, wanted)
+    parameters = input_parameters(block_fn.fn, wanted)
+    missing = parameters[len(inputs) :]
+    if all(p is not None and p.default is not inspect.Parameter.empty for p in missing):
+        # Gradio preprocesses this same list next, so the defaults stand in for the values left out.
+        inputs.extend(p.default for p in missing)
+        return
+    names = [p.name if p is not None else f"input {i + 1}" for i, p in enumerate(parameters)]
     endpoint = f"/{block_fn.api_name}" if isinstance(block_fn.api_name, str) else "this event"
     raise gr.Error(
         f"{endpoint} takes {wanted} input values and got {len(inputs)}; missing: {', '.join(names[len(inputs) :])}. "

@@ -384,10 +384,13 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 11 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size. The inputs, in order: portrait, audio, text, prompt, policy, k_fraction, t_warm, seed, "
-        "model, lam, size."
+        "/generate takes 13 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink. The inputs, in order: portrait, audio, text, prompt, policy, "
+        "k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink."
     )
+    # The 11 values of a client written before the two optional inputs existed: they take their defaults, and
+    # the call reaches the app's own checks (the seed, here).
+    assert error(body(seed="-1")).startswith("The seed must be a whole number from 0 to")
 
 
 def test_control_characters_rtl_marks_and_emoji_do_not_stop_a_run(
