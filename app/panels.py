@@ -104,9 +104,9 @@ class KVTimeline:
         if self.compare:
             return f"{FULL_RUN} / {ISPA_RUN}: the KV bytes each run holds after each chunk."
         return (
-            f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run holds (its rings are "
-            f"allocated whole when first written, so it starts above) · {FULL_UNBOUNDED}: the sink plus every "
-            "block ever written, i.e. a history without the ring bound."
+            f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run would hold now, its "
+            f"history bounded by the ring (equal to this run until ISPA absorbs) · {FULL_UNBOUNDED}: the sink plus "
+            "every block ever written, i.e. a history without the ring bound."
         )
 
     def annotation(self) -> str:

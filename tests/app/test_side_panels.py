@@ -102,7 +102,7 @@ def test_kv_timeline_picks_a_unit_that_fits_the_numbers() -> None:
     timeline.add(small, 0.36)
     assert timeline.unit() == ("kB", 1e3)
     assert timeline.dataframe().kv_cache.max() == pytest.approx(2.6)
-    assert "Full (ring)" in timeline.legend() and "starts above" in timeline.legend()
+    assert "Full (ring)" in timeline.legend() and "bounded by the ring" in timeline.legend()
 
 
 def test_kv_timeline_before_absorption_says_warmup() -> None:
