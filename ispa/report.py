@@ -19,7 +19,8 @@ class BlockReport:
     phase : the phase the block was generated in: "warmup", "absorbed" or "recalibrating" (ISPA), "full" (Full).
         A transition triggered at the block's end shows in `event`, not here.
     kv_bytes, kv_bytes_per_layer : KV bytes held after the block (and after its transition), from live tensors.
-    kv_bytes_full_ring : what a Full session with the same layout would hold at this point.
+    kv_bytes_full_ring : what a Full session with the same layout and KV storage would hold at this point (ring
+        slots counted as they are written, up to the ring's length).
     kv_bytes_full_unbounded : sink plus every block ever written, i.e. a history with no ring bound.
     stats_bytes : bytes of absorption statistics held while the block ran (an absorb at its end frees them).
     epsilon : per-layer reconstruction error of the latest absorb (None for layers without statistics), or None
@@ -32,7 +33,7 @@ class BlockReport:
         layers that attended to no history); None when no layer did.
     recalibrations : recalibrations started so far.
     event : None, "absorbed" or "recalibration_started".
-    delta_weight_bytes : bytes of the effective (base + delta) projection weights this session holds.
+    delta_weight_bytes : bytes of the L-layers' ΔW this session holds (applied as their own product).
     """
 
     index: int

@@ -42,6 +42,7 @@ from avatars.liveavatar.block_layout import (
     cache_layout,
 )
 from avatars.liveavatar.dit import LiveAvatarDiT, block_audio_window
+from avatars.liveavatar.dit.text_context import TextContext
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
@@ -213,7 +214,7 @@ class LiveAvatarPipeline:
         session: AttentionSession,
         decoder: StreamingDecoder,
         audio: _AudioTimeline,
-        context: torch.Tensor,
+        context: TextContext,
         latent_h: int,
         latent_w: int,
         control: RunControl,
@@ -299,7 +300,7 @@ class _SinkRefresh:
     motion_latents: torch.Tensor
     reference: torch.Tensor | None = None  # the first generated latent frame, set after block 0
 
-    def prefill(self, dit: LiveAvatarDiT, session: AttentionSession, context: torch.Tensor) -> None:
+    def prefill(self, dit: LiveAvatarDiT, session: AttentionSession, context: TextContext) -> None:
         dit.prefill_sink(session, self.reference, self.motion_latents, context)
 
 
