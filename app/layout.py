@@ -156,7 +156,7 @@ def input_column(
             label="KV-cache format",
             allow_custom_value=True,  # so that the app's own check answers an unknown value, in its words
             info="How the history is stored: bf16 as the model computes it, fp8 (about half), int4 (about a "
-            "quarter); the sink stays bf16.",
+            "quarter), each with a bf16 sink; fp8-all stores the sink in fp8 too (a little less memory, more drift).",
         )
         refresh_sink = gr.Checkbox(
             value=False,

@@ -20,6 +20,7 @@ import gradio as gr
 from app.examples import bundled_example
 from app.generation import run_generation
 from app.gpu import ON_ZERO_GPU
+from app.gpu_sizes import check_run_fits
 from app.inputs import COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_run
 from app.layout import PLAYER_HEIGHT, InputControls, RunOutputs, input_column, output_columns
 from app.live_audio import decode_mic_piece
@@ -33,6 +34,7 @@ from app.models import (
     hide_paths,
     model_availability,
     usable_sizes,
+    wants_fp8,
 )
 from app.raw_numbers import pass_raw
 from app.sessions import SESSIONS, ActiveRun
@@ -182,6 +184,8 @@ def _prepare(
         speech_dir=temp_root(),
         live=live,
     )
+    if choices.model == REAL_MODEL:
+        check_run_fits(spec, pipe, fp8_weights=wants_fp8())
     for note in spec.warnings:
         gr.Warning(_as_text(note))
     return spec

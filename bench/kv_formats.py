@@ -6,7 +6,8 @@
    per-channel offsets as real key caches have: relative error of the merged attention output (local keys plus
    the quantized history, fused by LSE as the session does) for every codec, including the ones not chosen.
 2. The tiny DiT's own queries, keys and values, captured per layer from a Full bf16 session: the same error per
-   layer for each format.
+   layer for each codec, and for `fp8-all`, whose sink is stored in fp8 too: its raw (pre-RoPE) sink is quantized,
+   dequantized and rotated with the forward's own sink angles, exactly as the engine would.
 3. Drift of whole runs against bf16 KV, same inputs and seeds: max abs difference of the tiny DiT's outputs over
    all blocks and steps, and the PSNR of the tiny pipeline's frames.
 
@@ -29,11 +30,14 @@ from avatars.base import GenerationRequest
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.dit.audio_encoder import AudioTokens
+from avatars.liveavatar.dit.positions import ref_time, sink_positions
+from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope, rope_angles
 from avatars.liveavatar.loading import build_tiny_pipeline
 from ispa import AttentionSession, CacheLayout, FullPolicy, attention_with_lse, merge_attention
 from ispa.kv_codecs import BlockCodec, Fp8ChannelCodec, Fp8TokenCodec, Int4Codec
 from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
 
+FP8_ALL = "fp8-all (fp8 history and sink, token scales)"
 CODEC_PAIRS: dict[str, tuple[BlockCodec, BlockCodec]] = {  # (keys, values); the chosen formats come first
     "fp8 (token scales, chosen)": (Fp8TokenCodec(), Fp8TokenCodec()),
     "fp8 (channel scales for K)": (Fp8ChannelCodec(), Fp8TokenCodec()),
@@ -65,15 +69,20 @@ def relative_error(got: Tensor, want: Tensor) -> float:
 
 
 def output_error(
-    pair: tuple[BlockCodec, BlockCodec], captured: tuple[Tensor, ...], block_tokens: int
+    pair: tuple[BlockCodec, BlockCodec],
+    captured: tuple[Tensor, ...],
+    block_tokens: int,
+    stored_local: tuple[Tensor, Tensor] | None = None,
 ) -> float:
-    """Relative error of the merged attention output when the history is stored with `pair`."""
+    """Relative error of the merged attention output when the history is stored with `pair` (and the local keys
+    and values are `stored_local`, when the sink is stored quantized too)."""
     q, local_k, local_v, hist_k, hist_v = captured
     want = merged_attention(q, local_k, local_v, hist_k, hist_v)
+    got_k, got_v = stored_local or (local_k, local_v)
     got = merged_attention(
         q,
-        local_k,
-        local_v,
+        got_k,
+        got_v,
         roundtrip(pair[0], hist_k, block_tokens),
         roundtrip(pair[1], hist_v, block_tokens),
     )
@@ -99,17 +108,20 @@ def synthetic_heads(seed: int, outliers: float, block_tokens: int = 256) -> tupl
 
 
 class CapturingSession(AttentionSession):
-    """A Full session that keeps a copy of what ring 0's attention saw per layer in block `capture_block`."""
+    """A Full session that keeps a copy of what ring 0's attention saw per layer in block `capture_block`, and
+    each layer's raw (pre-RoPE) sink."""
 
     def __init__(self, *args, capture_block: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.capture_block = capture_block
         self.captured: dict[int, tuple[Tensor, ...]] = {}
+        self.raw_sinks: dict[int, tuple[Tensor, Tensor]] = {}
 
     def self_attention(self, layer, q, local_k, local_v, new_k, new_v, out_proj, ring=0):
         if self.block_index == self.capture_block and ring == 0:
             hist_k, hist_v = self.cache.layers[layer].history(ring)
             self.captured[layer] = tuple(t.clone() for t in (q, local_k, local_v, hist_k, hist_v))
+            self.raw_sinks[layer] = tuple(t.clone() for t in self.cache.layers[layer].sink())
         return super().self_attention(layer, q, local_k, local_v, new_k, new_v, out_proj, ring)
 
 
@@ -120,6 +132,14 @@ class TinyDiTRun:
     blocks: int = 4
     latent: tuple[int, int] = (16, 8)
     seed: int = 0
+    ref_shift: int = 4
+
+    def sink_angles(self, block: int) -> RotaryAngles:
+        """The RoPE angles `forward_block` gives the sink in block `block` (the rolling reference)."""
+        config = PRESETS["tiny"]
+        height, width = (side // config.patch_size[1] for side in self.latent)
+        positions = sink_positions(height, width, ref_time(3 * block, self.ref_shift), torch.device("cpu"))
+        return rope_angles(positions, config.head_dim)
 
     def run(self, session_factory) -> tuple[AttentionSession, list[Tensor]]:
         config = PRESETS["tiny"]
@@ -150,7 +170,7 @@ class TinyDiTRun:
                 latents = randn(1, 16, 3, *self.latent)
                 for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)):
                     latents = model.forward_block(
-                        session, latents, timestep, context, audio, 3 * block, step, ref_shift=4
+                        session, latents, timestep, context, audio, 3 * block, step, ref_shift=self.ref_shift
                     )
                     outputs.append(latents.float())
                 session.end_block()
@@ -166,13 +186,45 @@ def tiny_layer_errors(blocks: int = 4) -> tuple[dict[str, list[float]], int]:
         holder["layout"] = layout
         return holder["session"]
 
-    TinyDiTRun(blocks=blocks).run(factory)
-    captured, block_tokens = holder["session"].captured, holder["layout"].block_tokens
+    run = TinyDiTRun(blocks=blocks)
+    run.run(factory)
+    session, block_tokens = holder["session"], holder["layout"].block_tokens
+    captured = session.captured
     errors = {}
     for name, (key_codec, value_codec) in CODEC_PAIRS.items():
         pair = (_fit(key_codec, block_tokens), _fit(value_codec, block_tokens))
         errors[name] = [output_error(pair, captured[layer], block_tokens) for layer in sorted(captured)]
+    angles = run.sink_angles(blocks - 1)
+    errors[FP8_ALL] = [
+        output_error(
+            CODEC_PAIRS["fp8 (token scales, chosen)"],
+            captured[n],
+            block_tokens,
+            stored_local=with_fp8_sink(captured[n], session.raw_sinks[n], angles),
+        )
+        for n in sorted(captured)
+    ]
     return errors, block_tokens
+
+
+def with_fp8_sink(
+    captured: tuple[Tensor, ...], raw_sink: tuple[Tensor, Tensor], angles: RotaryAngles
+) -> tuple[Tensor, Tensor]:
+    """The captured local keys and values with the sink as an `fp8-all` layer gives it to attention: the raw sink
+    stored in fp8 (token scales), dequantized, and its keys rotated with this forward's sink angles."""
+    _, local_k, local_v, _, _ = captured
+    raw_k, raw_v = raw_sink
+    sink = raw_k.shape[1]
+    if not torch.equal(apply_rope(raw_k, angles), local_k[:, :sink]):
+        raise RuntimeError("the sink angles do not reproduce the captured sink keys")
+    codec = Fp8TokenCodec()
+    k, v = torch.empty_like(raw_k), torch.empty_like(raw_v)
+    codec.decode_into(codec.encode(raw_k), k)
+    codec.decode_into(codec.encode(raw_v), v)
+    local_k, local_v = local_k.clone(), local_v.clone()
+    apply_rope(k, angles, out=local_k[:, :sink])
+    local_v[:, :sink] = v
+    return local_k, local_v
 
 
 def _fit(codec: BlockCodec, block_tokens: int) -> BlockCodec:

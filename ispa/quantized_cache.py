@@ -1,25 +1,29 @@
 """KV storage formats by name: bf16 rings, or rings whose history is stored quantized.
 
-`kv_layer_factory("fp8")` gives the factory an `AttentionSession(kv_layer=...)` takes. A quantized layer keeps its
-sink in the model's dtype (small, and every layer keeps it) and each history block as codes plus scales
-(`ispa.kv_codecs`), one lazily allocated slot per block. `history()` dequantizes the valid slots into a buffer
-shared by all layers of one factory (one layer's ring of keys and values), so attention, the LSE merge and ISPA's
-statistics all see exactly the same dequantized history, and no forward allocates a history-sized tensor.
+`kv_layer_factory("fp8")` gives the factory an `AttentionSession(kv_layer=...)` takes. A quantized layer keeps each
+history block as codes plus scales (`ispa.kv_codecs`), one lazily allocated slot per block, and its sink in the
+model's dtype (small, and every layer keeps it) unless the format quantizes the sink too. `history()` dequantizes the
+valid slots into a buffer shared by all layers of one factory (one layer's ring of keys and values), so attention,
+the LSE merge and ISPA's statistics all see exactly the same dequantized history, and no forward allocates a
+history-sized tensor; a quantized sink is dequantized by `sink()` into a second shared buffer the same way.
 
-The shared buffer means a history returned by one layer is valid until the next `history()` call on any layer of
-the same factory: the session attends to it and is done before the next layer runs. Build one factory per session.
+The shared buffers mean a history (or sink) returned by one layer is valid until the next `history()` (or `sink()`)
+call on any layer of the same factory: the model copies the sink into its local keys and the session attends to the
+history before the next layer runs. Build one factory per session.
 
 Formats (bytes of one history token, keys + values, at LiveAvatar-14B's 40 heads x 128):
 * bf16: 20,480 (today's `SinkRingLayer`).
-* fp8: e4m3 with a fp32 scale per token and head for keys and values: 10,560 (51.6 %).
+* fp8: e4m3 with a fp32 scale per token and head for keys and values: 10,560 (51.6 %); bf16 sink.
+* fp8-all: the same, and the sink stored that way too (it then also changes what ISPA's L-layers attend to).
 * int4: KIVI-style, keys per channel over groups of up to 32 tokens, values per token over groups of 32 channels,
-  fp16 min and step per group: 6,400 (31.3 %).
+  fp16 min and step per group: 6,400 (31.3 %); bf16 sink.
 The choices are measured, see `bench/kv_formats.py` and the README.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,6 +40,8 @@ __all__ = [
     "int4_key_group",
     "kv_history_bytes_per_block",
     "kv_layer_factory",
+    "quantizes_sink",
+    "sink_bytes_per_token",
 ]
 
 INT4_MAX_GROUP = 32
@@ -70,7 +76,22 @@ def _int4_codecs(layout: CacheLayout, spec: _TokenSpec) -> CodecPair:
 
 
 CodecChooser = Callable[[CacheLayout, _TokenSpec], CodecPair]
-_QUANTIZED: dict[str, CodecChooser] = {"fp8": _fp8_codecs, "int4": _int4_codecs}
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How one quantized format stores a layer: history codecs by layout and shape, and the sink's codec (None:
+    the sink stays in the model's dtype)."""
+
+    history: CodecChooser
+    sink: BlockCodec | None = None
+
+
+_QUANTIZED: dict[str, _Format] = {
+    "fp8": _Format(_fp8_codecs),
+    "fp8-all": _Format(_fp8_codecs, sink=Fp8TokenCodec()),
+    "int4": _Format(_int4_codecs),
+}
 KV_FORMATS = ("bf16", *_QUANTIZED)
 
 
@@ -92,15 +113,25 @@ class DequantizedHistory:
 
 
 class QuantizedRingLayer(SinkRingLayer):
-    """A `SinkRingLayer` whose history blocks are stored as codes plus scales, one slot per written block."""
+    """A `SinkRingLayer` whose history blocks are stored as codes plus scales, one slot per written block, and
+    whose sink is too when the format gives it a codec."""
 
-    def __init__(self, layout: CacheLayout, choose_codecs: CodecChooser, buffer: DequantizedHistory) -> None:
-        self._choose_codecs = choose_codecs
+    def __init__(
+        self,
+        layout: CacheLayout,
+        kv_format: _Format,
+        buffer: DequantizedHistory,
+        sink_buffer: DequantizedHistory,
+    ) -> None:
+        self._choose_codecs = kv_format.history
+        self._sink_codec = kv_format.sink
         self._buffer = buffer
+        self._sink_buffer = sink_buffer
         super().__init__(layout)
 
     def reset(self) -> None:
         super().reset()
+        self._stored_sink: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
         self._codecs: CodecPair | None = None
         self._slots: list[list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]] = [
             [] for _ in range(self.layout.num_rings)
@@ -111,9 +142,42 @@ class QuantizedRingLayer(SinkRingLayer):
         """(key codec, value codec), chosen when the first block arrives."""
         return self._codecs
 
+    # ---- sink (quantized only when the format has a sink codec) --------------------------------------------
+    def write_sink(self, k: Tensor, v: Tensor) -> None:
+        if self._sink_codec is None:
+            super().write_sink(k, v)
+            return
+        self._adopt_spec(k, v, "sink")
+        if k.shape[1] == 0:
+            raise ValueError("the sink must hold at least one token")
+        self._stored_sink = (self._sink_codec.encode(k), self._sink_codec.encode(v))
+
+    def sink(self) -> tuple[Tensor, Tensor]:
+        """The sink as attention sees it; a quantized sink is dequantized into the shared sink buffer (valid until
+        the next `sink()` call on any layer of this factory)."""
+        if self._sink_codec is None:
+            return super().sink()
+        if self._stored_sink is None:
+            raise RuntimeError("no sink has been written to this layer")
+        tokens = self._stored_sink[0][0].shape[1]
+        k_out, v_out = self._sink_buffer.views(self._spec, tokens, tokens)
+        self._sink_codec.decode_into(self._stored_sink[0], k_out)
+        self._sink_codec.decode_into(self._stored_sink[1], v_out)
+        return k_out, v_out
+
+    def sink_nbytes(self) -> int:
+        if self._sink_codec is None:
+            return super().sink_nbytes()
+        return (
+            0
+            if self._stored_sink is None
+            else sum(t.nbytes for t in (*self._stored_sink[0], *self._stored_sink[1]))
+        )
+
+    # ---- history -------------------------------------------------------------------------------------------
     @property
     def bytes_per_token(self) -> int | None:
-        """Bytes of one history token: codes plus its share of the scales (the sink is stored unquantized)."""
+        """Bytes of one history token: codes plus its share of the scales."""
         if self._spec is None:
             return None
         codecs = self._codecs or self._choose_codecs(self.layout, self._spec)
@@ -161,15 +225,21 @@ def kv_history_bytes_per_block(codecs: CodecPair, layout: CacheLayout, spec: _To
 
 
 class QuantizedKVFactory:
-    """Builds the layers of one session in one quantized format; they share one `DequantizedHistory`."""
+    """Builds the layers of one session in one quantized format; they share one `DequantizedHistory` for history
+    and one for the sink (used only by formats that quantize the sink)."""
 
     def __init__(self, kv_format: str) -> None:
         self.kv_format = kv_format
         self.buffer = DequantizedHistory()
-        self._choose = _QUANTIZED[kv_format]
+        self.sink_buffer = DequantizedHistory()
+        self._format = _QUANTIZED[kv_format]
 
     def __call__(self, layout: CacheLayout) -> KVLayer:
-        return QuantizedRingLayer(layout, self._choose, self.buffer)
+        return QuantizedRingLayer(layout, self._format, self.buffer, self.sink_buffer)
+
+    def buffer_nbytes(self) -> int:
+        """Bytes of both dequantization buffers as allocated now."""
+        return self.buffer.nbytes() + self.sink_buffer.nbytes()
 
 
 def kv_layer_factory(kv_format: str) -> KVLayerFactory:
@@ -191,5 +261,19 @@ def history_bytes_per_token(
     if kv_format not in _QUANTIZED:
         raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {kv_format!r}")
     spec = _TokenSpec(batch, heads, head_dim, torch.bfloat16, torch.device("meta"))
-    codecs = _QUANTIZED[kv_format](layout, spec)
+    codecs = _QUANTIZED[kv_format].history(layout, spec)
     return kv_history_bytes_per_block(codecs, layout, spec) // layout.block_tokens
+
+
+def quantizes_sink(kv_format: str) -> bool:
+    """Whether `kv_format` stores the sink quantized too (else it stays in the model's dtype)."""
+    if kv_format != "bf16" and kv_format not in _QUANTIZED:
+        raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {kv_format!r}")
+    return kv_format in _QUANTIZED and _QUANTIZED[kv_format].sink is not None
+
+
+def sink_bytes_per_token(kv_format: str, batch: int, heads: int, head_dim: int) -> int:
+    """Bytes of one quantized sink token (key + value) in a format that `quantizes_sink`."""
+    if not quantizes_sink(kv_format):
+        raise ValueError(f"kv_format {kv_format!r} keeps the sink in the model's dtype")
+    return 2 * _QUANTIZED[kv_format].sink.block_nbytes(batch, 1, heads, head_dim)

@@ -18,13 +18,13 @@ from avatars.liveavatar.encoders.audio import AudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.tiny import tiny_tokenizer, tiny_umt5, tiny_vae, tiny_wav2vec2
 from avatars.liveavatar.encoders.vae import WanVAE
+from avatars.liveavatar.memory_plan import check_fits_free_memory, lightest_plan
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
-from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, TINY_SIZES
+from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, SIZE_DIVISOR, TINY_SIZES
 from avatars.liveavatar.weights.dit_loader import load_dit
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 from avatars.liveavatar.weights.hub import WeightPaths, resolve_weights
-from avatars.liveavatar.weights.memory import check_gpu_memory, plan_memory
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def build_tiny_pipeline(seed: int = 0) -> LiveAvatarPipeline:
         WanVAE(tiny_vae(seed)),
         label=TINY_LABEL,
         is_test_model=True,
-        size_divisor=64,  # the FramePack 4× bucket needs latents in multiples of 8
+        size_divisor=SIZE_DIVISOR,
         sizes=TINY_SIZES,
     )
 
@@ -95,16 +95,21 @@ def build_liveavatar_pipeline(
 ) -> LiveAvatarPipeline:
     """LiveAvatar 14B from local weights: DiT with the LoRA merged (then FP8 if asked), wav2vec2, umT5, VAE.
 
-    Checks the GPU has room for the default size first, so a too-small GPU fails with a clear message
-    before 40 GB are read from disk.
+    Checks first that the GPU has room for the lightest run of the smallest size (`memory_plan.lightest_plan`), so
+    a too-small GPU fails with a clear message before 40 GB are read from disk.
     """
     device = torch.device(device)
-    config = PRESETS["14b"]
-    height, width = 704, 384
-    plan = plan_memory(config, height, width, fp8=fp8, text_encoder_on_gpu=not offload_text_encoder)
     if device.type == "cuda":
-        check_gpu_memory(plan, device)
-    logger.info("loading LiveAvatar 14B (%s)", plan.describe())
+        smallest = min(size.max_area for size in LIVEAVATAR_SIZES)
+        plan = lightest_plan(
+            smallest,
+            SIZE_DIVISOR,
+            weights="fp8" if fp8 else "bf16",
+            text_encoder_on_gpu=not offload_text_encoder,
+        )
+        free, _ = torch.cuda.mem_get_info(device)
+        check_fits_free_memory(plan, free, torch.cuda.get_device_name(device))
+    logger.info("loading LiveAvatar 14B (%s weights) on %s", "FP8" if fp8 else "bf16", device)
     dit = load_dit(paths.dit_dir, lora_path=paths.lora_file, dtype=dtype, device=device)
     if fp8:
         convert_linears_to_fp8(dit)
@@ -123,7 +128,7 @@ def build_liveavatar_pipeline(
         WanVAE.from_pretrained(paths.vae_dir, dtype=dtype, device=device),
         label=LIVEAVATAR_LABEL,
         is_test_model=False,
-        size_divisor=64,
+        size_divisor=SIZE_DIVISOR,
         sizes=LIVEAVATAR_SIZES,
     )
 

@@ -22,11 +22,22 @@ import torch
 from avatars.liveavatar.block_layout import HISTORY_BLOCKS, LATENT_FRAMES_PER_BLOCK, cache_layout
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
+from avatars.liveavatar.sizing import planned_size
 from avatars.liveavatar.weights import memory
 from ispa import ISPAPolicy, statistics_nbytes
-from ispa.quantized_cache import KV_FORMATS
+from ispa.quantized_cache import KV_FORMATS, quantizes_sink
 
-__all__ = ["GPU_SIZES_GB", "RunPlan", "SizeFit", "plan_run", "sizes_that_fit"]
+__all__ = [
+    "GPU_SIZES_GB",
+    "InsufficientGPUMemoryError",
+    "RunPlan",
+    "SizeFit",
+    "check_fits_free_memory",
+    "compare_peak_bytes",
+    "lightest_plan",
+    "plan_run",
+    "sizes_that_fit",
+]
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(1.5 * GIB)
@@ -38,6 +49,7 @@ _GPU_CAPACITY_BYTES = {24: 24 * GIB, 48: 48 * GIB, 80: 80 * GIB, 141: 139 * GIB}
 # C W and the solution (6 D×D fp64), the rebuilt full G and the fp32 result (2 D×D fp32), while one more layer's
 # ΔW (D×D fp32) is held before its statistics are freed. An estimate from reading the code, in units of D² bytes.
 ABSORB_WORKSPACE_BYTES_PER_DIM2 = 6 * 8 + 2 * 4 + 4
+LIGHTEST_KV_FORMAT = "int4"
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class Term:
     after: int
     basis: str
     transient: bool = False  # allocated only for a moment (a forward, the absorb): the peak takes the largest
+    per_model: bool = (
+        False  # held once per loaded model, shared by runs that advance side by side (compare mode)
+    )
 
 
 @dataclass(frozen=True)
@@ -133,19 +148,24 @@ def plan_run(
     else:
         kv_warm = kv_after = full_kv
         stats = delta = workspace = 0
-    buffer = memory.dequantized_history_bytes(config.dim, layout.block_tokens, kv_format)
+    buffer = memory.dequantized_history_bytes(
+        config.dim, layout.block_tokens, kv_format, sizes["sink_tokens"]
+    )
     weights_bytes = memory.dit_weight_bytes(dit, fp8=weights == "fp8")
     activations = memory.activation_bytes(config, sizes["sink_tokens"], layout.block_tokens, height, width)
     live = "computed, checked against live tensors"
     terms = (
-        Term("DiT weights", weights_bytes, weights_bytes, "computed from the DiT built on meta"),
+        Term(
+            "DiT weights", weights_bytes, weights_bytes, "computed from the DiT built on meta", per_model=True
+        ),
         Term(
             "encoders (VAE, wav2vec2" + (", umT5)" if text_encoder_on_gpu else ")"),
             memory.encoder_bytes(text_encoder_on_gpu),
             memory.encoder_bytes(text_encoder_on_gpu),
             "computed from parameter counts",
+            per_model=True,
         ),
-        Term(f"KV cache ({kv_format} history, bf16 sink)", kv_warm, kv_after, live),
+        Term(f"KV cache ({_kv_storage(kv_format)})", kv_warm, kv_after, live),
         Term("KV dequantization buffer", buffer, buffer, live),
         Term("ISPA statistics (fp32)", stats, 0, live),
         Term("L-layers' projections with ΔW", 0, delta, live),
@@ -165,6 +185,62 @@ def plan_run(
         "full_bf16_kv_bytes": memory.kv_cache_bytes(**(sizes | {"kv_format": "bf16"})),
     }
     return RunPlan(settings, terms)
+
+
+def _kv_storage(kv_format: str) -> str:
+    sink = kv_format if quantizes_sink(kv_format) else "bf16"
+    return f"{kv_format.removesuffix('-all')} history, {sink.removesuffix('-all')} sink"
+
+
+def compare_peak_bytes(first: RunPlan, second: RunPlan) -> int:
+    """Peak of two runs advanced side by side on one model (compare mode): the model's own terms once, both runs'
+    held terms, and the larger transient (the runs take turns, so their transients never overlap)."""
+    peak = 0
+    for phase in ("warmup", "after"):
+        shared = sum(getattr(t, phase) for t in first.terms if t.per_model and not t.transient)
+        held = sum(
+            getattr(t, phase)
+            for plan in (first, second)
+            for t in plan.terms
+            if not (t.per_model or t.transient)
+        )
+        transient = max(
+            (getattr(t, phase) for plan in (first, second) for t in plan.terms if t.transient), default=0
+        )
+        peak = max(peak, shared + held + transient)
+    return peak
+
+
+class InsufficientGPUMemoryError(RuntimeError):
+    """Not even the lightest run fits the GPU; the message gives both numbers."""
+
+
+def lightest_plan(
+    max_area: int, divisor: int, *, weights: str, text_encoder_on_gpu: bool, model: str = "14b"
+) -> RunPlan:
+    """The least memory any run at this size can take: Full (no statistics) with the smallest KV format."""
+    height, width = planned_size(max_area, divisor)
+    return plan_run(
+        height,
+        width,
+        weights=weights,
+        kv_format=LIGHTEST_KV_FORMAT,
+        policy="full",
+        text_encoder_on_gpu=text_encoder_on_gpu,
+        model=model,
+    )
+
+
+def check_fits_free_memory(plan: RunPlan, free_bytes: int, gpu_name: str) -> None:
+    """Raise InsufficientGPUMemoryError unless `plan`'s peak plus the CUDA context fits `free_bytes`."""
+    if not fits_capacity(plan.peak_bytes, free_bytes):
+        settings = plan.settings
+        raise InsufficientGPUMemoryError(
+            f"not enough GPU memory on {gpu_name}: even the lightest run ({settings['size']}, "
+            f"{settings['weights']} weights, {settings['kv_format']} KV, Full) peaks at "
+            f"{plan.peak_bytes / GIB:.2f} GiB + 1.5 GiB for the CUDA context, but only {free_bytes / GIB:.2f} GiB "
+            "is free. Try FP8 weights (ISPA_FP8=1 or --fp8), offloading the text encoder, or a larger GPU."
+        )
 
 
 @dataclass(frozen=True)

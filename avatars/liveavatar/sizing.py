@@ -27,6 +27,18 @@ LIVEAVATAR_SIZES = (
 )
 
 
+SIZE_DIVISOR = 64  # of video height and width: the FramePack 4× bucket needs latents in multiples of 8
+
+# Memory is planned per size choice before any portrait is seen, at what the choice gives a 16:9 (height : width)
+# portrait, the shape of every shipped example: 704×384 under the official area.
+PLANNED_ASPECT = (16, 9)
+
+
+def planned_size(max_area: int, divisor: int) -> tuple[int, int]:
+    """(height, width) a size choice is planned at: its size for a 16:9 portrait."""
+    return choose_size(*PLANNED_ASPECT, max_area, divisor)
+
+
 def choose_size(height: int, width: int, max_area: int, divisor: int) -> tuple[int, int]:
     """The largest (H, W), multiples of `divisor`, with H·W ≤ max_area and the portrait's aspect ratio.
 

@@ -1,12 +1,17 @@
-"""The 14B size chooser offers only the sizes whose memory plan fits the detected GPU, and says why others not."""
+"""The 14B size chooser offers only the sizes whose lightest run fits the detected GPU, and says why others not;
+a run whose own settings do not fit is refused with the formats that would."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from app.gpu_sizes import PLANNED_ASPECT, sizes_for_gpu
-from avatars.liveavatar.memory_plan import CUDA_CONTEXT_BYTES, GIB, plan_run
-from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, choose_size
+from app.gpu_sizes import check_run_fits, sizes_for_gpu
+from app.inputs import COMPARE, ISPA, RunSpec
+from app.validation import Settings, ValidationError
+from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.memory_plan import CUDA_CONTEXT_BYTES, GIB, compare_peak_bytes, plan_run
+from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size
 
 SIZES = [(s.label, s.max_area) for s in LIVEAVATAR_SIZES]
 DIVISOR = 64
@@ -14,7 +19,7 @@ DIVISOR = 64
 
 def planned_peak(area: int, weights: str) -> int:
     height, width = choose_size(*PLANNED_ASPECT, area, DIVISOR)
-    return plan_run(height, width, weights=weights, kv_format="bf16", policy="ispa").peak_bytes
+    return plan_run(height, width, weights=weights, kv_format="int4", policy="full").peak_bytes
 
 
 def test_without_a_gpu_every_size_is_offered() -> None:
@@ -61,3 +66,56 @@ def test_the_app_offers_only_the_usable_sizes_and_refuses_when_none_fits(monkeyp
     )
     with pytest.raises(main.ValidationError, match="No size of this model fits this GPU: 720×400 area"):
         main._prepare(choices, portrait=None, prompt="", audio=None, text=None, live=False)
+
+
+def run_spec(mode: str, kv_format: str) -> RunSpec:
+    return RunSpec(
+        portrait=np.zeros((160, 90, 3), dtype=np.uint8),  # 16:9: 704×384 under the official area
+        audio=None,
+        audio_source="live",
+        speech_seconds=None,
+        prompt="",
+        mode=mode,
+        settings=Settings(k_fraction=0.5, t_warm=12, lam=1e-3, seed=0),
+        size_label=SIZES[0][0],
+        max_area=SIZES[0][1],
+        kv_format=kv_format,
+    )
+
+
+def test_a_run_is_refused_exactly_when_its_own_plan_does_not_fit() -> None:
+    pipe = build_tiny_pipeline()  # only its size arithmetic is used: 14B is planned at the portrait's size
+
+    def peak(kv: str, policy: str) -> int:
+        return plan_run(704, 384, weights="fp8", kv_format=kv, policy=policy).peak_bytes
+
+    gpu = peak("fp8", "ispa") + CUDA_CONTEXT_BYTES  # ISPA with fp8 KV just fits
+    check_run_fits(run_spec(ISPA, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
+    assert peak("bf16", "ispa") + CUDA_CONTEXT_BYTES > gpu
+    with pytest.raises(ValidationError) as err:
+        check_run_fits(run_spec(ISPA, "bf16"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
+    fitting = [
+        kv for kv in ("bf16", "fp8", "fp8-all", "int4") if peak(kv, "ispa") + CUDA_CONTEXT_BYTES <= gpu
+    ]
+    message = str(err.value)
+    assert "ISPA at 704×384 with bf16 KV" in message and f"{peak('bf16', 'ispa') / GIB:.2f} GiB" in message
+    assert message.endswith(f"it fits with the KV-cache format {' or '.join(fitting)}.")
+    check_run_fits(run_spec(ISPA, "bf16"), pipe, fp8_weights=True, gpu_bytes=lambda: None)  # no GPU: no plan
+
+
+def test_compare_mode_counts_both_runs_caches_once_beside_one_model() -> None:
+    full = plan_run(704, 384, weights="fp8", kv_format="fp8", policy="full")
+    ispa = plan_run(704, 384, weights="fp8", kv_format="fp8", policy="ispa")
+    by_name = {t.name: t for t in full.terms}
+    shared = by_name["DiT weights"].warmup + sum(
+        t.warmup for n, t in by_name.items() if n.startswith("encoders")
+    )
+    both = compare_peak_bytes(full, ispa)
+    assert max(full.peak_bytes, ispa.peak_bytes) < both < full.peak_bytes + ispa.peak_bytes - shared
+    pipe = build_tiny_pipeline()
+    check_run_fits(
+        run_spec(COMPARE, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: both + CUDA_CONTEXT_BYTES
+    )
+    with pytest.raises(ValidationError, match="Compare at 704×384"):
+        gpu = both + CUDA_CONTEXT_BYTES - 1
+        check_run_fits(run_spec(COMPARE, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)

@@ -13,7 +13,7 @@ from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
-from ispa import FullPolicy, ISPAPolicy
+from ispa import FullPolicy, ISPAPolicy, statistics_nbytes
 from ispa.quantized_cache import KV_FORMATS
 
 FIVE_LAYERS = dataclasses.replace(
@@ -31,7 +31,6 @@ CASES = {  # config, latent size, k_fraction, L-layers expected
 @pytest.mark.parametrize("case", list(CASES))
 def test_kv_and_statistics_predictions_equal_live_tensors(case, kv_format):
     config, latent, k_fraction, local = CASES[case]
-    plan = memory.plan_memory(config, 8 * latent[0], 8 * latent[1], fp8=False, kv_format=kv_format)
     model = LiveAvatarDiT.from_config(config)
     sizes = {
         "num_layers": config.num_layers,
@@ -46,15 +45,16 @@ def test_kv_and_statistics_predictions_equal_live_tensors(case, kv_format):
     # ring slots are allocated as blocks are written: 1, 2, then 3 blocks per ring, and no more
     held = [memory.kv_cache_bytes(**sizes, history_blocks=n) for n in (1, 2, 3, 3)]
     assert [r.kv_bytes for r in full] == held and full_session.cache.nbytes() == held[-1]
-    buffer = memory.dequantized_history_bytes(config.dim, sizes["block_tokens"], kv_format)
-    assert plan.kv_cache == held[-1] + buffer
-    assert buffer == (0 if kv_format == "bf16" else factory.buffer.nbytes())
+    buffer = memory.dequantized_history_bytes(
+        config.dim, sizes["block_tokens"], kv_format, sizes["sink_tokens"]
+    )
+    assert buffer == (0 if kv_format == "bf16" else factory.buffer_nbytes())
     assert {r.stats_bytes for r in full} == {0}
 
     policy = ISPAPolicy(k_fraction=k_fraction, t_warm=6)
     _, session, ispa, _ = run_blocks(config, latent, policy, blocks=3, kv_format=kv_format)
     assert [r.phase for r in ispa] == ["warmup", "warmup", "absorbed"]
-    assert [r.stats_bytes for r in ispa] == [0, plan.ispa_statistics, 0]
+    assert [r.stats_bytes for r in ispa] == [0, statistics_nbytes(config.num_layers, config.dim), 0]
     after = [
         memory.kv_cache_bytes_after_absorb(**sizes, k_fraction=k_fraction, history_blocks=n) for n in (2, 3)
     ]
@@ -69,7 +69,9 @@ def test_14b_weight_bytes_equal_the_meta_built_model(fp8):
     if fp8:
         convert_linears_to_fp8(model)
     live = sum(t.nbytes for t in model.state_dict().values())
-    assert memory.plan_memory(PRESETS["14b"], 384, 704, fp8=fp8).dit_weights == live
+    with torch.device("meta"):
+        planned = memory.dit_weight_bytes(LiveAvatarDiT.from_config(PRESETS["14b"]), fp8=fp8)
+    assert planned == live
 
 
 def test_14b_kv_after_absorbing_half_the_layers():

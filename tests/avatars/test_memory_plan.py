@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny_dit_run import run_blocks
 
 from avatars.liveavatar import memory_plan
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.weights import memory
-from ispa import FullPolicy, ISPAPolicy
+from ispa import KV_FORMATS, FullPolicy, ISPAPolicy
 
 GIB = 2**30
 
@@ -20,7 +22,7 @@ def terms(plan) -> dict[str, memory_plan.Term]:
     return {t.name.split(" (")[0]: t for t in plan.terms}
 
 
-@pytest.mark.parametrize("kv_format", ["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
 def test_ispa_terms_equal_the_live_tensors_of_a_tiny_run(kv_format):
     # t_warm 12 = 4 blocks: blocks 0-2 fill the rings (3 slots), block 3 absorbs
     plan = memory_plan.plan_run(
@@ -37,7 +39,7 @@ def test_ispa_terms_equal_the_live_tensors_of_a_tiny_run(kv_format):
     assert reports[3].stats_bytes == by_name["ISPA statistics"].warmup > 0
     assert reports[4].stats_bytes == by_name["ISPA statistics"].after == 0
     assert reports[3].delta_weight_bytes == by_name["L-layers' projections with ΔW"].after > 0
-    buffer = factory.buffer.nbytes() if kv_format != "bf16" else 0
+    buffer = factory.buffer_nbytes() if kv_format != "bf16" else 0
     assert buffer == by_name["KV dequantization buffer"].warmup == by_name["KV dequantization buffer"].after
     live_weights = sum(t.nbytes for t in model.state_dict().values())
     assert live_weights == by_name["DiT weights"].warmup
@@ -68,7 +70,9 @@ def test_peaks_are_the_held_terms_plus_the_largest_transient():
         t.after for t in plan.terms if t.transient
     )
     by_name = terms(plan)
-    assert by_name["DiT weights"].warmup == memory.plan_memory(PRESETS["14b"], 704, 384, fp8=True).dit_weights
+    with torch.device("meta"):
+        meta_dit = LiveAvatarDiT.from_config(PRESETS["14b"])
+    assert by_name["DiT weights"].warmup == memory.dit_weight_bytes(meta_dit, fp8=True)
     # 14B at 704x384: 40 layers x (2640 bf16 sink tokens + 4 rings x 3 blocks x 3168 tokens x 10,560 B fp8 history)
     sink = 2 * 2640 * 5120 * 2
     assert by_name["KV cache"].warmup == 40 * (sink + 12 * 3168 * 10560)

@@ -230,6 +230,21 @@ def test_an_unknown_kv_format_is_refused_before_anything_runs(pipe, portrait):
         pipe.stream(request, FullPolicy(), kv_format="int3")
 
 
+def test_fp8_all_holds_exactly_the_sink_difference_less_than_fp8(pipe, portrait):
+    audio = speech(1.0, 16000)
+    fp8 = run(pipe, portrait, audio, 16000, FullPolicy(), kv_format="fp8")
+    both = run(pipe, portrait, audio, 16000, FullPolicy(), kv_format="fp8-all")
+    config = pipe.dit.config
+    height, width = pipe.output_size(portrait)
+    sink_tokens = pipe.dit.sink_token_count(height // 8, width // 8)
+    head_dim = config.dim // config.num_heads
+    # per sink token, keys and values: fp32 model values, or e4m3 codes plus one fp32 scale per head
+    saved = config.num_layers * sink_tokens * 2 * (config.dim * 4 - config.num_heads * (head_dim + 4))
+    for a, b in zip(fp8, both, strict=True):
+        assert a.report.engine.kv_bytes - b.report.engine.kv_bytes == saved
+    assert not all(np.array_equal(a.frames, b.frames) for a, b in zip(fp8, both, strict=True))
+
+
 class _Calls:
     """Records the pipeline's calls into the DiT and the decoder during one run."""
 

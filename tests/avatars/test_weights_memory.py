@@ -1,6 +1,7 @@
-"""GPU memory planning: the 14B numbers against hand arithmetic, and the check's messages."""
+"""GPU memory terms: the 14B numbers against hand arithmetic, and the load-time check's message."""
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,22 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2ForCTC
 
 from avatars.liveavatar.config import PRESETS
+from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.dit.transformer import FP32_MODULES
 from avatars.liveavatar.encoders.vae import WanVAE
+from avatars.liveavatar.loading import build_liveavatar_pipeline
+from avatars.liveavatar.memory_plan import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    InsufficientGPUMemoryError,
+    check_fits_free_memory,
+    lightest_plan,
+    plan_run,
+)
 from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import EXCLUDED_FROM_FP8
+from avatars.liveavatar.weights.hub import WeightPaths
+from ispa import KV_FORMATS, statistics_nbytes
 
 MANIFEST = (
     Path(__file__).resolve().parents[3] / "shared" / "reference" / "liveavatar_s2v14b_dit_manifest.json"
@@ -20,8 +33,9 @@ MANIFEST = (
 
 
 @pytest.fixture(scope="module")
-def plan_14b():
-    return memory.plan_memory(PRESETS["14b"], 384, 704, fp8=False)
+def meta_14b():
+    with torch.device("meta"):
+        return LiveAvatarDiT.from_config(PRESETS["14b"])
 
 
 def _fp32_numel(params: dict) -> int:
@@ -33,14 +47,15 @@ def _fp32_numel(params: dict) -> int:
     )
 
 
-def test_bf16_dit_is_33_15_gb(plan_14b):
+def test_bf16_dit_is_33_15_gb(meta_14b):
     params = json.loads(MANIFEST.read_text())["params"]
     assert sum(torch.Size(s).numel() for s in params.values()) == 16_295_755_609
-    assert plan_14b.dit_weights == 16_295_755_609 * 2 + _fp32_numel(params) * 2
-    assert f"{plan_14b.dit_weights / 1e9:.2f}" == "33.15"
+    weights = memory.dit_weight_bytes(meta_14b, fp8=False)
+    assert weights == 16_295_755_609 * 2 + _fp32_numel(params) * 2
+    assert f"{weights / 1e9:.2f}" == "33.15"
 
 
-def test_fp8_dit_counts_every_converted_linear_from_the_manifest():
+def test_fp8_dit_counts_every_converted_linear_from_the_manifest(meta_14b):
     params = json.loads(MANIFEST.read_text())["params"]
     fp8_weights = [
         name
@@ -54,21 +69,27 @@ def test_fp8_dit_counts_every_converted_linear_from_the_manifest():
     total_numel = sum(torch.Size(s).numel() for s in params.values())
     # FP8 converts none of the fp32 modules' linears (they are all in EXCLUDED_FROM_FP8)
     expected = fp8_numel * 1 + (total_numel - fp8_numel) * 2 + _fp32_numel(params) * 2 + 4 * len(fp8_weights)
-    plan = memory.plan_memory(PRESETS["14b"], 384, 704, fp8=True)
-    assert plan.dit_weights == expected
-    assert f"{plan.dit_weights / 1e9:.2f}" == "17.21"
+    weights = memory.dit_weight_bytes(meta_14b, fp8=True)
+    assert weights == expected
+    assert f"{weights / 1e9:.2f}" == "17.21"
 
 
-def test_kv_cache_follows_the_engine_layout(plan_14b):
+def test_kv_cache_follows_the_engine_layout(meta_14b):
     tokens_per_frame = (384 // 16) * (704 // 16)  # 1056
     # reference frame + FramePack motion: 1 frame at full, 2 frames at 2×, 16 frames at 4× compression
     sink = tokens_per_frame + (tokens_per_frame + 2 * tokens_per_frame // 8 + 16 * tokens_per_frame // 64)
     block = 3 * tokens_per_frame  # 3168
     per_layer = 2 * (sink + 4 * 3 * block) * 5120 * 2  # k and v, bf16
-    assert sink == 2640 and plan_14b.kv_cache == 40 * per_layer == 33_305_395_200
+    assert sink == meta_14b.sink_token_count(384 // 8, 704 // 8) == 2640
+    assert memory.kv_cache_bytes(40, 5120, sink, block) == 40 * per_layer == 33_305_395_200
+    # fp8-all: e4m3 codes plus one fp32 scale per token and head, for the sink as for the history
+    fp8_token = 2 * 40 * (128 + 4)
+    all_fp8 = memory.kv_cache_bytes(40, 5120, sink, block, kv_format="fp8-all", heads=40)
+    assert all_fp8 == 40 * (sink + 12 * block) * fp8_token
+    fp8 = memory.kv_cache_bytes(40, 5120, sink, block, kv_format="fp8", heads=40)
+    assert fp8 - all_fp8 == 40 * sink * (2 * 5120 * 2 - fp8_token)  # only the sink differs
     # G shared by pairs of layers (one triangle each), C per layer, odd layers' diagonals, s: 6.29 GB, not 8.39 GB
-    assert plan_14b.ispa_statistics == 4 * (20 * 5120**2 + 40 * 5120**2 + 20 * 5120 + 40)
-    assert memory.plan_memory(PRESETS["14b"], 384, 704, fp8=False, ispa_warmup=False).ispa_statistics == 0
+    assert statistics_nbytes(40, 5120) == 4 * (20 * 5120**2 + 40 * 5120**2 + 20 * 5120 + 40)
 
 
 def test_encoder_parameter_counts_match_their_real_configurations():
@@ -105,46 +126,30 @@ def test_encoder_parameter_counts_match_their_real_configurations():
     assert on_gpu == 2 * memory.UMT5_XXL_ENCODER_PARAMS  # 11.36 GB of umT5-XXL in bf16
 
 
-def test_total_is_the_sum_of_its_parts(plan_14b):
-    parts = [
-        plan_14b.dit_weights,
-        plan_14b.kv_cache,
-        plan_14b.ispa_statistics,
-        plan_14b.encoders,
-        plan_14b.activations,
-        plan_14b.vae_decoder_cache,
-        plan_14b.reserve,
-    ]
-    assert plan_14b.total == sum(parts)
-    assert plan_14b.describe().startswith(
-        f"{sum(parts) / 1e9:.2f} GB (dit weights 33.15 GB, kv cache 33.31 GB"
-    )
-
-
-def test_bad_size_is_rejected():
-    with pytest.raises(ValueError, match="multiples of 64"):
-        memory.plan_memory(PRESETS["tiny"], 100, 64, fp8=False)
-
-
-def test_check_without_gpu_says_so(plan_14b, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(
-        memory.InsufficientGPUMemoryError,
-        match=r"no CUDA GPU is available; this configuration needs 7\d\.\d\d GB",
-    ):
-        memory.check_gpu_memory(plan_14b)
-
-
-def test_check_names_needed_and_free(plan_14b, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_loading_refuses_a_too_small_gpu_before_reading_any_weight(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (48 * 10**9, 50 * 10**9))
-    with pytest.raises(memory.InsufficientGPUMemoryError) as err:
-        memory.check_gpu_memory(plan_14b)
-    assert f"needs {plan_14b.total / 1e9:.2f} GB" in str(err.value)
-    assert "only 48.00 GB of 50.00 GB is free" in str(err.value) and "Fake GPU" in str(err.value)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (plan_14b.total, 141 * 10**9))
-    memory.check_gpu_memory(plan_14b)  # fits exactly: no error
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 24 * GIB))
+    paths = WeightPaths(*(Path("/nonexistent") for _ in fields(WeightPaths)))
+    with pytest.raises(InsufficientGPUMemoryError) as err:
+        build_liveavatar_pipeline(paths, device="cuda", fp8=True)
+    lightest = lightest_plan(512 * 320, 64, weights="fp8", text_encoder_on_gpu=False)
+    message = str(err.value)
+    assert "Fake GPU" in message and "only 20.00 GiB is free" in message
+    assert f"peaks at {lightest.peak_bytes / GIB:.2f} GiB" in message and "int4 KV" in message
+
+
+def test_the_lightest_plan_is_full_with_int4_kv_at_the_planned_size():
+    lightest = lightest_plan(512 * 320, 64, weights="fp8", text_encoder_on_gpu=False)
+    assert lightest.settings["size"] == "512x320" and lightest.settings["kv_format"] == "int4"
+    others = [
+        plan_run(512, 320, weights="fp8", kv_format=kv, policy=policy)
+        for kv in KV_FORMATS
+        for policy in ("full", "ispa")
+    ]
+    assert lightest.peak_bytes == min(p.peak_bytes for p in others)
+    check_fits_free_memory(lightest, lightest.peak_bytes + CUDA_CONTEXT_BYTES, "Fake GPU")  # exactly fits
+    with pytest.raises(InsufficientGPUMemoryError, match="Fake GPU"):
+        check_fits_free_memory(lightest, lightest.peak_bytes + CUDA_CONTEXT_BYTES - 1, "Fake GPU")
 
 
 def test_vae_decoder_cache_constant_matches_a_real_config_decode():
@@ -154,4 +159,5 @@ def test_vae_decoder_cache_constant_matches_a_real_config_decode():
     decoder.decode_block(torch.randn(1, 16, 2, 8, 8))  # a 64×64 video; the cache is full after two frames
     values = sum(t.numel() for t in decoder._cache if isinstance(t, torch.Tensor))
     assert 2 * values == memory.VAE_DECODER_CACHE_BYTES_PER_PIXEL * 64 * 64
-    assert memory.plan_memory(PRESETS["14b"], 704, 384, fp8=True).vae_decoder_cache == 4729 * 704 * 384
+    terms = {t.name: t for t in plan_run(704, 384).terms}
+    assert terms["VAE decoder cache"].warmup == 4729 * 704 * 384

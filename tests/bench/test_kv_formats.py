@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from avatars.liveavatar.dit.rope import apply_rope, rope_angles
 from bench.kv_formats import (
     CODEC_PAIRS,
+    FP8_ALL,
     _fit,
     dit_drift,
     output_error,
     roundtrip,
     synthetic_heads,
     tiny_layer_errors,
+    with_fp8_sink,
 )
 from ispa import CacheLayout
 from ispa.quantized_cache import kv_layer_factory
@@ -55,3 +58,23 @@ def test_fp8_changes_each_tiny_layer_by_at_most_one_percent_and_int4_by_more():
 def test_a_whole_tiny_run_drifts_a_little_from_bf16_kv():
     drift, scale = dit_drift("fp8", blocks=2)
     assert 0 < drift < 0.05 * scale
+
+
+def test_the_fp8_all_sink_measured_is_what_an_fp8_all_layer_gives_attention():
+    gen = torch.Generator().manual_seed(1)
+    raw_k, raw_v = (torch.randn(1, 24, 2, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
+    angles = rope_angles(torch.randint(-5, 30, (24, 3), generator=gen), 16)
+    block_k = torch.randn(1, 8, 2, 16, generator=gen).to(torch.bfloat16)
+    local_k = torch.cat([apply_rope(raw_k, angles), block_k], dim=1)
+    local_v = torch.cat([raw_v, block_k], dim=1)
+    got_k, got_v = with_fp8_sink((None, local_k, local_v, None, None), (raw_k, raw_v), angles)
+    layer = kv_layer_factory("fp8-all")(CacheLayout(block_tokens=8, history_blocks=3))
+    layer.write_sink(raw_k, raw_v)
+    stored_k, stored_v = layer.sink()
+    assert torch.equal(got_k[:, :24], apply_rope(stored_k, angles)) and torch.equal(got_v[:, :24], stored_v)
+    assert torch.equal(got_k[:, 24:], block_k) and not torch.equal(got_k, local_k)
+
+
+def test_storing_the_sink_in_fp8_too_adds_error_on_every_tiny_layer():
+    errors, _ = tiny_layer_errors(blocks=2)
+    assert all(fp8 < both <= 0.02 for fp8, both in zip(errors[FP8], errors[FP8_ALL], strict=True))

@@ -16,6 +16,8 @@ from ispa.quantized_cache import (
     history_bytes_per_token,
     int4_key_group,
     kv_layer_factory,
+    quantizes_sink,
+    sink_bytes_per_token,
 )
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 2, 2, 64, 32
@@ -39,13 +41,19 @@ def test_bytes_per_token_by_hand_and_against_the_stored_tensors():
     # int4: half a byte per value; fp16 min and step per group of 32 tokens (keys) or 32 channels (values)
     width = BATCH * HEADS * HEAD_DIM
     int4 = 2 * width // 2 + 4 * width // 32 + 4 * width // 32
-    expected = {"bf16": 2 * width * 2, "fp8": fp8, "int4": int4}
+    expected = {"bf16": 2 * width * 2, "fp8": fp8, "fp8-all": fp8, "int4": int4}
     for kv_format in KV_FORMATS:
         assert history_bytes_per_token(kv_format, LAYOUT, BATCH, HEADS, HEAD_DIM) == expected[kv_format]
         layer = kv_layer_factory(kv_format)(LAYOUT)
         layer.write_sink(*block(0, torch.bfloat16))
         sink = layer.sink_nbytes()
-        assert sink == 2 * BATCH * BLOCK * HEADS * HEAD_DIM * 2  # the sink stays bf16
+        if quantizes_sink(
+            kv_format
+        ):  # the sink stored like the history: codes plus a scale per token and head
+            assert sink == BLOCK * fp8 == BLOCK * sink_bytes_per_token(kv_format, BATCH, HEADS, HEAD_DIM)
+            assert sink == sum(t.nbytes for pair in layer._stored_sink for t in pair)
+        else:  # the sink stays bf16
+            assert sink == 2 * BATCH * BLOCK * HEADS * HEAD_DIM * 2
         for n in range(1, 5):
             layer.append(0, *block(n, torch.bfloat16))
             held = min(n, LAYOUT.history_blocks) * BLOCK
@@ -111,10 +119,34 @@ def test_history_is_dequantized_into_one_buffer_shared_by_the_layers():
     torch.testing.assert_close(k2, expected, rtol=2.0**-4, atol=1e-2)
 
 
-@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+def test_a_quantized_sink_is_dequantized_into_one_buffer_shared_by_the_layers():
+    factory = kv_layer_factory("fp8-all")
+    first, second = factory(LAYOUT), factory(LAYOUT)
+    with pytest.raises(RuntimeError, match="no sink"):
+        first.sink()
+    first.write_sink(*block(20))
+    second.write_sink(*block(21))
+    k1, v1 = first.sink()
+    want_k, want_v = block(20)
+    x = torch.cat([want_k, want_v])
+    bound = 2.0**-4 * x.abs() + 2.0**-10 * x.abs().amax(dim=-1, keepdim=True) / 448
+    assert ((torch.cat([k1, v1]) - x).abs() <= bound).all()  # within e4m3 rounding of each token's scale
+    pointer = k1.data_ptr()
+    k2, _ = second.sink()
+    assert k2.data_ptr() == pointer and factory.sink_buffer.nbytes() == 2 * k2.nbytes
+    torch.testing.assert_close(k2, block(21)[0], rtol=2.0**-4, atol=1e-2)
+    first.make_local()  # a local layer keeps its sink
+    torch.testing.assert_close(first.sink()[0], want_k, rtol=2.0**-4, atol=1e-2)
+    first.reset()
+    assert first.sink_nbytes() == 0
+    with pytest.raises(ValueError, match="at least one token"):
+        second.write_sink(*(t[:, :0] for t in block(22)))
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "fp8-all", "int4"])
 def test_ring_order_wrap_local_full_and_reset_match_the_bf16_ring(kv_format):
     quantized, reference = kv_layer_factory(kv_format)(LAYOUT), SinkRingLayer(LAYOUT)
-    codec_error = {"fp8": 0.07, "int4": 0.2}[kv_format]
+    codec_error = {"fp8": 0.07, "fp8-all": 0.07, "int4": 0.2}[kv_format]
     for n in range(5):  # wraps: slots 0,1,2,0,1
         for layer in (quantized, reference):
             layer.append(0, *block(n))
@@ -155,7 +187,7 @@ def toy_run(policy, kv_format, blocks):
     return [run.step() for _ in range(blocks)]
 
 
-@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("kv_format", ["fp8", "fp8-all", "int4"])
 def test_ispa_with_quantized_kv_is_bit_identical_to_full_with_it_until_the_absorb(kv_format):
     full = toy_run(FullPolicy(), kv_format, blocks=T_WARM + 2)
     ispa = toy_run(ISPAPolicy(k_fraction=0.5, t_warm=T_WARM), kv_format, blocks=T_WARM + 2)
@@ -173,7 +205,7 @@ def test_ispa_with_quantized_kv_is_bit_identical_to_full_with_it_until_the_absor
 
 def test_quantized_kv_stays_close_to_bf16_kv_through_a_toy_run():
     reference = toy_run(FullPolicy(), "bf16", blocks=4)
-    for kv_format, bound in (("fp8", 0.05), ("int4", 0.2)):
+    for kv_format, bound in (("fp8", 0.05), ("fp8-all", 0.05), ("int4", 0.2)):
         run = toy_run(FullPolicy(), kv_format, blocks=4)
         last, want = run[-1][0][-1], reference[-1][0][-1]
         assert 0 < ((last - want).norm() / want.norm()).item() < bound, kv_format
