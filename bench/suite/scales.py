@@ -9,7 +9,7 @@
 | statistics and absorb D; layers absorbed | 5,120; 40 | 320; 4 |
 | GEMM ceiling M × K × N (FFN up) | 3,168 × 5,120 × 13,824 | 198 × 320 × 864 |
 | copy bandwidth buffer | 2 GiB | 8 MiB |
-| streaming model, blocks, warmup | 14B random weights, 8, 12 latent frames | tiny model, 3, 6 latent frames |
+| streaming model, video, blocks, warmup | 14B random weights, 704×384, 8, 12 latent frames | tiny model, 64×64, 3, 6 latent frames |
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Scale:
     ffn_dim: int
     copy_bytes: int
     stream_model: str  # bench/streaming.py's --model
+    stream_max_area: int | None  # video pixels (None: the model's default size)
     stream_blocks: int
     stream_t_warm: int
     repeats: int  # timed runs per measurement (the median is kept)
@@ -56,6 +57,7 @@ FULL = Scale(
     ffn_dim=13824,
     copy_bytes=2 << 30,
     stream_model="14b",
+    stream_max_area=None,
     stream_blocks=8,
     stream_t_warm=12,
     repeats=5,
@@ -73,6 +75,7 @@ TINY = Scale(
     ffn_dim=864,
     copy_bytes=8 << 20,
     stream_model="tiny",
+    stream_max_area=64 * 64,
     stream_blocks=3,
     stream_t_warm=6,
     repeats=3,

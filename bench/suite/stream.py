@@ -55,7 +55,7 @@ def streaming(
     recorder.record("build_seconds", time.perf_counter() - started)
     recorder.record("dit_parameter_bytes", sum(p.nbytes for p in pipe.dit.parameters()))
     request = bench.make_request(scale.stream_model, scale.stream_blocks, seed=0)
-    height, width = pipe.output_size(request.portrait)
+    height, width = pipe.output_size(request.portrait, scale.stream_max_area)
     warmup_blocks = math.ceil(scale.stream_t_warm / 3)
     recorder.record("video", {"height": height, "width": width, "blocks": scale.stream_blocks})
     fp8 = False
@@ -115,6 +115,7 @@ def _run_variant(
             scale.stream_blocks,
             warmup_blocks,
             lambda row, key=key, label=policy_name: _block_row(recorder, key, label, row),
+            max_area=scale.stream_max_area,
         )
         for name in SUMMARY_KEYS:
             recorder.record(f"{variant}.{policy_name}_{name}", runs[policy_name][name])
