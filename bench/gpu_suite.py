@@ -24,16 +24,17 @@ against it when measured. `--scale tiny` divides token counts and D by 16, heads
 tiny test model for 3 blocks (bench/suite/scales.py has the whole mapping); its figures say nothing about 14B.
 
 Offline install on a bare CUDA machine (torch + transformers there, no diffusers, librosa or soxr; no network).
-Only the stream stage needs diffusers; librosa and soxr are optional (audio files, resampling). Here, with network:
-    python -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl diffusers==0.42.1 librosa==0.11.0 soxr==1.1.0
+Only the stream stage needs diffusers; librosa and soxr are optional (audio files, resampling). Here, with network,
+the three plus those of their requirements the device's image lacks (its package list: the device README's KINDS.md),
+without dependencies (8.4 MB on 2026-12-02; with every dependency it is 46 wheels, 144 MB):
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \\
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata librosa==0.11.0 \\
+        soxr==1.1.0 audioread decorator pooch platformdirs soundfile cffi pycparser
 Carry .whl to the machine (e.g. the device tool's `carry`), then there:
-    python -m pip install --no-index --find-links .whl diffusers==0.42.1 librosa==0.11.0 soxr==1.1.0
+    python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 540 python bench/gpu_suite.py --device cuda \\
         --scale full --out OUT
-(`pip install --no-index` only takes from .whl what is not installed already; add `--target DIR` and
-PYTHONPATH=DIR where site-packages is read-only.)
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ blocks share one graph per region instead of compiling 40. The sink prefill (onc
 eager. `set_compiled_regions(pipeline, False)` restores the eager methods.
 
 The VAE decode is not compiled (yet). Tried on CPU (2026-12-02): its RMS norms compiled with dynamic shapes met a
-different size or stride guard at nearly every call site of a block (the decoder's resolutions, and the causal
-cache's slices), hit dynamo's recompile limit of 8 and fell back to eager after ≈ 200 s of compiling. Compiling it
-properly needs the causal-cache bookkeeping (diffusers' `feat_cache` list) kept outside the graph, i.e. our own
-decoder forward; the overlap (`pipeline._blocks`) hides the decode behind the DiT instead.
+new size or stride guard at most call sites of a block (the decoder's resolutions, the causal cache's slices), hit
+dynamo's recompile limit of 8 and ran eager from there; that first block took 207 s on a loaded 2-core CPU. Compiling
+it properly needs the causal-cache bookkeeping (diffusers' `feat_cache` list) kept outside the graph, i.e. a decoder
+forward of our own; the overlap in `pipeline._blocks` hides the decode behind the DiT instead.
 """
 
 from __future__ import annotations

@@ -250,7 +250,8 @@ class LiveAvatarPipeline:
             return chunk is not None
 
         for block, (features, valid_frames) in enumerate(audio.feature_blocks()):
-            if control.cancelled:
+            if control.cancelled:  # the finished block's chunk still goes out, as without the overlap
+                yield from hand_out(wait=True)
                 return
             if control.take_recalibration():
                 session.request_recalibration()
