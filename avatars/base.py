@@ -36,7 +36,7 @@ class ChunkTimings:
 
     model_seconds: float  # denoising the block (every step of the DiT, and the engine's end of block)
     decode_seconds: float  # the VAE decode and the copy of the frames to the host
-    decode_hidden_seconds: float = 0.0  # of which ran alongside the next block's DiT (decode overlap), not waited on
+    decode_hidden_seconds: float = 0.0  # of it, run alongside the next block's DiT (overlap)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ would break or recompile at every change. Around it, the work is shape-static: p
 - `SelfAttention.project_local`: q/k/v, the q/k RMSNorms, RoPE of q, k and the sink keys, written into the session's
   local buffers;
 - `TransformerBlock.after_attention`: gate and residual, cross-attention to the cached text K/V, the gated FFN;
+- after the audio-injected blocks, the injector's AdaLN and its cross-attention to the frame's audio tokens;
 while the engine call between them (attention, LSE merge, statistics, output projection) stays eager. The audit of
 2026-12-01 counts these eager pointwise ops at ≈ 28 % of a bf16 14B forward (an estimate; not measured).
 
@@ -32,7 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from avatars.liveavatar.dit.attention import SelfAttention
+from avatars.liveavatar.dit.audio_injector import AdaLayerNorm
 from avatars.liveavatar.dit.blocks import TransformerBlock
+from avatars.liveavatar.dit.cross_attention import CrossAttention
 
 if TYPE_CHECKING:
     from avatars.liveavatar.dit import LiveAvatarDiT
@@ -40,11 +43,13 @@ if TYPE_CHECKING:
 
 COMPILE_ENV = "ISPA_COMPILE"  # "1": the app and the loaders compile the regions of the pipeline they build
 
-# (module class, method name): the regions of every DiT block
+# (module class, method name): the regions of every DiT block, then of each audio injection
 DIT_REGIONS = (
     (TransformerBlock, "attention_input"),
     (SelfAttention, "project_local"),
     (TransformerBlock, "after_attention"),
+    (AdaLayerNorm, "forward"),
+    (CrossAttention, "forward"),  # only the audio injector calls it; the text cross-attention uses `attend`
 )
 
 

@@ -66,7 +66,7 @@ def test_compiled_regions_match_eager_and_never_recompile():
     assert compiled_events == events
     for got, want in zip(compiled, eager, strict=True):
         assert ((got - want).norm() / want.norm()).item() <= 1e-5
-    # One graph per region, shared by all 4 blocks of the model and all 32 forwards.
+    # One graph per region, shared by all 4 blocks (or both audio injections) and all 32 forwards.
     assert counters["stats"]["unique_graphs"] == len(DIT_REGIONS)
 
 

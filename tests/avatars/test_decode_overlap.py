@@ -45,10 +45,10 @@ def _chunks(
 
 
 def test_overlapped_decoding_gives_the_same_chunks(pipe):
-    request = _request(1.5)  # 3 blocks, the last one cut where the speech ends; absorb after block 1
+    request = _request(1.5)  # 4 blocks, the last one cut where the speech ends; absorb after block 1
     sequential = _chunks(pipe, False, request)
     overlapped = _chunks(pipe, True, request)
-    assert len(sequential) == len(overlapped) == 3
+    assert len(sequential) == len(overlapped) == 4
     assert [c.report.engine.event for c in sequential][1] == "absorbed"
     for a, b in zip(sequential, overlapped, strict=True):
         assert (a.index, a.report.frames, a.report.end_seconds) == (
