@@ -43,13 +43,13 @@ if TYPE_CHECKING:
 
 COMPILE_ENV = "ISPA_COMPILE"  # "1": the app and the loaders compile the regions of the pipeline they build
 
-# (module class, method name): the regions of every DiT block, then of each audio injection
+# (where in the DiT, module class, method name): the regions of every block, then of each audio injection
 DIT_REGIONS = (
-    (TransformerBlock, "attention_input"),
-    (SelfAttention, "project_local"),
-    (TransformerBlock, "after_attention"),
-    (AdaLayerNorm, "forward"),
-    (CrossAttention, "forward"),  # only the audio injector calls it; the text cross-attention uses `attend`
+    ("blocks", TransformerBlock, "attention_input"),
+    ("blocks", SelfAttention, "project_local"),
+    ("blocks", TransformerBlock, "after_attention"),
+    ("audio_injector", AdaLayerNorm, "forward"),
+    ("audio_injector", CrossAttention, "forward"),
 )
 
 
@@ -63,8 +63,8 @@ def set_compiled_dit(dit: LiveAvatarDiT, enabled: bool = True) -> None:
     """Compile (or, with `enabled=False`, restore to eager) the DiT's regions in place.
 
     Compilation itself happens at the first call of each region: the first block pays it."""
-    for cls, name in DIT_REGIONS:
-        for module in dit.modules():
+    for owner, cls, name in DIT_REGIONS:
+        for module in dit.get_submodule(owner).modules():
             if type(module) is not cls:
                 continue
             if enabled:  # an instance attribute shadows the class's eager method for this module only
