@@ -36,6 +36,7 @@ class ChunkTimings:
 
     model_seconds: float  # denoising the block (every step of the DiT, and the engine's end of block)
     decode_seconds: float  # the VAE decode and the copy of the frames to the host
+    decode_hidden_seconds: float = 0.0  # of it, run alongside the next block's DiT (overlap)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ChunkReport:
             **self.engine.to_dict(),
             "seconds": self.timings.model_seconds,
             "decode_seconds": self.timings.decode_seconds,
+            "decode_hidden_seconds": self.timings.decode_hidden_seconds,
             "num_layers": self.num_layers,
             "frames": self.frames,
             "t_seconds": self.end_seconds,

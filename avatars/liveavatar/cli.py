@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from avatars.base import GenerationRequest
 from avatars.liveavatar.block_layout import FPS
+from avatars.liveavatar.compiled import set_compiled_regions
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.errors import CheckpointError
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at clip 1, prefill the sink again with the first generated frame (official 5-GPU behaviour)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT's pointwise regions (avatars.liveavatar.compiled; the first block pays it)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     return parser
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
         auto_recalibrate=args.auto_recalibrate,
     )
     pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
+    if args.compile:
+        set_compiled_regions(pipeline)
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
     )
@@ -139,6 +147,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
             "seed": args.seed,
             "kv_format": args.kv_format,
             "refresh_sink": args.refresh_sink,
+            "compile": args.compile,
         },
         "fps": FPS,
         "frames": frames,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from avatars.liveavatar.compiled import COMPILE_ENV, set_compiled_regions
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.audio import AudioEncoder
@@ -134,12 +135,19 @@ def build_liveavatar_pipeline(
 
 
 def load_pipeline(name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
-    """'tiny' (CPU, no download) or '14b' (CUDA, weights under $ISPA_WEIGHTS or ./weights)."""
+    """'tiny' (CPU, no download) or '14b' (CUDA, weights under $ISPA_WEIGHTS or ./weights).
+
+    With ISPA_COMPILE=1 in the environment the DiT's pointwise regions are compiled (`avatars.liveavatar.compiled`).
+    """
     if name == "tiny":
-        return build_tiny_pipeline()
-    if name == "14b":
+        pipeline = build_tiny_pipeline()
+    elif name == "14b":
         reason = available_models()["14b"]
         if reason is not None:
             raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
-        return build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        pipeline = build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if os.environ.get(COMPILE_ENV, "") == "1":
+        set_compiled_regions(pipeline)
+    return pipeline

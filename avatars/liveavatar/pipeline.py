@@ -21,11 +21,13 @@ the same seed) can share one loaded model and be advanced alternately, block by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +54,7 @@ from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
 from avatars.media.audio import pcm_to_float32
 from avatars.media.portrait import check_rgb_image
-from ispa import AttentionSession, KVLayerFactory, Policy
+from ispa import AttentionSession, BlockReport, KVLayerFactory, Policy
 from ispa.checks import check_positive_int, is_int
 from ispa.quantized_cache import kv_layer_factory
 
@@ -121,6 +123,9 @@ class LiveAvatarPipeline:
         self._sigmas = sigmas.tolist()
         self._timesteps = timesteps_from_sigmas(sigmas).tolist()
         self.portrait_latents = PortraitLatentCache(vae)
+        # Decode block k while the DiT runs block k+1 (`_BlockDecoder`); None: on CUDA only (on a CPU both would
+        # share the same cores). Chunks are the same either way.
+        self.overlap_decode: bool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -190,12 +195,12 @@ class LiveAvatarPipeline:
         # 2. The run's KV state and sink
         layout = cache_layout(dit.tokens_per_frame(latent_h, latent_w))
         session = AttentionSession(policy, num_layers=dit.config.num_layers, layout=layout, kv_layer=kv_layer)
-        decoder = self.vae.stream_decoder()
+        decoder = _BlockDecoder(self.vae.stream_decoder(), device, self.overlap_decode)
         try:
             dit.prefill_sink(session, ref_latent, motion_latents, context)
             # Warm the causal cache on the 19 motion latents the sink sees, not all 92 (5× this decode; the
             # difference is measured in the README's "Fidelity"); those frames are not shown.
-            decoder.decode_block(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
+            decoder.decode_now(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
             del ref_latent
             sink_refresh = _SinkRefresh(motion_latents) if refresh_sink else None
             del motion_latents
@@ -203,6 +208,7 @@ class LiveAvatarPipeline:
                 request.seed, session, decoder, audio, context, latent_h, latent_w, control, sink_refresh
             )
         finally:
+            decoder.close()  # first: a decode in flight still uses the device
             session.close()
             del decoder
             if device.type == "cuda":
@@ -212,7 +218,7 @@ class LiveAvatarPipeline:
         self,
         seed: int,
         session: AttentionSession,
-        decoder: StreamingDecoder,
+        decodes: _BlockDecoder,
         audio: _AudioTimeline,
         context: TextContext,
         latent_h: int,
@@ -224,12 +230,33 @@ class LiveAvatarPipeline:
         ref_shifts = random.Random(seed)
         clip_noise = None
         video_frames_done = 0  # frames of the model's timeline handed out or dropped
+        pending: _PendingChunk | None = None  # the block in decoding; handed out as soon as its frames exist
+        handed_out = 0.0  # seconds of this block spent handing out or waiting for the previous one
+
+        def hand_out(wait: bool) -> Iterator[AvatarChunk]:
+            """Yield the pending chunk if its decode is done (or, with `wait`, once it is) and take a recalibration
+            request made on seeing it, as at a block boundary. Returns whether a chunk was handed out, after which
+            the caller honours a cancel as at a block boundary."""
+            nonlocal pending, handed_out
+            if pending is None or not (wait or pending.done()):
+                return False
+            started = time.perf_counter()
+            chunk, pending = pending.chunk(audio), None
+            if chunk is not None:
+                yield chunk
+                if control.take_recalibration():
+                    session.request_recalibration()
+            handed_out += time.perf_counter() - started
+            return chunk is not None
+
         for block, (features, valid_frames) in enumerate(audio.feature_blocks()):
-            if control.cancelled:
+            if control.cancelled:  # the finished block's chunk still goes out, as without the overlap
+                yield from hand_out(wait=True)
                 return
             if control.take_recalibration():
                 session.request_recalibration()
             started = time.perf_counter()
+            handed_out = 0.0
 
             if sink_refresh is not None and block == BLOCKS_PER_CLIP:
                 sink_refresh.prefill(dit, session, context)
@@ -243,7 +270,8 @@ class LiveAvatarPipeline:
             first = within_clip * LATENT_FRAMES_PER_BLOCK
             latents = clip_noise[:, :, first : first + LATENT_FRAMES_PER_BLOCK]
 
-            # 2. Denoise: 4 Euler steps, step i reading and extending history ring i
+            # 2. Denoise: 4 Euler steps, step i reading and extending history ring i; the previous block's
+            #    chunk is handed out between steps as soon as its decode (running alongside) is done
             window = block_audio_window(features.permute(1, 2, 0)[None].to(device), 0, VIDEO_FRAMES_PER_BLOCK)
             audio_tokens = dit.encode_audio(window)
             for step, timestep in enumerate(self._timesteps):
@@ -258,39 +286,121 @@ class LiveAvatarPipeline:
                     ref_shift=ref_shifts.randint(*REF_SHIFT_RANGE),
                 )
                 latents = euler_step(latents, flow, self._sigmas[step], self._sigmas[step + 1])
+                if (yield from hand_out(wait=step == len(self._timesteps) - 1)) and control.cancelled:
+                    return
             report = session.end_block()
             if sink_refresh is not None and block == 0:
                 sink_refresh.reference = latents[:, :, :1]
             _synchronize(device)
-            model_seconds = time.perf_counter() - started
+            model_seconds = time.perf_counter() - started - handed_out
 
-            # 3. Decode with the causal cache; keep the frames the audio covers
-            started = time.perf_counter()
-            video = decoder.decode_block(latents)  # [1, 3, 12, H, W] in [-1, 1]
-            frames = _to_uint8_frames(video)
-            decode_seconds = time.perf_counter() - started
+            # 3. Decode with the causal cache (alongside the next block's DiT where it overlaps); keep the
+            #    frames the audio covers
             start = DROPPED_FIRST_FRAMES if block == 0 else 0
             stop = min(VIDEO_FRAMES_PER_BLOCK, valid_frames)
-            first_frame = video_frames_done + start
-            video_frames_done += VIDEO_FRAMES_PER_BLOCK
-            if stop <= start:
-                continue
-            frames = frames[start:stop]
-            last_frame = first_frame + len(frames)
-
-            yield AvatarChunk(
-                index=block,
-                frames=frames,
-                audio=audio.samples_for_frames(first_frame, last_frame, FPS),
-                sample_rate=audio.sample_rate,
-                fps=FPS,
-                report=ChunkReport(
-                    engine=report,
-                    timings=ChunkTimings(model_seconds=model_seconds, decode_seconds=decode_seconds),
-                    frames=len(frames),
-                    end_seconds=last_frame / FPS,
-                ),
+            pending = _PendingChunk(
+                decodes.submit(latents), block, start, stop, video_frames_done + start, report, model_seconds
             )
+            video_frames_done += VIDEO_FRAMES_PER_BLOCK
+            # Done already unless it overlaps. Live audio may keep the next block waiting for its speech, so there
+            # the chunk is handed out before the next block starts (no overlap).
+            if (yield from hand_out(wait=audio.live)) and control.cancelled:
+                return
+        yield from hand_out(wait=True)
+
+
+class _BlockDecoder:
+    """Decodes a run's blocks with the causal cache, in order. With `overlap` (default: on CUDA) a worker thread
+    decodes block k, on a CUDA stream of its own, while the caller runs the DiT of block k+1; otherwise each decode
+    runs at once in the caller's thread. Either way the same calls run in the same order, so the frames are the
+    same. Each result carries the decode's own seconds and the seconds the caller was blocked on it (the rest
+    was hidden behind the DiT)."""
+
+    def __init__(self, decoder: StreamingDecoder, device: torch.device, overlap: bool | None) -> None:
+        self._decoder = decoder
+        self._device = device
+        overlap = device.type == "cuda" if overlap is None else overlap
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vae-decode") if overlap else None
+        self._stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+
+    def submit(self, latents: torch.Tensor) -> _Decode:
+        started = time.perf_counter()
+        if self._pool is None:
+            future: Future = Future()
+            future.set_result(self._decode(latents))
+        else:
+            if self._stream is not None:  # the DiT's work on `latents` comes first
+                self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            future = self._pool.submit(self._decode, latents)
+        # `latents` stays referenced until the decode is done, so its memory is not reused while it is read
+        return _Decode(future, latents, blocked_seconds=time.perf_counter() - started)
+
+    def _decode(self, latents: torch.Tensor) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            # the copy to the host waits for the decode's kernels
+            frames = _to_uint8_frames(self._decoder.decode_block(latents))
+        return frames, time.perf_counter() - started
+
+    def decode_now(self, latents: torch.Tensor) -> None:
+        """Decode without handing anything out (the warm-up of the causal cache), on the same stream and thread."""
+        self.submit(latents).result()
+
+    def close(self) -> None:
+        """Wait for a decode in flight (it uses the decoder's cache) and stop the worker thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Decode:
+    future: Future
+    latents: torch.Tensor
+    blocked_seconds: float
+
+    def result(self) -> tuple[np.ndarray, float, float]:
+        """(frames, decode seconds, seconds of it hidden behind other work), waiting for the decode if needed."""
+        started = time.perf_counter()
+        frames, seconds = self.future.result()
+        blocked = self.blocked_seconds + time.perf_counter() - started
+        return frames, seconds, max(0.0, seconds - blocked)
+
+
+@dataclass
+class _PendingChunk:
+    """A denoised block whose frames are being decoded, and where its chunk sits on the run's timeline."""
+
+    decode: _Decode
+    block: int
+    start: int  # frames of the block to keep: [start, stop)
+    stop: int
+    first_frame: int
+    report: BlockReport
+    model_seconds: float
+
+    def done(self) -> bool:
+        return self.decode.future.done()
+
+    def chunk(self, audio: _AudioTimeline) -> AvatarChunk | None:
+        """The chunk (waiting for its frames), or None when the audio covers none of the block's frames."""
+        video, decode_seconds, hidden = self.decode.result()
+        if self.stop <= self.start:
+            return None
+        frames = video[self.start : self.stop]
+        last_frame = self.first_frame + len(frames)
+        timings = ChunkTimings(
+            model_seconds=self.model_seconds, decode_seconds=decode_seconds, decode_hidden_seconds=hidden
+        )
+        return AvatarChunk(
+            index=self.block,
+            frames=frames,
+            audio=audio.samples_for_frames(self.first_frame, last_frame, FPS),
+            sample_rate=audio.sample_rate,
+            fps=FPS,
+            report=ChunkReport(
+                engine=self.report, timings=timings, frames=len(frames), end_seconds=last_frame / FPS
+            ),
+        )
 
 
 @dataclass
@@ -359,6 +469,11 @@ class _AudioTimeline:
             yield torch.cat([pending, padding]), len(pending)
             pending = pending[:0]
         self._features = pending
+
+    @property
+    def live(self) -> bool:
+        """True when the audio arrives piece by piece (the next block may wait for it)."""
+        return self._whole is None
 
     def _received(self) -> int:
         return self._buffer_start + self._buffer.size

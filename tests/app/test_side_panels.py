@@ -290,6 +290,7 @@ def test_chunk_report_json_keeps_the_report_files_schema() -> None:
     assert flat == report.engine.to_dict() | {
         "seconds": report.timings.model_seconds,
         "decode_seconds": report.timings.decode_seconds,
+        "decode_hidden_seconds": report.timings.decode_hidden_seconds,
         "num_layers": N_LAYERS,
         "frames": 12,
         "t_seconds": report.end_seconds,

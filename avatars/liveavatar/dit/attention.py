@@ -42,6 +42,29 @@ class SelfAttention(AttentionProjections):
             v.unflatten(-1, heads),
         )
 
+    def project_local(
+        self,
+        x: torch.Tensor,
+        sink_k: torch.Tensor,
+        sink_v: torch.Tensor,
+        local_k: torch.Tensor,
+        local_v: torch.Tensor,
+        query_angles: RotaryAngles,
+        sink_angles: RotaryAngles,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project a block x [B, L, dim] and fill the local buffers [B, S + L, H, D] in place: the sink keys rotated
+        at this forward's sink positions, then the block's rotated keys; values likewise, unrotated (no
+        concatenation). Returns the rotated q, and k, v as views of the buffers' block part.
+
+        A method of its own, so that `avatars.liveavatar.compiled` can compile it (norms and RoPE are pointwise)."""
+        q, k, v = self.project(x)  # [B, L, H, D]
+        sink = sink_k.shape[1]
+        apply_rope(sink_k, sink_angles, out=local_k[:, :sink])
+        k = apply_rope(k, query_angles, out=local_k[:, sink:])
+        local_v[:, :sink].copy_(sink_v)
+        v = local_v[:, sink:].copy_(v)
+        return apply_rope(q, query_angles), k, v
+
 
 @dataclass
 class SinkPrefillAttention:
@@ -70,8 +93,6 @@ class StreamingAttention:
     sink_angles: RotaryAngles  # RoPE of the sink tokens for this forward (rolling reference)
 
     def __call__(self, attn: SelfAttention, x: torch.Tensor, layer: int) -> torch.Tensor:
-        # 1. Project the current block
-        q, k, v = attn.project(x)  # [B, L, H, D]
         sink_k, sink_v = self.session.sink(layer)  # [B, S, H, D]
         sink = sink_k.shape[1]
         if sink != len(self.sink_angles):
@@ -79,13 +100,8 @@ class StreamingAttention:
                 f"the session's sink holds {sink} tokens but this video size needs "
                 f"{len(self.sink_angles)}; prefill the sink with latents of the same size"
             )
-        # 2. Local = [sink; current], written in place into the session's buffers: the rotated sink keys (at this
-        #    forward's sink positions), then the block's own rotated keys; values likewise, unrotated
-        local_k, local_v = self.session.local_buffers(k, sink + k.shape[1])
-        apply_rope(sink_k, self.sink_angles, out=local_k[:, :sink])
-        k = apply_rope(k, self.query_angles, out=local_k[:, sink:])
-        local_v[:, :sink].copy_(sink_v)
-        v = local_v[:, sink:].copy_(v)
-        q = apply_rope(q, self.query_angles)
-        # 3. The session merges in the history of `ring` and stores the current block (by copying it)
+        # 1. Project the block and write local = [sink; current] into the session's buffers (see `project_local`)
+        local_k, local_v = self.session.local_buffers(sink_k, sink + x.shape[1])
+        q, k, v = attn.project_local(x, sink_k, sink_v, local_k, local_v, self.query_angles, self.sink_angles)
+        # 2. The session merges in the history of `ring` and stores the current block (by copying it)
         return self.session.self_attention(layer, q, local_k, local_v, k, v, attn.o, ring=self.ring)

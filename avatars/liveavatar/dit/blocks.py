@@ -45,23 +45,45 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """x [B, G·n, dim] (G groups of n tokens, group-major); modulation [B, G, 6, dim] fp32;
         context: the run's text context (its K/V are projected once per block and run). Returns [B, G·n, dim]
-        in x's dtype."""
+        in x's dtype.
+
+        The two pointwise-heavy regions around the self-attention call are methods of their own, so that
+        `avatars.liveavatar.compiled` can compile them while the attention (the ISPA session) stays eager."""
+        h = self.attention_input(x, modulation)
+        y = self_attention(self.self_attn, h)
+        return self.after_attention(x, y, modulation, *context.kv(self.cross_attn, x.shape[0]))
+
+    def _modulation(self, modulation: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, scale, gate for attention, then for the FFN: each [B, G, 1, dim] fp32."""
+        return (self.modulation.float().unsqueeze(0) + modulation).unsqueeze(3).unbind(2)
+
+    def attention_input(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """1. The normalised, modulated tokens the self-attention takes: [B, G·n, dim] in x's dtype."""
+        batch, length, dim = x.shape
+        shift_msa, scale_msa = self._modulation(modulation)[:2]
+        h = layer_norm(x, self.eps).view(batch, modulation.shape[1], length // modulation.shape[1], dim)
+        return (h * (1 + scale_msa) + shift_msa).flatten(1, 2).to(x.dtype)
+
+    def after_attention(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        modulation: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+    ) -> torch.Tensor:
+        """2.-3. Gated residual of the self-attention output y [B, G·n, dim], cross-attention to the text's
+        projected K/V [B, H, text_len, head_dim], gated feed-forward. Returns [B, G·n, dim] in x's dtype."""
         batch, length, dim = x.shape
         groups = modulation.shape[1]
-        e = (self.modulation.float().unsqueeze(0) + modulation).unsqueeze(3)  # [B, G, 6, 1, dim]
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = e.unbind(2)  # each [B, G, 1, dim]
+        _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = self._modulation(modulation)
 
         def grouped(t: torch.Tensor) -> torch.Tensor:  # [B, G·n, dim] -> [B, G, n, dim]
             return t.view(batch, groups, length // groups, dim)
 
-        # 1. Self-attention
-        h = grouped(layer_norm(x, self.eps)) * (1 + scale_msa) + shift_msa
-        y = self_attention(self.self_attn, h.flatten(1, 2).to(x.dtype))
+        # 2. Self-attention residual, then cross-attention to the text
         residual = x.float() + (grouped(y.float()) * gate_msa).flatten(1, 2)
-
-        # 2. Cross-attention to the text
-        text_kv = context.kv(self.cross_attn, x.shape[0])
-        residual = residual + self.cross_attn.attend(self.norm3(residual.to(x.dtype)), *text_kv).float()
+        residual = residual + self.cross_attn.attend(self.norm3(residual.to(x.dtype)), text_k, text_v).float()
 
         # 3. Feed-forward
         h = grouped(layer_norm(residual, self.eps)) * (1 + scale_ffn) + shift_ffn
