@@ -143,7 +143,9 @@ def plan_run(
         kv_after = memory.kv_cache_bytes_after_absorb(**sizes, k_fraction=k_fraction)
         stats = statistics_nbytes(config.num_layers, config.dim)
         local = ispa.num_local_layers(config.num_layers)
-        delta = local * (dim2 + 4 if weights == "fp8" else 2 * dim2)  # re-quantized FP8, or a bf16 weight
+        delta = (
+            local * 2 * dim2
+        )  # ΔW in the projection's activation dtype, bf16 for bf16 and FP8 weights alike
         workspace = ABSORB_WORKSPACE_BYTES_PER_DIM2 * dim2
     else:
         kv_warm = kv_after = full_kv

@@ -45,6 +45,15 @@ def test_ispa_terms_equal_the_live_tensors_of_a_tiny_run(kv_format):
     assert live_weights == by_name["DiT weights"].warmup
 
 
+def test_fp8_weights_keep_their_l_layers_delta_in_bf16_as_planned():
+    plan = memory_plan.plan_run(64, 64, weights="fp8", kv_format="fp8", policy="ispa", t_warm=6, model="tiny")
+    _, _, reports, _ = run_blocks(
+        PRESETS["tiny"], (8, 8), ISPAPolicy(k_fraction=0.5, t_warm=6), 2, "fp8", fp8=True
+    )
+    assert reports[1].event == "absorbed"
+    assert reports[1].delta_weight_bytes == terms(plan)["L-layers' projections with ΔW"].after > 0
+
+
 def test_a_short_warmup_holds_less_at_the_absorb_and_full_holds_whole_rings():
     def kv(policy: str, t_warm: int = 12) -> memory_plan.Term:
         plan = memory_plan.plan_run(
@@ -77,9 +86,8 @@ def test_peaks_are_the_held_terms_plus_the_largest_transient():
     sink = 2 * 2640 * 5120 * 2
     assert by_name["KV cache"].warmup == 40 * (sink + 12 * 3168 * 10560)
     assert by_name["KV cache"].after == 20 * sink + 20 * (sink + 12 * 3168 * 10560)
-    assert by_name["L-layers' projections with ΔW"].after == 20 * (
-        5120 * 5120 + 4
-    )  # re-quantized FP8 weights
+    # ΔW is applied as its own bf16 product next to the FP8 projection (ispa/projection.py)
+    assert by_name["L-layers' projections with ΔW"].after == 20 * 5120 * 5120 * 2
     assert by_name["KV dequantization buffer"].warmup == 2 * 3 * 3168 * 5120 * 2
 
 

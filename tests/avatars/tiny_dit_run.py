@@ -7,14 +7,18 @@ import torch
 
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.dit.audio_encoder import AudioTokens
+from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 from ispa import AttentionSession, CacheLayout
 from ispa.quantized_cache import kv_layer_factory
 
 
-def run_blocks(config, latent, policy, blocks: int, kv_format: str = "bf16"):
-    """A bf16 DiT streaming `blocks` blocks of 4 steps through a session; reports and the session."""
+def run_blocks(config, latent, policy, blocks: int, kv_format: str = "bf16", fp8: bool = False):
+    """A bf16 DiT (with FP8 linears if asked) streaming `blocks` blocks of 4 steps through a session; reports and
+    the session."""
     torch.manual_seed(0)
     model = LiveAvatarDiT.from_config(config).to(torch.bfloat16).eval()
+    if fp8:
+        convert_linears_to_fp8(model)
     gen = torch.Generator().manual_seed(1)
 
     def randn(*shape: int) -> torch.Tensor:
