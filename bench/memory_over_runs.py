@@ -1,16 +1,20 @@
 """Server memory over repeated runs of the same example: the process's RSS after each of N runs.
 
     python bench/memory_over_runs.py --runs 10 --seconds 3 --json
+    python bench/memory_over_runs.py --runs 10 --distinct-prompts   # a new prompt every run
 
 What runs: `app.generation.run_generation` (the app's loop, as the server runs it for one request) on the tiny
-test model, N times in one process with the same portrait, speech and prompt, each run as its own session (as
-N page loads would be), whose run folder is removed when the session ends, as the app does. After each run the
-garbage collector runs and the process's resident set size is read from /proc/self/status.
+test model, N times in one process with the same portrait, speech and prompt (or a new prompt each run), each run
+as its own page (as N page loads would be: an owner token issued to it), whose run folder is removed when the page
+closes, as the app does. After each run the garbage collector runs and the process's resident set size is read
+from /proc/self/status.
 
 Definitions:
 - rss_mb: VmRSS after each run, in MB (10^6 bytes); growth_after_second_mb: the last run's RSS minus the second
   run's (the target is flat: a few MB of allocator noise).
-- text_cache_entries: prompts held by the text encoder's per-prompt cache after each run.
+- text_cache_entries: prompts held by the text encoder's per-prompt cache after each run (bounded by
+  `DEFAULT_MAX_CACHED_PROMPTS`); portrait_cache_entries: portraits whose latents the pipeline keeps (bounded by
+  `CACHED_PORTRAITS`).
 
 Prints a table; with --json the last line is one JSON object.
 """
@@ -42,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of speech (the example's)")
+    parser.add_argument("--distinct-prompts", action="store_true", help="a new prompt every run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -52,18 +57,24 @@ def main() -> None:
 
         pipe = get_pipeline("tiny")
         start_mb = rss_mb()
-        rss, cache = [], []
+        rss, cache, portraits = [], [], []
         for run in range(args.runs):
-            spec = example_request(pipe, "ISPA", args.seconds, tmp, prompt="a person talks in a warm studio")
-            session = f"bench-memory-{run}"
-            for _ in run_generation(spec, "tiny", session, live=False):
+            prompt = "a person talks in a warm studio" + (
+                f", take {run + 1}" if args.distinct_prompts else ""
+            )
+            spec = example_request(pipe, "ISPA", args.seconds, tmp, prompt=prompt)
+            page = f"bench-memory-{run}"
+            owner = SESSIONS.issue_token(page)
+            for _ in run_generation(spec, "tiny", owner, live=False):
                 pass
-            SESSIONS.end(session)
+            SESSIONS.end_page(page)
             gc.collect()
             rss.append(rss_mb())
-            cache.append(len(getattr(pipe.text_encoder, "_cache", {})))
+            cache.append(pipe.text_encoder.cached_prompts)
+            portraits.append(len(pipe.portrait_latents))
             print(
-                f"run {run + 1:>2}: RSS {rss[-1]:8.1f} MB · text-encoder cache {cache[-1]} prompt(s)",
+                f"run {run + 1:>2}: RSS {rss[-1]:8.1f} MB · text-encoder cache {cache[-1]} prompt(s)"
+                f" · portrait cache {portraits[-1]}",
                 flush=True,
             )
 
@@ -75,6 +86,8 @@ def main() -> None:
         "rss_mb": rss,
         "growth_after_second_mb": rss[-1] - rss[1] if len(rss) > 1 else None,
         "text_cache_entries": cache,
+        "portrait_cache_entries": portraits,
+        "distinct_prompts": args.distinct_prompts,
     }
     print(f"RSS over {args.runs} runs · {report['machine']} · tiny model · {args.seconds:g} s of speech each")
     print(

@@ -387,9 +387,9 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 13 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size, kv_format, refresh_sink. The inputs, in order: portrait, audio, text, prompt, policy, "
-        "k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink."
+        "/generate takes 14 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink, owner_token. The inputs, in order: portrait, audio, text, prompt, "
+        "policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, owner_token."
     )
     # The 11 values of a client written before the two optional inputs existed: they take their defaults, and
     # the call reaches the app's own checks (the seed, here).
