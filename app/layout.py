@@ -82,7 +82,7 @@ class InputControls:
     stop: gr.Button
     recalibrate: gr.Button
     live_mic: gr.Audio
-    owner_token: gr.Textbox  # hidden: the page's run-owner token (`app.sessions`), never shown or put in a URL
+    owner_token: gr.Textbox  # hidden: the page's run-owner token (`app.sessions`), never in a URL
 
     def inputs_for(self, handler: Callable[..., Any]) -> list[gr.components.Component]:
         """The components a handler takes, matched by parameter name (`request` is Gradio's own)."""

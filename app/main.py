@@ -50,9 +50,8 @@ logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 16
 MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # per file (Gradio's check); per request and per client: app.upload_budget
-RUN_DISK_RESERVE_BYTES = (
-    64 * 1024 * 1024
-)  # what a run may write (segments, mp4s, report): checked before it starts
+# What a run may write (segments, mp4s, report): the temp budget must leave this much before a run starts.
+RUN_DISK_RESERVE_BYTES = 64 * 1024 * 1024
 STALE_RUN_DIR_SECONDS = 3600
 STOP_WAIT_SECONDS = 30.0
 MIC_STREAM_EVERY_SECONDS = 0.25

@@ -1,7 +1,7 @@
 """ASGI middleware in front of Gradio's routes, for a public Space.
 
-- Every request body is checked against `app.upload_budget` before Gradio reads it: its declared size, the
-  client's budget, and for uploads the temp folder's budget.
+- Every request body is checked against `app.upload_budget` before Gradio reads it: its declared size, and for
+  uploads (`/upload`, or any multipart form) the temp folder's budget and the client's.
 - Gradio's `/cancel` stops the event of whatever session hash and function index a client names; for the
   generation events it is refused (Stop is `/stop`, which needs the run's owner token; see `app.sessions`).
 - Open `/heartbeat/<session>` connections are counted per session, so that a page's close (Gradio's unload,
@@ -157,10 +157,11 @@ class RequestGuard:
         is_upload = _UPLOAD.search(path) is not None or headers.get(b"content-type", b"").startswith(
             b"multipart/form-data"
         )
-        if is_upload:
-            message = disk_refusal(self.temp_root(), declared, self.limits)
-            if message is not None:
-                return 507, message
+        if not is_upload:  # an event's JSON body: only the per-request cap
+            return None
+        message = disk_refusal(self.temp_root(), declared, self.limits)
+        if message is not None:
+            return 507, message
         message = self.budget.spend(client_address(scope, self.trust_forwarded), declared)
         return None if message is None else (429, message)
 

@@ -98,6 +98,8 @@ def test_the_guard_answers_in_its_words_before_the_app_reads_anything(tmp_path: 
     for _ in range(3):  # 3 × ~900 bytes pass 2500 bytes only twice
         last = client.post("/gradio_api/upload", content=b"z" * 900)
     assert last.status_code == 429 and "a client may upload" in last.text
+    event = client.post("/gradio_api/cancel", json={"fn_index": 7, "session_hash": "s", "event_id": "e"})
+    assert event.text.startswith("reached")  # an event's small JSON body is not an upload: not counted
     chunked = client.post("/gradio_api/upload", content=iter([b"z" * 10]))
     assert chunked.status_code == 411
 
@@ -171,6 +173,23 @@ def test_a_dropped_heartbeat_for_a_page_still_connected_ends_nothing(tmp_path: P
         main.HEARTBEATS.closed("still-open-page")
     main.end_session(request)  # the page's own heartbeat ended: its run goes
     assert main.SESSIONS.run(token) is None and not run_dir.path.exists()
+
+
+def test_generate_is_refused_in_our_words_when_the_temp_budget_is_spent(
+    _isolated_temp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (_isolated_temp / "earlier-upload.bin").write_bytes(b"u" * 1000)
+    monkeypatch.setattr(main, "UPLOAD_LIMITS", UploadLimits(temp_budget_bytes=1000, min_free_bytes=0))
+    monkeypatch.setattr(main, "RUN_DISK_RESERVE_BYTES", 1)
+    request = gr.Request(session_hash="full-disk")
+    run = main.generate(None, None, "hello", "", "ISPA", 0.5, 6, 1, "tiny", request=request)
+    with pytest.raises(gr.Error, match="temporary storage is full"):
+        next(run)
+    monkeypatch.setattr(
+        main, "RUN_DISK_RESERVE_BYTES", 0
+    )  # exactly at the budget: the inputs are checked next
+    with pytest.raises(gr.Error, match="Please provide a portrait image"):
+        next(main.generate(None, None, "hello", "", "ISPA", 0.5, 6, 1, "tiny", request=request))
 
 
 # ------------------------------------------------------------------------------------ the served app
