@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -273,3 +275,46 @@ def test_only_the_owner_token_stops_a_run_even_with_its_session_hash(
     # Stopped by the owner, at chunk 4 or 5, not by the intruder after chunk 1 (it would end at 2 or 3).
     assert report["stopped_early"] and 4 <= len(chunks) < 8
     owner.close()
+
+
+def wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll `condition` (a guard against a hang, not a speed limit)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_dropped_heartbeat_ends_nothing_while_the_pages_own_is_open(
+    app_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the served app: someone opens and drops a heartbeat for the page's session hash; Gradio fires the
+    unload, the app leaves the page's run alone. When the page's own heartbeat ends, the run goes."""
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # Gradio notices a gone client at its next beat
+    unloads: list[str] = []
+    counted = main.HEARTBEATS.count
+    monkeypatch.setattr(main.HEARTBEATS, "count", lambda s: unloads.append(s) or counted(s))
+    token = main.issue_owner_token(gr.Request(session_hash="watched-page"))
+    run_dir = RunDir()
+    main.SESSIONS.begin_run(token, run_dir, [])
+    heartbeat = app_url.rstrip("/") + "/gradio_api/heartbeat/watched-page"
+    page_closes = threading.Event()
+
+    def page() -> None:
+        with httpx.stream("GET", heartbeat, timeout=60) as response:
+            for _ in response.iter_lines():
+                if page_closes.is_set():
+                    return
+
+    page_thread = threading.Thread(target=page)
+    page_thread.start()
+    wait_until(lambda: counted("watched-page") == 1, "the page's heartbeat")
+    with httpx.stream("GET", heartbeat, timeout=60) as response:
+        next(response.iter_lines())  # the intruder's heartbeat is up; it drops it here
+    wait_until(lambda: "watched-page" in unloads, "Gradio's unload for the dropped heartbeat")
+    assert main.SESSIONS.run(token) is not None and run_dir.path.exists()
+
+    page_closes.set()
+    page_thread.join()
+    wait_until(lambda: main.SESSIONS.run(token) is None, "the page's close")
+    assert not run_dir.path.exists()

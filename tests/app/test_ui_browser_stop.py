@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from app.main import SESSIONS
 from tests.app.test_ui_browser import GUARD_MS, chromium, speech_clip, upload_portrait, wait_for_status
 
 pytestmark = pytest.mark.browser
@@ -18,6 +19,7 @@ def test_stop_ends_the_pages_run_by_its_token(app_url: str, examples_dir: Path, 
         page = context.new_page()
         urls: list[str] = []
         page.on("request", lambda r: urls.append(r.url))
+        earlier = set(SESSIONS._owners)  # owners other tests in this process may have left
         page.goto(app_url)
         page.wait_for_selector("#generate", timeout=GUARD_MS)
         upload_portrait(page, examples_dir)
@@ -29,8 +31,9 @@ def test_stop_ends_the_pages_run_by_its_token(app_url: str, examples_dir: Path, 
         page.locator("#stop").click()
         status = wait_for_status(page, "stopped")
         assert "chunks" in status
-    from app.main import SESSIONS
-
-    tokens = [key for key in SESSIONS._owners if not key.startswith("anonymous:")]
-    assert tokens, "the page's run was not registered under its owner token"
-    assert not any(token in url for token in tokens for url in urls)
+        # While the page is open (its close ends its runs): the run is registered under a token issued to a page.
+        owners = {key: owner for key, owner in SESSIONS._owners.items() if key not in earlier}
+        tokens = [key for key, owner in owners.items() if owner.page is not None and owner.run is not None]
+        assert len(tokens) == 1, "the page's run was not registered under its owner token"
+        assert owners[tokens[0]].run.stop_requested  # it was Stop, with that token, that ended it
+    assert not any(tokens[0] in url for url in urls)
