@@ -82,6 +82,7 @@ class InputControls:
     stop: gr.Button
     recalibrate: gr.Button
     live_mic: gr.Audio
+    owner_token: gr.Textbox  # hidden: the page's run-owner token (`app.sessions`), never in a URL
 
     def inputs_for(self, handler: Callable[..., Any]) -> list[gr.components.Component]:
         """The components a handler takes, matched by parameter name (`request` is Gradio's own)."""
@@ -172,6 +173,7 @@ def input_column(
             type="filepath",
             elem_id="live_mic",
         )
+    owner_token = gr.Textbox(visible=False, label="Owner token")
     return InputControls(
         portrait=portrait,
         audio=audio,
@@ -190,6 +192,7 @@ def input_column(
         stop=stop,
         recalibrate=recalibrate,
         live_mic=live_mic,
+        owner_token=owner_token,
     )
 
 

@@ -3,19 +3,23 @@ ISPA engine's KV-cache memory, layer map and timings beside it.
 
 Order, as in Gradio's own demos: handlers (module-level functions), then `build_demo` (the columns come from
 `app.layout`) and the events, then `serve`. The generation itself is `app.generation.run_generation`, which
-yields `app.layout.RunOutputs` records; per-session server state (run controls, live microphone audio, run
-folders) lives in `app.sessions.SESSIONS`, keyed by Gradio's session hash.
+yields `app.layout.RunOutputs` records; per-owner server state (run controls, live microphone audio, run
+folders) lives in `app.sessions.SESSIONS`, keyed by the run's owner token (a hidden input the page gets at load;
+never Gradio's session hash, which appears in URLs). `app.request_guard` sits in front of Gradio's routes with
+the upload budgets of `app.upload_budget`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from html import escape
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from app.examples import bundled_example
 from app.generation import run_generation
@@ -37,15 +41,19 @@ from app.models import (
     wants_fp8,
 )
 from app.raw_numbers import pass_raw
-from app.sessions import SESSIONS, ActiveRun
+from app.request_guard import HEARTBEATS, RequestGuard, behind_space_proxy
+from app.sessions import SESSIONS, ActiveRun, start_sweeper
 from app.tts import TextToSpeechError
+from app.upload_budget import MAX_FILE_MB, ClientBudget, UploadLimits, disk_refusal
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
 from ispa import ISPAPolicy
 
 logger = logging.getLogger(__name__)
 
 QUEUE_SIZE = 16
-MAX_FILE_SIZE = "50mb"
+MAX_FILE_SIZE = f"{MAX_FILE_MB}mb"  # per file (Gradio's check); per request and per client: app.upload_budget
+# What a run may write (segments, mp4s, report): the temp budget must leave this much before a run starts.
+RUN_DISK_RESERVE_BYTES = 64 * 1024 * 1024
 STALE_RUN_DIR_SECONDS = 3600
 STOP_WAIT_SECONDS = 30.0
 MIC_STREAM_EVERY_SECONDS = 0.25
@@ -103,11 +111,15 @@ def generate(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
-    """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video."""
+    """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video. Only a
+    request with the same `owner_token` can stop or recalibrate the run (none: nobody can)."""
     choices = EngineChoices.from_handler(locals())
-    yield from _generate(request, choices, portrait=portrait, prompt=prompt, audio=audio, text=text)
+    yield from _generate(
+        request, choices, owner_token, portrait=portrait, prompt=prompt, audio=audio, text=text
+    )
 
 
 def generate_live(
@@ -122,16 +134,18 @@ def generate_live(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
-    """Live mode: generate while the microphone streams into this session's feed."""
+    """Live mode: generate while the microphone streams into this owner's feed."""
     choices = EngineChoices.from_handler(locals())
-    yield from _generate(request, choices, portrait=portrait, prompt=prompt, live=True)
+    yield from _generate(request, choices, owner_token, portrait=portrait, prompt=prompt, live=True)
 
 
 def _generate(
     request: gr.Request | None,
     choices: EngineChoices,
+    owner_token: str | None,
     *,
     portrait: str | None,
     prompt: str | None,
@@ -140,8 +154,12 @@ def _generate(
     live: bool = False,
 ) -> Iterator[tuple]:
     """Check the inputs, then stream the run's outputs as the tuple Gradio expects (`RunOutputs` order)."""
-    session = _session(request)
+    _session(request)
     with user_errors():
+        session = SESSIONS.owner(owner_token)
+        full = disk_refusal(temp_root(), RUN_DISK_RESERVE_BYTES, UPLOAD_LIMITS)
+        if full is not None:
+            raise ValidationError(full)
         try:
             spec = _prepare(choices, portrait=portrait, prompt=prompt, audio=audio, text=text, live=live)
         except Exception:
@@ -192,9 +210,21 @@ def _prepare(
 
 
 # ------------------------------------------------------------------------------------- run and live controls
-def stop_run(request: gr.Request = None) -> tuple:
-    """Stop this session's run between chunks and hand over its files (what exists so far)."""
-    session = _session(request)
+def _owner(token: str | None, action: str) -> str | None:
+    """The owner a control request names; None (with a warning) when it names none."""
+    if token is None or token == "":
+        gr.Warning(f"{action} needs the run's owner token (the one the run was started with).")
+        return None
+    with user_errors():
+        return SESSIONS.owner(token)
+
+
+def stop_run(owner_token: str | None = None, request: gr.Request = None) -> tuple:
+    """Stop this owner's run between chunks and hand over its files (what exists so far)."""
+    _session(request)
+    session = _owner(owner_token, "Stop")
+    if session is None:
+        return gr.skip(), gr.skip()
     feed = SESSIONS.feed(session)
     if feed is not None:
         feed.close()
@@ -207,22 +237,37 @@ def stop_run(request: gr.Request = None) -> tuple:
     return [str(p) for p in run.final.files], run.final.report
 
 
-def recalibrate(request: gr.Request = None) -> None:
+def recalibrate(owner_token: str | None = None, request: gr.Request = None) -> None:
     """Ask the running ISPA run to warm up again and re-absorb (e.g. after the scene changed)."""
-    run: ActiveRun | None = SESSIONS.run(_session(request))
+    _session(request)
+    session = _owner(owner_token, "Recalibrate")
+    if session is None:
+        return
+    run: ActiveRun | None = SESSIONS.run(session)
     if run is not None and run.recalibrate():
         gr.Info("Recalibration requested: the ISPA run warms up again from its next block.")
     else:
         gr.Warning("No ISPA run is running, so there is nothing to recalibrate.")
 
 
-def open_live_feed(request: gr.Request = None) -> None:
-    SESSIONS.open_feed(_session(request))
+def issue_owner_token(request: gr.Request = None) -> str:
+    """The page's owner token, sent in this (non-queued) response's body only."""
+    return SESSIONS.issue_token(_session(request))
 
 
-def push_live_audio(piece: str | tuple | None, request: gr.Request = None) -> None:
-    """One microphone piece from the `.stream()` event into this session's feed."""
-    feed = SESSIONS.feed(_session(request))
+def open_live_feed(owner_token: str | None = None, request: gr.Request = None) -> None:
+    _session(request)
+    session = _owner(owner_token, "Live mode")
+    if session is not None:
+        SESSIONS.open_feed(session)
+
+
+def push_live_audio(
+    piece: str | tuple | None, owner_token: str | None = None, request: gr.Request = None
+) -> None:
+    """One microphone piece from the `.stream()` event into this owner's feed."""
+    _session(request)
+    feed = SESSIONS.feed(owner_token) if isinstance(owner_token, str) and owner_token else None
     if piece is None or feed is None or feed.closed:
         return
     with user_errors():
@@ -230,16 +275,22 @@ def push_live_audio(piece: str | tuple | None, request: gr.Request = None) -> No
         feed.push(rate, samples)
 
 
-def close_live_feed(request: gr.Request = None) -> None:
-    feed = SESSIONS.feed(_session(request))
+def close_live_feed(owner_token: str | None = None, request: gr.Request = None) -> None:
+    _session(request)
+    feed = SESSIONS.feed(owner_token) if isinstance(owner_token, str) and owner_token else None
     if feed is not None:
         feed.close()
 
 
 def end_session(request: gr.Request = None) -> None:
-    """The tab closed: stop its run and delete its files."""
-    if request is not None and request.session_hash:
-        SESSIONS.end(request.session_hash)
+    """A heartbeat of this session hash ended: when none is left (the tab closed), stop the runs of the tokens
+    issued to it and delete their files. Anyone may open and drop a heartbeat for a session hash they saw in a
+    URL, so while the page's own heartbeat is still open nothing happens."""
+    if request is None or not request.session_hash:
+        return
+    if HEARTBEATS.count(request.session_hash) > 0:
+        return
+    SESSIONS.end_page(request.session_hash)
 
 
 # -------------------------------------------------------------------------------------------- small updates
@@ -331,8 +382,9 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         show_progress_on=[outputs.status],
     )
     live_mic = controls.live_mic
+    token = [controls.owner_token]
     live_event = live_mic.start_recording(
-        open_live_feed, None, None, queue=False, api_visibility="private"
+        open_live_feed, token, None, queue=False, api_visibility="private"
     ).then(
         generate_live,
         inputs=controls.inputs_for(generate_live),
@@ -344,7 +396,7 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     )
     live_mic.stream(
         push_live_audio,
-        inputs=[live_mic],
+        inputs=[live_mic, controls.owner_token],
         outputs=None,
         stream_every=MIC_STREAM_EVERY_SECONDS,
         time_limit=MAX_AUDIO_SECONDS + 5,
@@ -352,16 +404,12 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         concurrency_id="mic",
         api_visibility="private",
     )
-    live_mic.stop_recording(close_live_feed, None, None, queue=False, api_visibility="private")
+    live_mic.stop_recording(close_live_feed, token, None, queue=False, api_visibility="private")
+    # No `cancels=`: Gradio's cancel acts on a session hash anyone can name; Stop ends the run between chunks.
     controls.stop.click(
-        stop_run,
-        None,
-        [outputs.downloads, outputs.report],
-        cancels=[gen_event, live_event],
-        api_name="stop",
-        concurrency_limit=None,
+        stop_run, token, [outputs.downloads, outputs.report], api_name="stop", concurrency_limit=None
     )
-    controls.recalibrate.click(recalibrate, None, None, api_name="recalibrate", concurrency_limit=None)
+    controls.recalibrate.click(recalibrate, token, None, api_name="recalibrate", concurrency_limit=None)
     controls.policy.change(
         show_mode,
         [controls.policy],
@@ -375,11 +423,34 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     demo.load(
         refresh_sizes, [controls.model], [controls.size], api_visibility="private", concurrency_limit=None
     )
+    demo.load(issue_owner_token, None, token, queue=False, api_visibility="private")
     demo.unload(end_session)
+    demo.generation_fns = {gen_event["id"], live_event["id"]}  # type: ignore[attr-defined]
+
+
+UPLOAD_LIMITS = UploadLimits.from_environment()
+_sweeper: list[threading.Event] = []
+
+
+def request_guard(demo: gr.Blocks, limits: UploadLimits | None = None) -> Middleware:
+    """The middleware of `app.request_guard` for this app: its budgets (`UPLOAD_LIMITS` unless given), its temp
+    folder, its generation events."""
+    limits = limits or UPLOAD_LIMITS
+    return Middleware(
+        RequestGuard,
+        limits=limits,
+        budget=ClientBudget(limits.client_bytes, limits.client_window_seconds),
+        temp_root=temp_root,
+        protected_fns=lambda: getattr(demo, "generation_fns", set()),
+        trust_forwarded=behind_space_proxy(),
+    )
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:
-    """Queue and launch: one generation at a time on the GPU, a bounded queue and uploads, no tracebacks."""
+    """Queue and launch: one generation at a time on the GPU, a bounded queue, upload budgets, run folders
+    swept in the background, no tracebacks."""
+    if not _sweeper:
+        _sweeper.append(start_sweeper(SESSIONS))
     removed = remove_stale_run_dirs(STALE_RUN_DIR_SECONDS)
     if removed:
         logger.info("removed %d stale run folders", removed)
@@ -391,5 +462,6 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:
         "show_error": False,
         "theme": gr.themes.Default(),
         "css": CSS,
+        "app_kwargs": {"middleware": [request_guard(demo)]},
     }
     return demo.launch(**(options | launch_kwargs))

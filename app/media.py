@@ -57,8 +57,10 @@ def ffmpeg_status() -> FfmpegStatus:
 
 
 def temp_root() -> Path:
-    """Where run folders go: Gradio serves returned files from its temp dir or the system temp dir."""
-    root = Path(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir())
+    """Where run folders go: Gradio's own upload and cache folder (GRADIO_TEMP_DIR, else `gradio` in the system
+    temp dir), so returned files are served without a copy and one folder holds everything the disk budget of
+    `app.upload_budget` counts."""
+    root = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -1,14 +1,23 @@
-"""What the server keeps per browser session: the running run's controls, its folder and final files, and the
+"""What the server keeps per run owner: the running run's controls, its folder and final files, and the
 live microphone feed.
 
 Buttons such as Stop and Recalibrate are separate Gradio events, so they reach a running generator only
-through state on the server. That state is keyed by Gradio's session hash and kept here rather than in
-`gr.State`: Gradio deep-copies a State's initial value into each new session, and a handler only sees a State
-value passed in as an input, so another event's handler could not reach a running generator's controls.
+through state on the server. That state is keyed by the run's *owner token*, not by Gradio's session hash:
+the session hash is chosen by the client and appears in URLs (`/stream/<session>/…`, `/heartbeat/<session>`),
+so anyone who saw one could act on that session. The owner token travels only in request and response bodies:
+the page gets one from a non-queued load event (`issue_token`), an API client makes its own (16 to 128 URL-safe
+characters, e.g. `secrets.token_urlsafe(24)`) and passes it to /generate, /stop and /recalibrate. A run
+started without a token gets a key nobody knows, so nobody can stop or recalibrate it.
+
+Folders are removed when the owner starts its next run, when the page that owns them closes (`end_page`), and
+by `sweep`: an API owner's finished run `api_keep_seconds` after it finished (API clients never say
+goodbye), a page's `max_idle_seconds` after (a tab may sit open with its downloads).
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +27,14 @@ from typing import Any, Protocol
 
 from app.live_audio import LiveAudioFeed
 from app.media import RunDir
+from app.validation.errors import ValidationError
+
+API_KEEP_SECONDS = 600.0  # an API owner's finished run: long enough to download its files
+PAGE_KEEP_SECONDS = 3600.0  # a page's finished run when the page never said it closed
+SWEEP_EVERY_SECONDS = 60.0
+TOKEN_BYTES = 24  # secrets.token_urlsafe(24): 32 characters
+ANONYMOUS_PREFIX = "anonymous:"  # cannot pass check_token (':'), so no client can name such a key
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class Controllable(Protocol):
@@ -65,43 +82,64 @@ class ActiveRun:
 
 
 @dataclass
-class _Session:
+class _Owner:
     run: ActiveRun | None = None
     feed: LiveAudioFeed | None = None
+    page: str | None = None  # the session hash of the page that was issued this token; None for API owners
+    since: float = 0.0  # Sessions' clock: when the token was issued or first used
 
 
 class Sessions:
-    """Thread-safe map from session hash to that session's run and live feed.
+    """Thread-safe map from run owner (an owner token, see the module's docstring) to its run and live feed.
 
-    A browser tab that closes ends its session (`end`), but API clients never say goodbye; so starting a run
-    also forgets sessions whose last run finished more than `max_idle_seconds` ago, with their files.
+    `clock` is injectable so the clean-up bounds are tested without waiting.
     """
 
-    def __init__(self, max_idle_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_idle_seconds: float = PAGE_KEEP_SECONDS,
+        api_keep_seconds: float = API_KEEP_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_idle_seconds = max_idle_seconds
+        self.api_keep_seconds = api_keep_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: dict[str, _Session] = {}
+        self._owners: dict[str, _Owner] = {}
 
+    # ------------------------------------------------------------------------------------------ owners
+    def issue_token(self, page: str) -> str:
+        """A new owner token for the page with session hash `page` (sent back in a response body only)."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        with self._lock:
+            self._owners[token] = _Owner(page=page, since=self._clock())
+        self.sweep()
+        return token
+
+    def owner(self, token: Any) -> str:
+        """The registry key of a request's owner token: the token itself, or for a request without one a fresh
+        key that is never handed out (so that run cannot be reached by any later request)."""
+        if token is None or token == "":
+            return f"{ANONYMOUS_PREFIX}{secrets.token_urlsafe(TOKEN_BYTES)}"
+        return check_token(token)
+
+    # -------------------------------------------------------------------------------------------- runs
     def begin_run(
         self,
-        session: str,
+        owner: str,
         run_dir: RunDir,
         controls: Sequence[Controllable],
         recalibrable: Sequence[Controllable] = (),
     ) -> ActiveRun:
-        """Register a new run; the session's previous run folder (already handed over) is removed."""
+        """Register `owner`'s new run; that owner's previous run folder (already handed over) is removed."""
         run = ActiveRun(run_dir=run_dir, controls=list(controls), recalibrable=list(recalibrable))
         with self._lock:
-            idle = self._idle_sessions(now=self._clock(), keep=session)
-            state = self._sessions.setdefault(session, _Session())
+            state = self._owners.setdefault(owner, _Owner(since=self._clock()))
             previous, state.run = state.run, run
         if previous is not None:
             previous.stop()
             previous.run_dir.cleanup()
-        for state in idle:
-            if state.run is not None:
-                state.run.run_dir.cleanup()
+        self.sweep(keep=owner)
         return run
 
     def finish(self, run: ActiveRun, final: FinalOutputs | None) -> None:
@@ -109,50 +147,92 @@ class Sessions:
         run.finished_at = self._clock()
         run.finish(final)
 
-    def _idle_sessions(self, now: float, keep: str) -> list[_Session]:
-        """Remove and return sessions (other than `keep`) idle for longer than `max_idle_seconds`."""
-        idle = [
-            name
-            for name, state in self._sessions.items()
-            if name != keep
-            and state.run is not None
-            and state.run.finished_at is not None
-            and now - state.run.finished_at > self.max_idle_seconds
-            and (state.feed is None or state.feed.closed)
-        ]
-        return [self._sessions.pop(name) for name in idle]
-
-    def run(self, session: str) -> ActiveRun | None:
+    def run(self, owner: str) -> ActiveRun | None:
         with self._lock:
-            state = self._sessions.get(session)
+            state = self._owners.get(owner)
             return state.run if state else None
 
-    def open_feed(self, session: str) -> LiveAudioFeed:
+    # ----------------------------------------------------------------------------------------- clean-up
+    def sweep(self, keep: str | None = None) -> int:
+        """Forget owners (other than `keep`) whose last run finished long enough ago, with their folders, and
+        page tokens never used within `max_idle_seconds`; returns how many owners were forgotten. A running
+        run or an open microphone feed is never swept."""
+        now = self._clock()
+        with self._lock:
+            gone = [key for key, state in self._owners.items() if key != keep and self._expired(state, now)]
+            states = [self._owners.pop(key) for key in gone]
+        for state in states:
+            if state.run is not None:
+                state.run.run_dir.cleanup()
+        return len(states)
+
+    def _expired(self, state: _Owner, now: float) -> bool:
+        if state.feed is not None and not state.feed.closed:
+            return False
+        keep = self.api_keep_seconds if state.page is None else self.max_idle_seconds
+        if state.run is None:
+            return now - state.since > keep
+        finished = state.run.finished_at
+        return finished is not None and now - finished > keep
+
+    def end_page(self, page: str) -> int:
+        """The page with session hash `page` closed: stop what its owners run, close their feeds and delete
+        their files. API owners are never ended this way. Returns how many owners were ended."""
+        with self._lock:
+            keys = [key for key, state in self._owners.items() if state.page == page]
+            states = [self._owners.pop(key) for key in keys]
+        for state in states:
+            if state.feed is not None:
+                state.feed.close()
+            if state.run is not None:
+                state.run.stop()
+                state.run.run_dir.cleanup()
+        return len(states)
+
+    def owners(self) -> int:
+        with self._lock:
+            return len(self._owners)
+
+    # -------------------------------------------------------------------------------------- live feeds
+    def open_feed(self, owner: str) -> LiveAudioFeed:
         """A fresh microphone feed for a new recording; any earlier one is closed."""
         feed = LiveAudioFeed()
         with self._lock:
-            state = self._sessions.setdefault(session, _Session())
+            state = self._owners.setdefault(owner, _Owner(since=self._clock()))
             previous, state.feed = state.feed, feed
         if previous is not None:
             previous.close()
         return feed
 
-    def feed(self, session: str) -> LiveAudioFeed | None:
+    def feed(self, owner: str) -> LiveAudioFeed | None:
         with self._lock:
-            state = self._sessions.get(session)
+            state = self._owners.get(owner)
             return state.feed if state else None
 
-    def end(self, session: str) -> None:
-        """The browser tab closed: stop what runs, close the feed and delete the session's files."""
-        with self._lock:
-            state = self._sessions.pop(session, None)
-        if state is None:
-            return
-        if state.feed is not None:
-            state.feed.close()
-        if state.run is not None:
-            state.run.stop()
-            state.run.run_dir.cleanup()
+
+def check_token(token: Any) -> str:
+    """An owner token as given by a client, checked: 16 to 128 letters, digits, '-' or '_'."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise ValidationError(
+            "The owner token must be 16 to 128 letters, digits, '-' or '_' (for example from "
+            "secrets.token_urlsafe(24)); leave it empty to start a run nobody else can control."
+        )
+    return token
+
+
+def _sweep_forever(sessions: Sessions, every_seconds: float, stop: threading.Event) -> None:
+    while not stop.wait(every_seconds):
+        sessions.sweep()
+
+
+def start_sweeper(sessions: Sessions, every_seconds: float = SWEEP_EVERY_SECONDS) -> threading.Event:
+    """Sweep `sessions` every `every_seconds` on a daemon thread (so folders go even when no run starts);
+    set the returned event to end it."""
+    stop = threading.Event()
+    threading.Thread(
+        target=_sweep_forever, args=(sessions, every_seconds, stop), name="run-sweeper", daemon=True
+    ).start()
+    return stop
 
 
 SESSIONS = Sessions()  # the process's one registry, shared by the app's event handlers

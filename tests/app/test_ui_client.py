@@ -56,6 +56,7 @@ def submit(
     size=SMALL,
     kv_format="bf16",
     refresh_sink=False,
+    owner_token="",
 ):
     return client.submit(
         handle_file(str(portrait)) if portrait else None,
@@ -71,6 +72,7 @@ def submit(
         size,
         kv_format,
         refresh_sink,
+        owner_token,
         api_name="/generate",
     )
 
@@ -242,16 +244,17 @@ def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Pa
 
 def test_stop_and_recalibrate_reach_the_running_run(client, examples_dir: Path, tmp_path: Path) -> None:
     speech = speech_clip(examples_dir, tmp_path, 5.0)  # about 11 chunks if nothing stops it
-    job = submit(client, examples_dir / "fashion_blogger.jpg", speech, policy="ISPA")
+    token = "stop-test-owner-token-0123456789"
+    job = submit(client, examples_dir / "fashion_blogger.jpg", speech, policy="ISPA", owner_token=token)
     stopped = None
     asked_to_recalibrate = False
     for out in job:
         header = out[LAYERS]
         if not asked_to_recalibrate and local_cells(header) > 0:
-            client.predict(api_name="/recalibrate")
+            client.predict(token, api_name="/recalibrate")
             asked_to_recalibrate = True
         elif stopped is None and "recalibrations: 1" in header:
-            stopped = client.predict(api_name="/stop")
+            stopped = client.predict(token, api_name="/stop")
     assert job.status().success and asked_to_recalibrate and stopped is not None
     files, report = stopped
     chunks = report["runs"]["ISPA"]["chunks"]
@@ -384,9 +387,9 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 13 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size, kv_format, refresh_sink. The inputs, in order: portrait, audio, text, prompt, policy, "
-        "k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink."
+        "/generate takes 14 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink, owner_token. The inputs, in order: portrait, audio, text, prompt, "
+        "policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, owner_token."
     )
     # The 11 values of a client written before the two optional inputs existed: they take their defaults, and
     # the call reaches the app's own checks (the seed, here).

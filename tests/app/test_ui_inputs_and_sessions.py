@@ -11,7 +11,7 @@ import soundfile as sf
 from app.inputs import COMPARE, FULL, ISPA, choose_size, prepare_run
 from app.media import RunDir
 from app.models import hide_paths
-from app.sessions import Sessions
+from app.sessions import Sessions, check_token
 from app.validation import ValidationError, validate_audio, validate_prompt
 from ispa import FullPolicy, ISPAPolicy
 
@@ -146,18 +146,24 @@ def test_a_new_run_replaces_the_previous_one_and_removes_its_folder(tmp_path: Pa
     assert not first_dir.path.exists() and second_dir.path.exists()
 
 
-def test_ending_a_session_stops_its_run_closes_its_feed_and_deletes_its_files(tmp_path: Path) -> None:
+def test_a_closed_page_ends_the_runs_of_its_tokens_only(tmp_path: Path) -> None:
     sessions = Sessions()
-    run_dir = RunDir(tmp_path)
+    page_token, other_page = sessions.issue_token("page-1"), sessions.issue_token("page-2")
+    api_token = "api-client-token-0123456789"
+    run_dir, other_dir, api_dir = RunDir(tmp_path), RunDir(tmp_path), RunDir(tmp_path)
     control = FakeControl()
-    sessions.begin_run("s1", run_dir, [control])
-    old_feed = sessions.open_feed("s1")
-    feed = sessions.open_feed("s1")
-    assert old_feed.closed and not feed.closed and sessions.feed("s1") is feed
-    sessions.end("s1")
+    sessions.begin_run(page_token, run_dir, [control])
+    sessions.begin_run(other_page, other_dir, [FakeControl()])
+    sessions.begin_run(api_token, api_dir, [FakeControl()])
+    old_feed = sessions.open_feed(page_token)
+    feed = sessions.open_feed(page_token)
+    assert old_feed.closed and not feed.closed and sessions.feed(page_token) is feed
+    assert sessions.end_page("page-1") == 1
     assert control.cancelled == 1 and feed.closed and not run_dir.path.exists()
-    assert sessions.run("s1") is None and sessions.feed("s1") is None
-    sessions.end("never-seen")  # harmless
+    assert sessions.run(page_token) is None and sessions.feed(page_token) is None
+    # Another page's run, and an API client's run (which no page owns), are untouched.
+    assert other_dir.path.exists() and api_dir.path.exists() and sessions.run(api_token) is not None
+    assert sessions.end_page("never-seen") == 0
 
 
 def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
@@ -190,20 +196,38 @@ def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
         models.check_model("huge")
 
 
-def test_sessions_idle_for_too_long_are_forgotten_with_their_files(tmp_path: Path) -> None:
+def test_api_runs_are_swept_sooner_than_page_runs_and_running_ones_never(tmp_path: Path) -> None:
     now = [0.0]
-    sessions = Sessions(max_idle_seconds=100.0, clock=lambda: now[0])
-    api_dir, live_dir, busy_dir = RunDir(tmp_path), RunDir(tmp_path), RunDir(tmp_path)
-    sessions.finish(sessions.begin_run("api-client", api_dir, [FakeControl()]), None)
-    sessions.finish(sessions.begin_run("live", live_dir, [FakeControl()]), None)
-    sessions.open_feed("live")  # still recording: kept however old its last run is
-    sessions.begin_run("busy", busy_dir, [FakeControl()])  # never finished: kept
-    now[0] = 100.0
-    sessions.begin_run("newcomer", RunDir(tmp_path), [FakeControl()])
-    assert sessions.run("api-client") is not None  # exactly at the limit: kept
-    now[0] = 100.5
-    sessions.begin_run("another", RunDir(tmp_path), [FakeControl()])
-    assert sessions.run("api-client") is None and not api_dir.path.exists()
-    assert sessions.run("live") is not None and live_dir.path.exists()
-    assert sessions.run("busy") is not None and busy_dir.path.exists()
-    assert sessions.run("newcomer") is not None
+    sessions = Sessions(max_idle_seconds=3600.0, api_keep_seconds=600.0, clock=lambda: now[0])
+    page = sessions.issue_token("page")
+    sessions.issue_token("idle-page")
+    api, live, busy = (f"{name}-token-0123456789" for name in ("api", "live", "busy"))
+    dirs = {name: RunDir(tmp_path) for name in (page, api, live, busy)}
+    for name in (page, api, live):
+        sessions.finish(sessions.begin_run(name, dirs[name], [FakeControl()]), None)
+    sessions.open_feed(live)  # still recording: kept however old its last run is
+    sessions.begin_run(busy, dirs[busy], [FakeControl()])  # never finished: kept
+    now[0] = 600.0
+    assert sessions.sweep() == 0  # exactly at the API bound: kept
+    now[0] = 600.5
+    assert sessions.sweep() == 1
+    assert sessions.run(api) is None and not dirs[api].path.exists()
+    assert all(dirs[name].path.exists() for name in (page, live, busy))
+    now[0] = 3600.5  # a page's finished run, and a page token that never ran, last the page bound
+    assert sessions.sweep() == 2
+    assert sessions.run(page) is None and not dirs[page].path.exists()
+    assert sessions.owners() == 2  # live and busy: the page token that never ran is gone too
+    assert sessions.run(live) is not None and sessions.run(busy) is not None
+
+
+def test_owner_tokens_are_checked_and_a_run_without_one_is_unreachable() -> None:
+    sessions = Sessions()
+    first, second = sessions.owner(None), sessions.owner("")
+    assert first != second  # each token-less run has its own key, handed to nobody
+    with pytest.raises(ValidationError, match="owner token must be 16 to 128"):
+        check_token(first)  # no client can name a token-less run's key
+    for bad in ("short", "x" * 129, "has space in it 0123", 12345678901234567, True):
+        with pytest.raises(ValidationError, match="owner token must be 16 to 128"):
+            sessions.owner(bad)
+    token = sessions.issue_token("page")
+    assert check_token(token) == token and len(token) >= 32

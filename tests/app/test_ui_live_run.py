@@ -49,25 +49,26 @@ def test_live_run_streams_while_speech_arrives_and_matches_the_offline_run(
     portrait = str(examples_dir / "fashion_blogger.jpg")
     settings = ("ISPA", 0.5, 6, 1, "tiny", 1e-3, SMALL)
     request = gr.Request(session_hash="live-session")
+    token = main.issue_owner_token(request)  # what the page's load event hands it
 
-    main.open_live_feed(request)
-    feed = main.SESSIONS.feed("live-session")
+    main.open_live_feed(token, request)
+    feed = main.SESSIONS.feed(token)
     for p in pieces[:6]:  # the first 1.5 s of speech is in before generation starts
-        main.push_live_audio((rate, p), request)
+        main.push_live_audio((rate, p), token, request)
 
     two_chunks_out = threading.Event()
 
     def speak_the_rest() -> None:
         two_chunks_out.wait(timeout=300)  # a guard against a hang; the assertion below catches that case
         for p in pieces[6:]:
-            main.push_live_audio((rate, p), request)
-        main.close_live_feed(request)
+            main.push_live_audio((rate, p), token, request)
+        main.close_live_feed(token, request)
 
     speaker = threading.Thread(target=speak_the_rest)
     speaker.start()
     outputs = []
     still_speaking_after_two_chunks = None
-    for out in main.generate_live(portrait, "", *settings, request=request):
+    for out in main.generate_live(portrait, "", *settings, owner_token=token, request=request):
         outputs.append(out)
         if len(outputs) == 2:
             still_speaking_after_two_chunks = not feed.closed
@@ -81,20 +82,22 @@ def test_live_run_streams_while_speech_arrives_and_matches_the_offline_run(
     assert delay["chunks"] == len(chunks) >= 5
     assert 0 <= delay["latest_s"] <= delay["max_s"] and delay["mean_s"] <= delay["max_s"]
     assert "Speech → video delay" in outputs[-1][STATUS]
-    assert main.SESSIONS.run("live-session").finished.is_set()
+    assert main.SESSIONS.run(token).finished.is_set()
 
     # The same speech as one file: the engine follows the same schedule.
     recording = tmp_path / "recording.wav"
     sf.write(recording, audio, rate, subtype="FLOAT")
     offline_request = gr.Request(session_hash="offline-session")
-    offline = list(main.generate(portrait, str(recording), "", "", *settings, request=offline_request))[-1][
-        -1
-    ]
+    offline_token = main.issue_owner_token(offline_request)
+    offline_run = main.generate(
+        portrait, str(recording), "", "", *settings, owner_token=offline_token, request=offline_request
+    )
+    offline = list(offline_run)[-1][-1]
     assert engine_view(live) == engine_view(offline)
     assert live["runs"]["ISPA"]["video_seconds"] == offline["runs"]["ISPA"]["video_seconds"]
     assert offline["speech_to_video_delay"] is None
-    main.SESSIONS.end("live-session")
-    main.SESSIONS.end("offline-session")
+    main.SESSIONS.end_page("live-session")
+    main.SESSIONS.end_page("offline-session")
     assert not any(Path(main.temp_root()).glob("ispa-run-*"))
 
 
@@ -105,15 +108,17 @@ def test_stop_ends_a_live_run_that_waits_for_speech(
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
     request = gr.Request(session_hash="stop-session")
-    main.open_live_feed(request)
-    main.push_live_audio((rate, np.ascontiguousarray(audio[:rate])), request)
+    token = main.issue_owner_token(request)
+    main.open_live_feed(token, request)
+    main.push_live_audio((rate, np.ascontiguousarray(audio[:rate])), token, request)
+    portrait = str(examples_dir / "fashion_blogger.jpg")
     stream = main.generate_live(
-        str(examples_dir / "fashion_blogger.jpg"), "", "Full", 0.5, 6, 1, "tiny", 1e-3, SMALL, request=request
+        portrait, "", "Full", 0.5, 6, 1, "tiny", 1e-3, SMALL, owner_token=token, request=request
     )
     first = next(stream)  # the first block; the run now waits for more speech
     assert first[STATUS].startswith("**")
     handed_over: list = []
-    stopper = threading.Thread(target=lambda: handed_over.append(main.stop_run(request)))
+    stopper = threading.Thread(target=lambda: handed_over.append(main.stop_run(token, request)))
     stopper.start()
     rest = list(stream)  # ends once Stop has closed the feed
     stopper.join()
@@ -123,4 +128,4 @@ def test_stop_ends_a_live_run_that_waits_for_speech(
     assert len(report["runs"]["Full"]["chunks"]) == len(
         rest
     )  # one update per chunk after the first, then the final one
-    main.SESSIONS.end("stop-session")
+    main.SESSIONS.end_page("stop-session")

@@ -39,11 +39,11 @@ def test_without_ffmpeg_players_get_the_finished_videos(
     speech = tmp_path / "speech.wav"
     sf.write(speech, audio[:rate], rate)
     request = gr.Request(session_hash="no-ffmpeg")
+    token = main.issue_owner_token(request)
     settings = ("Compare", 0.5, 6, 1, "tiny", 1e-3, "64×64 area")
+    portrait = str(examples_dir / "fashion_blogger.jpg")
     outputs = list(
-        main.generate(
-            str(examples_dir / "fashion_blogger.jpg"), str(speech), "", "", *settings, request=request
-        )
+        main.generate(portrait, str(speech), "", "", *settings, owner_token=token, request=request)
     )
 
     assert all(out[0] == gr.skip() and out[1] == gr.skip() for out in outputs[:-1])  # nothing to play yet
@@ -53,4 +53,4 @@ def test_without_ffmpeg_players_get_the_finished_videos(
     assert [Path(p).name for p in final[-2]] == ["avatar-full.mp4", "avatar-ispa.mp4", "report.json"]
     for player, run in ((final[0], "Full"), (final[1], "ISPA")):
         assert frames_in(player) == sum(c["frames"] for c in report["runs"][run]["chunks"])
-    main.SESSIONS.end("no-ffmpeg")
+    main.SESSIONS.end_page("no-ffmpeg")

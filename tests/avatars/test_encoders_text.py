@@ -54,7 +54,7 @@ def test_results_are_cached_per_prompt_and_the_cache_is_bounded():
     assert encoder.encode("a man talks") is first and len(calls) == 1
     assert not torch.equal(encoder.encode("a girl laughs"), first) and len(calls) == 2
     encoder.encode("a child sings")  # a third prompt: the least recently used one ("a man talks") is dropped
-    assert len(calls) == 3
+    assert len(calls) == 3 and encoder.cached_prompts == 2
     encoder.encode("a girl laughs")
     assert len(calls) == 3  # still cached
     again = encoder.encode("a man talks")

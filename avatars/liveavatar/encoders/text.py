@@ -73,6 +73,11 @@ class TextEncoder:
             model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), text_len, device=device, offload=offload
         )
 
+    @property
+    def cached_prompts(self) -> int:
+        """How many prompts' states the cache holds now (at most `max_cached_prompts`)."""
+        return self._encode_cached.cache_info().currsize
+
     def encode(self, prompt: str) -> torch.Tensor:
         """States [text_len, d_model] for `prompt`, zero past its tokens; cached (bounded, see the module)."""
         if not isinstance(prompt, str):
