@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,7 +31,7 @@ class Scenario:
     """One run: the policy, the clip length, and the blocks at which recalibration or cancel are asked for."""
 
     policy: str = "full"
-    policy_options: dict = field(default_factory=dict)
+    policy_options: tuple[tuple[str, float], ...] = ()
     seconds: float = 1.5
     seed: int = 5
     recalibrate_at: int | None = None
@@ -71,7 +71,7 @@ def request_for(scenario: Scenario) -> GenerationRequest:
 
 def run_scenario(stream, scenario: Scenario) -> list[dict]:
     """Every chunk of the run as plain data: frames, audio and the report without its timings."""
-    policy = make_policy(scenario.policy, **scenario.policy_options)
+    policy = make_policy(scenario.policy, **dict(scenario.policy_options))
     control = ScriptedControl(scenario.recalibrate_at, scenario.cancel_at)
     chunks = stream(request_for(scenario), policy, control=control, refresh_sink=scenario.refresh_sink)
     return [

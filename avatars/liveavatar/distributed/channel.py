@@ -49,7 +49,8 @@ class PeerChannel:
                 work = dist.isend(tensor, dst, group=self.group, tag=int(tag))
             except RuntimeError as err:
                 raise RankFailure(
-                    f"rank {self.rank} could not send to rank {dst}: {_first_line(err)}"
+                    f"rank {dst} stopped answering rank {self.rank} (sending it a {tag.name.lower()} message): "
+                    f"{_first_line(err)}"
                 ) from err
             self._in_flight.append((work, tensor))
 
