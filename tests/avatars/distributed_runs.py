@@ -85,6 +85,21 @@ def run_scenario(stream, scenario: Scenario) -> list[dict]:
     ]
 
 
+def _second_stream_error(lead) -> str:
+    """Start a run, try a second one while it streams, close the first: the second's error message."""
+    policy = make_policy("full")
+    first = lead.stream(request_for(Scenario()), policy)
+    next(first)
+    second = lead.stream(request_for(Scenario()), policy)
+    try:
+        next(second)
+    except RuntimeError as err:
+        return str(err)
+    finally:
+        first.close()
+    return "no error"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +116,7 @@ def rank_main(
     timeout_s: float = 120.0,
     die: tuple[int, int] | None = None,
     portrait_latents: dict | None = None,
+    second_stream_check: bool = False,
 ) -> None:
     """One rank: rank 0 leads the scenarios and pickles their chunks (or its error) to `out`; `die` =
     (rank, block): that rank exits abruptly when asked to process that block. `portrait_latents`: the parent's
@@ -135,6 +151,8 @@ def rank_main(
             try:
                 for scenario in scenarios:
                     results.append(run_scenario(lead.stream, scenario))
+                if second_stream_check:
+                    results.append(_second_stream_error(lead))
                 lead.shutdown()
             except distributed.RankFailure as err:
                 results.append(err)
@@ -160,6 +178,9 @@ def run_pipeline(world_size: int, scenarios: list[Scenario], tmp: Path, **option
     )
     for process in context.processes:
         process.join(300)
+    for process in context.processes:
+        if process.is_alive():  # only after a hang: the test then fails below, without leaving ranks behind
+            process.kill()
     return pickle.loads(out.read_bytes())
 
 
@@ -169,6 +190,7 @@ def _options(options: dict) -> tuple:
         options.get("timeout_s", 120.0),
         options.get("die"),
         options.get("portrait_latents"),
+        options.get("second_stream_check", False),
     )
 
 

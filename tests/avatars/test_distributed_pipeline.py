@@ -83,10 +83,17 @@ def test_three_processes_with_cancel_then_a_next_run(single, latents, tmp_path: 
 
 @pytest.mark.parametrize("decoder_on_last_dit", [False, True])
 def test_two_processes(single, latents, tmp_path: Path, decoder_on_last_dit):
-    (full,) = run_pipeline(
-        2, [FULL], tmp_path, portrait_latents=latents, decoder_on_last_dit=decoder_on_last_dit
+    full, second_stream = run_pipeline(
+        2,
+        [FULL],
+        tmp_path,
+        portrait_latents=latents,
+        decoder_on_last_dit=decoder_on_last_dit,
+        second_stream_check=True,
     )
     assert same_chunks(full, single[FULL])
+    # A second stream while one runs would interleave two runs' messages: refused, and the first closes cleanly.
+    assert "one stream at a time" in second_stream
 
 
 def test_a_killed_rank_ends_the_run_with_a_clear_message(latents, tmp_path: Path):

@@ -45,6 +45,7 @@ class PipelineLead:
             raise ValueError(f"only rank 0 leads the pipeline (this is rank {world.rank})")
         self.pipeline = pipeline
         self.world = world
+        self._streaming = False  # the ranks follow one run at a time (their messages carry no run id)
 
     def stream(
         self,
@@ -71,6 +72,27 @@ class PipelineLead:
         self.world.channel.flush()
 
     def _run(
+        self,
+        request: GenerationRequest,
+        policy: Policy,
+        height: int,
+        width: int,
+        control: RunControl,
+        kv_format: str,
+        refresh_sink: bool,
+    ) -> Iterator[AvatarChunk]:
+        if self._streaming:
+            raise RuntimeError(
+                "the several-GPU pipeline runs one stream at a time; finish or close the other run first "
+                "(compare mode needs one process)"
+            )
+        self._streaming = True
+        try:
+            yield from self._lead_run(request, policy, height, width, control, kv_format, refresh_sink)
+        finally:
+            self._streaming = False
+
+    def _lead_run(
         self,
         request: GenerationRequest,
         policy: Policy,
