@@ -47,6 +47,8 @@ class PipelineWorld:
         """Join the process group (env:// rendezvous: torchrun's variables, or MASTER_ADDR/PORT and the given
         rank and world size). gloo for the messages; NCCL for the statistics when CUDA is present."""
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # one GPU per process: the model loads onto the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank or 0)))
         given = {} if rank is None else {"rank": rank, "world_size": world_size}
         dist.init_process_group(backend, timeout=timeout, **given)
         try:
