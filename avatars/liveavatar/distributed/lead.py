@@ -6,6 +6,7 @@ the decoder, report parts from the other DiT ranks) while rank 0 works on block 
 handed out one pipeline depth behind the blocks fed in. Cancel and recalibration are taken between blocks here and
 travel down the pipeline with the block they apply to, so every rank acts on the same block a single process
 would; after a cancel the blocks in flight are drained and dropped, and every rank is ready for the next run.
+The ranks follow one run at a time (messages carry no run id), so a second stream while one runs is refused.
 """
 
 from __future__ import annotations
