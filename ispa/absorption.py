@@ -14,7 +14,7 @@ matrix, i.e. `weight.T` for a PyTorch Linear (`y = x @ weight.T + bias`), so the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,12 +28,16 @@ from ispa.statistics_precision import (
 
 __all__ = [
     "AbsorptionStats",
+    "StatisticsReducer",
     "reconstruction_error",
     "select_local_layers",
     "solve_delta",
     "solve_layer",
     "statistics_nbytes",
 ]
+
+# Sums a list of tensors in place over the processes sharing a run (see `AbsorptionStats.sum_across`).
+StatisticsReducer = Callable[[list[Tensor]], None]
 
 # Rows of G per product: smaller panels skip more of the upper triangle but run smaller GEMMs.
 _GRAM_PANEL_ROWS = 512
@@ -169,6 +173,18 @@ class AbsorptionStats:
         """Tokens accumulated for `layer`."""
         self._check_layer(layer)
         return self._count[layer]
+
+    def sum_across(self, reduce_sum: StatisticsReducer) -> None:
+        """Replace every sum by its total over the processes that share one run, via `reduce_sum`.
+
+        `reduce_sum` gets a list of tensors and must sum each in place over the processes (an all-reduce): the
+        token counts first (float64, exact up to 2^53), then every allocated buffer in a fixed order. Every
+        process must hold statistics for the same layers, as ranks that split one run's forwards between them do.
+        """
+        counts = torch.tensor(self._count, dtype=torch.float64, device=self.device)
+        stores = (*self._G_pairs, *self._G_diagonal, *self._C, *self._s)
+        reduce_sum([counts, *(t for t in stores if t is not None)])
+        self._count = [int(c) for c in counts.tolist()]
 
     def nbytes(self) -> int:
         stores = (*self._G_pairs, *self._G_diagonal, *self._C, *self._s)

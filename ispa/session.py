@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ispa.absorption import AbsorptionStats, select_local_layers, solve_layer
+from ispa.absorption import AbsorptionStats, StatisticsReducer, select_local_layers, solve_layer
 from ispa.attention import attention_with_lse, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.checks import is_int
@@ -55,6 +55,9 @@ class AttentionSession:
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
     statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
         "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).
+    statistics_reducer : where one run's forwards are split between processes (each with its own session, e.g.
+        one per denoising step), sums the statistics over them before each absorb so that every process solves
+        the same ΔW (see `AbsorptionStats.sum_across`); None for a run in one process.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class AttentionSession:
         backend: str | None = None,
         kv_layer: KVLayerFactory = SinkRingLayer,
         statistics_precision: StatisticsPrecision | None = None,
+        statistics_reducer: StatisticsReducer | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
@@ -87,6 +91,7 @@ class AttentionSession:
         self._out_projs: list[nn.Module | None] = [None] * num_layers
         self._local_projections: dict[int, DeltaProjection] = {}
         self._stats: AbsorptionStats | None = None
+        self._statistics_reducer = statistics_reducer
         self._epsilon: list[float | None] | None = None
         self._mass_sum: list[Tensor | None] = [None] * num_layers
         self._mass_count = [0] * num_layers
@@ -242,6 +247,25 @@ class AttentionSession:
         else:
             logger.info("recalibration request ignored: the session is in phase %r", self.state.phase)
 
+    def history_mass_sums(self) -> tuple[list[Tensor | None], list[int]]:
+        """This block's running per-layer history-share sums and forward counts (None/0: not measured yet).
+
+        With `continue_history_mass`, a block whose forwards run in several processes (one after the other) can
+        hand the sums on, so the last one reports the same means, summed in the same order, as one process would.
+        """
+        self._check_open()
+        return list(self._mass_sum), list(self._mass_count)
+
+    def continue_history_mass(self, sums: list[Tensor | None], counts: list[int]) -> None:
+        """Start this block's history-share sums from an earlier process's `history_mass_sums()`."""
+        self._check_open()
+        if any(total is not None for total in self._mass_sum):
+            raise RuntimeError("history mass can only be continued before the block's first forward")
+        if len(sums) != self.num_layers or len(counts) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} sums and counts, got {len(sums)} and {len(counts)}")
+        self._mass_sum = list(sums)
+        self._mass_count = list(counts)
+
     def close(self) -> None:
         """Free every tensor the session holds; the session cannot be used afterwards."""
         self.cache.reset()
@@ -260,6 +284,8 @@ class AttentionSession:
         """
         solved: dict[int, tuple[Tensor, Tensor]] = {}
         stats, self._stats = self._stats, None
+        if stats is not None and self._statistics_reducer is not None:
+            stats.sum_across(self._statistics_reducer)
         for layer in range(self.num_layers):
             if stats is None or stats.count(layer) == 0:
                 continue

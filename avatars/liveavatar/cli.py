@@ -11,14 +11,16 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from avatars.base import GenerationRequest
+from avatars.base import AvatarChunk, GenerationRequest
 from avatars.liveavatar.block_layout import FPS
 from avatars.liveavatar.compiled import set_compiled_regions
+from avatars.liveavatar.distributed import launched_by_torchrun, run_on_ranks
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.errors import CheckpointError
@@ -78,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the DiT's pointwise regions (avatars.liveavatar.compiled; the first block pays it)",
     )
+    parser.add_argument(
+        "--decoder-on-last-dit",
+        action="store_true",
+        help="under torchrun: the last DiT rank also decodes (2 processes: 2 DiT ranks; see README)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     return parser
@@ -99,7 +106,12 @@ def read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int]:
     return portrait.image, audio, rate
 
 
-def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) -> dict:
+def run(
+    args: argparse.Namespace,
+    pipeline: LiveAvatarPipeline | None = None,
+    stream: Callable[..., Iterator[AvatarChunk]] | None = None,
+) -> dict:
+    """One generation; `stream` replaces `pipeline.stream` (the several-GPU pipeline's rank 0 passes its own)."""
     portrait, audio, rate = read_inputs(args)
     policy = make_policy(
         args.policy,
@@ -114,7 +126,7 @@ def run(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None = None) ->
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
     )
-    chunks = pipeline.stream(
+    chunks = (stream or pipeline.stream)(
         request, policy, max_area=args.max_area, kv_format=args.kv_format, refresh_sink=args.refresh_sink
     )
 
@@ -160,7 +172,12 @@ def main(argv: list[str] | None = None, pipeline: LiveAvatarPipeline | None = No
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        report = run(args, pipeline)
+        if launched_by_torchrun():
+            report = run_on_ranks(args, pipeline, run)
+            if report is None:  # a rank other than 0: it followed rank 0's run
+                return 0
+        else:
+            report = run(args, pipeline)
     except (InputError, CheckpointError, ValueError, RuntimeError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

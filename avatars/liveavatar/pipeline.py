@@ -159,6 +159,18 @@ class LiveAvatarPipeline:
         first generated latent frame as its reference, as the official 5-GPU pipeline does (and the single-GPU
         one with `--enable_online_decode`); off by default, as in the official single-GPU scripts.
         """
+        height, width, kv_layer = self.check_run(request, policy, max_area, kv_format, refresh_sink)
+        return self._run(request, policy, height, width, control or RunControl(), kv_layer, refresh_sink)
+
+    def check_run(
+        self,
+        request: GenerationRequest,
+        policy: Policy,
+        max_area: int | None,
+        kv_format: str,
+        refresh_sink: bool,
+    ) -> tuple[int, int, KVLayerFactory]:
+        """`stream()`'s input checks: (height, width, KV storage) of the run, or ValueError naming the field."""
         portrait = _check_portrait(request.portrait)
         check_positive_int(request.sample_rate, "sample_rate")
         if not is_int(request.seed) or request.seed < 0:
@@ -169,7 +181,7 @@ class LiveAvatarPipeline:
         if not isinstance(refresh_sink, bool):
             raise ValueError(f"refresh_sink must be True or False, got {refresh_sink!r}")
         height, width = self.output_size(portrait, max_area)
-        return self._run(request, policy, height, width, control or RunControl(), kv_layer, refresh_sink)
+        return height, width, kv_layer
 
     def _run(
         self,

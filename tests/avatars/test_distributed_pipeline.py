@@ -1,0 +1,116 @@
+"""The timestep pipeline on torch.distributed (gloo, tiny model): K = 2, 3, 5 processes against one process.
+
+Full: chunks bit-identical (frames, audio, every report field but timings). ISPA: the same L-layers, phases and
+events, and frames within ISPA_FRAME_TOLERANCE (the statistics are summed in another order across ranks, so ΔW
+differs by float rounding). Cancel and recalibration are taken by rank 0 at the same block as in one process.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed_runs import Scenario, run_pipeline, run_scenario, same_chunks
+
+from avatars.liveavatar.distributed import RankFailure, RankLayout
+from avatars.liveavatar.loading import build_tiny_pipeline
+
+pytestmark = pytest.mark.slow
+
+ISPA_FRAME_TOLERANCE = 2  # of 255: the largest pixel difference allowed under ISPA
+ISPA = (("k_fraction", 0.5), ("t_warm", 6))
+FULL = Scenario("full")
+ISPA_RUN = Scenario("ispa", ISPA)
+# Recalibration asked at block 2 (absorbed), sink refreshed at block 4, absorbed again at the end of block 4.
+RECALIBRATE = Scenario("ispa", ISPA, seconds=2.9, recalibrate_at=2, refresh_sink=True)
+CANCEL = Scenario("full", seed=6, cancel_at=3)  # of the clip's 4 blocks, 3 run
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def single(pipe):
+    """One-process chunks of every scenario, computed once."""
+    return {s: run_scenario(pipe.stream, s) for s in (FULL, ISPA_RUN, RECALIBRATE, CANCEL)}
+
+
+@pytest.fixture(scope="module")
+def latents(pipe, single):
+    return dict(pipe.portrait_latents._entries)  # the encodes the single runs made, handed to every rank 0
+
+
+def assert_ispa_close(got: list[dict], want: list[dict]) -> None:
+    assert [c["index"] for c in got] == [c["index"] for c in want]
+    for g, w in zip(got, want, strict=True):
+        for key in ("phase", "event", "l_layers", "recalibrations", "kv_bytes", "kv_bytes_per_layer"):
+            assert g["report"][key] == w["report"][key], (g["index"], key)
+        assert np.array_equal(g["audio"], w["audio"])
+        diff = np.abs(g["frames"].astype(int) - w["frames"].astype(int)).max()
+        assert diff <= ISPA_FRAME_TOLERANCE, (g["index"], diff)
+        if w["report"]["epsilon"] is not None:
+            np.testing.assert_allclose(
+                [e for e in g["report"]["epsilon"] if e is not None],
+                [e for e in w["report"]["epsilon"] if e is not None],
+                rtol=1e-3,
+            )
+
+
+def test_five_processes_four_dit_ranks_and_a_decoder(single, latents, tmp_path: Path):
+    full, recalibrate = run_pipeline(5, [FULL, RECALIBRATE], tmp_path, portrait_latents=latents)
+    assert same_chunks(full, single[FULL])
+    assert_ispa_close(recalibrate, single[RECALIBRATE])  # warmup, absorb, recalibration, absorb again
+    events = [c["report"]["event"] for c in recalibrate]
+    assert events.count("absorbed") == 2 and "recalibration_started" in events
+
+
+def test_three_processes_with_cancel_then_a_next_run(single, latents, tmp_path: Path):
+    cancelled, ispa, full = run_pipeline(3, [CANCEL, ISPA_RUN, FULL], tmp_path, portrait_latents=latents)
+    # One process hands out blocks 0-2; the pipeline (depth 2) had handed out block 0 when the cancel came, and
+    # drops blocks 1-2 in flight. The next runs on the same ranks are unaffected.
+    assert len(single[CANCEL]) == 3
+    assert same_chunks(cancelled, single[CANCEL][:1])
+    assert {c["report"]["phase"] for c in ispa} >= {"warmup", "absorbed"}
+    assert_ispa_close(ispa, single[ISPA_RUN])
+    assert same_chunks(full, single[FULL])
+
+
+@pytest.mark.parametrize("decoder_on_last_dit", [False, True])
+def test_two_processes(single, latents, tmp_path: Path, decoder_on_last_dit):
+    full, second_stream = run_pipeline(
+        2,
+        [FULL],
+        tmp_path,
+        portrait_latents=latents,
+        decoder_on_last_dit=decoder_on_last_dit,
+        second_stream_check=True,
+    )
+    assert same_chunks(full, single[FULL])
+    # A second stream while one runs would interleave two runs' messages: refused, and the first closes cleanly.
+    assert "one stream at a time" in second_stream
+
+
+def test_a_killed_rank_ends_the_run_with_a_clear_message(latents, tmp_path: Path):
+    # Rank 1 (DiT steps 2-3, and the decoder) dies at block 1; the timeout is far beyond the 300 s the ranks are
+    # waited for, so ending at all means the failure was noticed from the closed connection.
+    (outcome,) = run_pipeline(
+        2, [FULL], tmp_path, portrait_latents=latents, decoder_on_last_dit=True, die=(1, 1), timeout_s=900
+    )
+    assert isinstance(outcome, RankFailure)
+    assert re.match(r"rank 1 stopped answering rank 0 \(", str(outcome)), outcome
+
+
+def test_layouts_for_each_process_count():
+    assert [(lay.dit_ranks, lay.decoder_rank) for lay in map(RankLayout.for_world, (2, 3, 4, 5))] == [
+        (1, 1),
+        (2, 2),
+        (4, 3),
+        (4, 4),
+    ]
+    assert RankLayout.for_world(2, decoder_on_last_dit=True).steps(1) == range(2, 4)
+    with pytest.raises(ValueError, match="cannot lay out the pipeline on 6 processes"):
+        RankLayout.for_world(6)
