@@ -21,11 +21,12 @@ from app.gpu import gpu
 from app.inputs import ISPA, RunSpec
 from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
-from app.models import get_pipeline
+from app.models import pipeline_pool
 from app.run_recorder import RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
+from app.worker_pool import on_device
 from avatars.base import AvatarChunk, GenerationRequest
 from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl
 
@@ -46,8 +47,13 @@ def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
 @gpu(duration=_gpu_seconds)
 def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
-    at the end the final mp4(s) and the report. Compare mode advances its Full and ISPA runs in lockstep."""
-    pipe = get_pipeline(model)
+    at the end the final mp4(s) and the report. Compare mode advances its Full and ISPA runs in lockstep.
+    The request holds one free pipeline of the pool (`app.worker_pool`) from start to end."""
+    with pipeline_pool().lease(model) as pipe:
+        yield from _run_on(pipe, spec, session, live)
+
+
+def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     streaming = ffmpeg_status().can_stream
     feed = SESSIONS.feed(session) if live else None
     if live and feed is None:
@@ -74,7 +80,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                 prompt=spec.prompt,
                 seed=spec.settings.seed,
             )
-            streams[name] = pipe.stream(
+            chunks = pipe.stream(
                 request,
                 policy=policy,
                 max_area=spec.max_area,
@@ -82,6 +88,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                 kv_format=spec.kv_format,
                 refresh_sink=spec.refresh_sink,
             )
+            streams[name] = on_device(pipe.device, chunks)
         for step in _lockstep(streams):
             panels.add(step)
             segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}

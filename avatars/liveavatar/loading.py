@@ -128,13 +128,14 @@ def build_liveavatar_pipeline(
     )
 
 
-def load_pipeline(name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
-    """'tiny' (CPU, no download) or '14b' (CUDA, weights under $ISPA_WEIGHTS or ./weights)."""
+def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = "cuda") -> LiveAvatarPipeline:
+    """'tiny' (always on the CPU, no download) or '14b' (on the CUDA `device`, weights under $ISPA_WEIGHTS or
+    ./weights)."""
     if name == "tiny":
         return build_tiny_pipeline()
     if name == "14b":
         reason = available_models()["14b"]
         if reason is not None:
             raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
-        return build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8)
+        return build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8, device=device)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
