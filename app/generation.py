@@ -2,16 +2,19 @@
 panel and the status out, and at the end the final mp4(s) and the report.
 
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
-opens a Full and an ISPA stream on the same pipeline and advances them in lockstep, so both players and both
-KV curves move together. Each step yields an `app.layout.RunOutputs` of values, by name.
+opens a Full and an ISPA stream on the same pipeline: the Full run goes first, alone, until its first video
+segment is out (so the first player starts about when a lone run's would, and the ISPA run's own set-up waits
+until then), then the two take turns chunk by chunk. Each chunk is handed out as soon as it exists; each step
+yields an `app.layout.RunOutputs` of values, by name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,12 @@ from app.gpu import gpu
 from app.inputs import ISPA, RunSpec
 from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
-from app.models import get_pipeline
+from app.models import pipeline_pool
 from app.run_recorder import RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
+from app.worker_pool import on_device
 from avatars.base import AvatarChunk, GenerationRequest
 from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl
 
@@ -46,8 +50,13 @@ def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
 @gpu(duration=_gpu_seconds)
 def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
-    at the end the final mp4(s) and the report. Compare mode advances its Full and ISPA runs in lockstep."""
-    pipe = get_pipeline(model)
+    at the end the final mp4(s) and the report. Compare mode's two runs take turns (see the module).
+    The request holds one free pipeline of the pool (`app.worker_pool`) from start to end."""
+    with pipeline_pool().lease(model) as pipe:
+        yield from _run_on(pipe, spec, session, live)
+
+
+def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     streaming = ffmpeg_status().can_stream
     feed = SESSIONS.feed(session) if live else None
     if live and feed is None:
@@ -61,7 +70,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
     recorders = {name: RunRecorder(run_dir, f"avatar-{name.lower()}.mp4", streaming) for name, _ in runs}
     panels = RunPanels(spec, recorders)
     meter = DelayMeter(feed) if feed is not None else None
-    timed_run = runs[-1][0]  # in compare mode the ISPA run, which is advanced second
+    timed_run = runs[-1][0]  # in compare mode the ISPA run, which follows the Full one
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
@@ -74,7 +83,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                 prompt=spec.prompt,
                 seed=spec.settings.seed,
             )
-            streams[name] = pipe.stream(
+            chunks = pipe.stream(
                 request,
                 policy=policy,
                 max_area=spec.max_area,
@@ -82,7 +91,11 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                 kv_format=spec.kv_format,
                 refresh_sink=spec.refresh_sink,
             )
-        for step in _lockstep(streams):
+            streams[name] = on_device(pipe.device, chunks)
+        video_out = threading.Event()  # the first video segment is out (never, without streaming)
+        if not streaming:
+            video_out.set()
+        for step in _take_turns(streams, lead_until=video_out.is_set):
             panels.add(step)
             segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
             if meter is not None and timed_run in step:
@@ -91,6 +104,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
                     meter.handed_over()
             if first_video_s is None and any(segments.values()):
                 first_video_s = time.monotonic() - started
+                video_out.set()
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
@@ -121,19 +135,32 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
         _remove(last)
 
 
-def _lockstep(streams: Mapping[str, Iterator[AvatarChunk]]) -> Iterator[dict[str, AvatarChunk]]:
-    """One chunk from each stream per step, so compare mode's two players advance together."""
+def _take_turns(
+    streams: Mapping[str, Iterator[AvatarChunk]], lead_until: Callable[[], bool]
+) -> Iterator[dict[str, AvatarChunk]]:
+    """Each chunk as its own step, as soon as it exists: the first stream's alone until `lead_until()` says
+    its first video is out (the others are not started before), then one chunk from each stream in turn,
+    the others first.
+    The order changes no chunk: each stream owns its session, decoder cache and random generators."""
     running = dict(streams)
+    lead = next(iter(running), None)
+    led = False
+    while lead is not None and not lead_until():
+        chunk = next(running[lead], None)
+        if chunk is None:
+            del running[lead]
+            break
+        led = True
+        yield {lead: chunk}
+    if led and lead in running:  # the others' turn first, so the lead stays as far ahead as it got
+        running[lead] = running.pop(lead)
     while running:
-        step = {}
         for name, stream in list(running.items()):
             chunk = next(stream, None)
             if chunk is None:
                 del running[name]
             else:
-                step[name] = chunk
-        if step:
-            yield step
+                yield {name: chunk}
 
 
 def _close(streams: Mapping[str, Iterator[AvatarChunk]]) -> None:

@@ -37,6 +37,7 @@ from app.models import (
     get_pipeline,
     hide_paths,
     model_availability,
+    pipeline_pool,
     usable_sizes,
     wants_fp8,
 )
@@ -372,12 +373,14 @@ def build_demo() -> gr.Blocks:
 def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[Any]) -> None:
     """Every event of the page: generation (button and live microphone), the run controls, small updates."""
     run_outputs = outputs.as_list()
+    # One generation per pipeline of the pool (one per GPU); the rest wait in Gradio's queue, told their place.
+    gpu_slots = pipeline_pool().size
     gen_event = controls.generate.click(
         generate,
         inputs=controls.inputs_for(generate),
         outputs=run_outputs,
         api_name="generate",
-        concurrency_limit=1,
+        concurrency_limit=gpu_slots,
         concurrency_id="gpu",
         show_progress_on=[outputs.status],
     )
@@ -389,7 +392,7 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         generate_live,
         inputs=controls.inputs_for(generate_live),
         outputs=run_outputs,
-        concurrency_limit=1,
+        concurrency_limit=gpu_slots,
         concurrency_id="gpu",
         show_progress_on=[outputs.status],
         api_visibility="private",
@@ -447,7 +450,7 @@ def request_guard(demo: gr.Blocks, limits: UploadLimits | None = None) -> Middle
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:
-    """Queue and launch: one generation at a time on the GPU, a bounded queue, upload budgets, run folders
+    """Queue and launch: one generation at a time per pooled GPU, a bounded queue, upload budgets, run folders
     swept in the background, no tracebacks."""
     if not _sweeper:
         _sweeper.append(start_sweeper(SESSIONS))

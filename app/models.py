@@ -1,7 +1,7 @@
 """The app's models: which ones this machine can run, and each loaded once per process on first use.
 
 Nothing is loaded at import time, so the app starts at once and a machine without a GPU or weights still
-serves the tiny test model.
+serves the tiny test model. With several devices (`app.worker_pool`) each one holds its own copy of a model.
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import re
 import threading
 from functools import lru_cache
 
+import torch
+
+from app.gpu import ON_ZERO_GPU
 from app.gpu_sizes import sizes_for_gpu
 from app.validation import ValidationError
+from app.worker_pool import PipelinePool, devices_from_env
 from avatars.liveavatar.loading import available_models, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 
@@ -21,8 +25,8 @@ REAL_MODEL = "14b"
 MODEL_LABELS = {TEST_MODEL: "Tiny test model (untrained, CPU)", REAL_MODEL: "LiveAvatar 14B"}
 FP8_ENV = "ISPA_FP8"  # "1": load the 14B DiT's linear layers in FP8 (about half the weight memory)
 
-_load_lock = threading.Lock()
-_loaded: dict[str, LiveAvatarPipeline] = {}
+_pool_lock = threading.Lock()
+_pool: PipelinePool[LiveAvatarPipeline] | None = None
 
 
 @lru_cache(maxsize=1)
@@ -52,13 +56,28 @@ def check_model(name: str) -> str:
     return name
 
 
+def pipeline_pool() -> PipelinePool[LiveAvatarPipeline]:
+    """The process's pool of pipelines, its devices read from the environment on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            cuda_devices = 0 if ON_ZERO_GPU else torch.cuda.device_count()
+            _pool = PipelinePool(devices_from_env(os.environ, cuda_devices, ON_ZERO_GPU), _load)
+        return _pool
+
+
+def _load(name: str, device: torch.device) -> LiveAvatarPipeline:
+    if name == REAL_MODEL and device.type != "cuda":
+        raise ValidationError(
+            f"The {MODEL_LABELS[name]} model needs a GPU; this generation slot is on {device}."
+        )
+    return load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8(), device=device)
+
+
 def get_pipeline(name: str) -> LiveAvatarPipeline:
-    """The loaded pipeline for `name`, loading it on first use; concurrent callers wait for one load."""
-    check_model(name)
-    with _load_lock:
-        if name not in _loaded:
-            _loaded[name] = load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8())
-        return _loaded[name]
+    """A loaded pipeline for `name` (the pool's first copy), loading it on first use; for what every copy
+    shares (sizes, sample rate, label). A run takes a free copy with `pipeline_pool().lease(name)`."""
+    return pipeline_pool().pipeline(check_model(name))
 
 
 def usable_sizes(name: str, pipe: LiveAvatarPipeline) -> tuple[list[tuple[str, int]], list[str]]:

@@ -94,15 +94,26 @@ class RunPanels:
         self._drift_worker = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift") if self.compare else None
         )
+        self._unpaired: dict[str, dict[int, AvatarChunk]] = {FULL: {}, ISPA: {}}
 
     def add(self, step: Mapping[str, AvatarChunk]) -> None:
-        """One step: a chunk from each run (compare mode advances both runs together)."""
+        """One step: a new chunk of one run or more (compare mode's runs take turns, the Full one ahead)."""
         for name, chunk in step.items():
             run = _TIMELINE_RUNS[name] if self.compare else THIS_RUN
             self.timeline.add(chunk.report.engine, seconds=len(chunk.frames) / chunk.fps, run=run)
-        full, ispa = step.get(FULL), step.get(ISPA)
-        pair = full is not None and ispa is not None and full.frames.shape == ispa.frames.shape
-        if self._drift_worker is not None and pair:
+            if self._drift_worker is not None:
+                self._pair(name, chunk)
+
+    def _pair(self, name: str, chunk: AvatarChunk) -> None:
+        """Compare a chunk with the other run's chunk of the same index once both exist (chunk order: each
+        run's chunks come in order)."""
+        other = ISPA if name == FULL else FULL
+        partner = self._unpaired[other].pop(chunk.index, None)
+        if partner is None:
+            self._unpaired[name][chunk.index] = chunk
+            return
+        full, ispa = (chunk, partner) if name == FULL else (partner, chunk)
+        if full.frames.shape == ispa.frames.shape:
             self._drift_jobs.append(
                 self._drift_worker.submit(chunk_drift, ispa.index, full.frames, ispa.frames)
             )

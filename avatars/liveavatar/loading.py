@@ -134,8 +134,9 @@ def build_liveavatar_pipeline(
     )
 
 
-def load_pipeline(name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
-    """'tiny' (CPU, no download) or '14b' (CUDA, weights under $ISPA_WEIGHTS or ./weights).
+def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = "cuda") -> LiveAvatarPipeline:
+    """'tiny' (always on the CPU, no download) or '14b' (on the CUDA `device`, weights under $ISPA_WEIGHTS or
+    ./weights).
 
     With ISPA_COMPILE=1 in the environment the DiT's pointwise regions are compiled (`avatars.liveavatar.compiled`).
     """
@@ -145,7 +146,7 @@ def load_pipeline(name: str, *, fp8: bool = False) -> LiveAvatarPipeline:
         reason = available_models()["14b"]
         if reason is not None:
             raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
-        pipeline = build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8)
+        pipeline = build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8, device=device)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if os.environ.get(COMPILE_ENV, "") == "1":

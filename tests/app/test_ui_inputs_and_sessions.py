@@ -173,11 +173,12 @@ def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
 
     loads: list[tuple[str, bool]] = []
 
-    def fake_load(name: str, *, fp8: bool = False) -> object:
+    def fake_load(name: str, *, fp8: bool = False, device: object = None) -> object:
         loads.append((name, fp8))
         return object()
 
-    monkeypatch.setattr(models, "_loaded", {})
+    monkeypatch.setattr(models, "_pool", None)
+    monkeypatch.setattr(models.torch.cuda, "device_count", lambda: 1)  # the 14B model needs a CUDA slot
     monkeypatch.setattr(models, "load_pipeline", fake_load)
     monkeypatch.setattr(models, "model_availability", lambda: {"tiny": None, "14b": None})
     monkeypatch.setenv(models.FP8_ENV, "1")

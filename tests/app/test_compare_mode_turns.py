@@ -1,0 +1,91 @@
+"""Compare mode's order: the Full run alone until its first video is out, then the two runs in turn; and each
+run's video is the one a lone run of the same policy gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+
+from app.generation import _take_turns, run_generation
+from app.inputs import COMPARE, FULL, ISPA, prepare_run
+from app.models import get_pipeline
+from app.sessions import SESSIONS
+
+SMALL = "64×64 area"
+
+
+def recorded(name: str, started: list[str], chunks: int):
+    started.append(name)
+    for i in range(chunks):
+        yield f"{name}{i}"
+
+
+def test_the_lead_runs_alone_until_its_video_is_out_then_the_runs_take_turns() -> None:
+    started: list[str] = []
+    streams = {"a": recorded("a", started, 5), "b": recorded("b", started, 3)}
+    handed: list[tuple[str, ...]] = []
+    for step in _take_turns(streams, lead_until=lambda: len(handed) == 2):
+        handed.append(tuple(step.values()))
+        if len(handed) <= 2:
+            assert started == ["a"]  # the second run is not even set up while the first leads
+    assert handed == [("a0",), ("a1",), ("b0",), ("a2",), ("b1",), ("a3",), ("b2",), ("a4",)]
+
+
+def test_without_a_lead_the_runs_take_turns_from_the_start() -> None:
+    streams = {"a": iter(["a0", "a1"]), "b": iter(["b0", "b1", "b2"])}
+    steps = [tuple(s.items())[0] for s in _take_turns(streams, lead_until=lambda: True)]
+    assert steps == [("a", "a0"), ("b", "b0"), ("a", "a1"), ("b", "b1"), ("b", "b2")]
+
+
+def run_once(
+    policy: str, examples_dir: Path, speech: Path, session: str
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The final report and the decoded frames of each run's mp4, for one request through the app's loop."""
+    pipe = get_pipeline("tiny")
+    spec = prepare_run(
+        portrait=examples_dir / "fashion_blogger.jpg",
+        audio=speech,
+        text=None,
+        prompt="",
+        policy=policy,
+        k_fraction=0.5,
+        t_warm=6,
+        lam=1e-3,
+        seed=2,
+        size=SMALL,
+        size_choices=pipe.size_choices(),
+        sample_rate=pipe.sample_rate,
+        speech_dir=speech.parent,
+    )
+    try:
+        final = list(run_generation(spec, "tiny", session, live=False))[-1]
+        videos = {}
+        for path in map(Path, final.downloads):
+            if path.suffix == ".mp4":
+                with av.open(str(path)) as container:
+                    frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+                videos[path.stem.removeprefix("avatar-")] = np.stack(frames)
+        return final.report, videos
+    finally:
+        SESSIONS.end(session)
+
+
+def test_compare_mode_gives_each_run_the_video_of_a_lone_run(examples_dir: Path, tmp_path: Path) -> None:
+    audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
+    speech = tmp_path / "speech.wav"
+    sf.write(speech, audio[: round(1.5 * rate)], rate)
+    compare_report, compare_videos = run_once(COMPARE, examples_dir, speech, "turns-compare")
+    assert set(compare_videos) == {"full", "ispa"}
+    for policy in (FULL, ISPA):
+        report, videos = run_once(policy, examples_dir, speech, f"turns-{policy}")
+        alone = videos[policy.lower()]
+        assert len(alone) == sum(c["frames"] for c in report["runs"][policy]["chunks"]) > 0
+        np.testing.assert_array_equal(compare_videos[policy.lower()], alone)
+        figures = [(c["kv_bytes"], c["l_layers"], c["event"]) for c in report["runs"][policy]["chunks"]]
+        in_compare = [
+            (c["kv_bytes"], c["l_layers"], c["event"]) for c in compare_report["runs"][policy]["chunks"]
+        ]
+        assert in_compare == figures
