@@ -31,7 +31,7 @@ from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
 from app.worker_pool import on_device
 from avatars.base import AvatarChunk, GenerationRequest
-from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl
+from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl, SharedDecoderWarmup
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
+    shared_warmup = SharedDecoderWarmup()  # compare mode's second run starts from the first's warm decoder
     try:
         for name, policy in runs:
             request = GenerationRequest(
@@ -90,6 +91,7 @@ def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -
                 control=controls[name],
                 kv_format=spec.kv_format,
                 refresh_sink=spec.refresh_sink,
+                shared_warmup=shared_warmup,
             )
             streams[name] = on_device(pipe.device, chunks)
         video_out = threading.Event()  # the first video segment is out (never, without streaming)

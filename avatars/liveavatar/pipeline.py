@@ -48,8 +48,8 @@ from avatars.liveavatar.dit.text_context import TextContext
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
-from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder, WanVAE
-from avatars.liveavatar.portrait_latents import PortraitLatentCache
+from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, DecoderState, StreamingDecoder, WanVAE
+from avatars.liveavatar.portrait_latents import PortraitLatentCache, PortraitLatents
 from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
 from avatars.media.audio import pcm_to_float32
@@ -151,6 +151,7 @@ class LiveAvatarPipeline:
         control: RunControl | None = None,
         kv_format: str = "bf16",
         refresh_sink: bool = False,
+        shared_warmup: SharedDecoderWarmup | None = None,
     ) -> Iterator[AvatarChunk]:
         """Generate chunk by chunk. Bad input raises ValueError before anything runs.
 
@@ -158,9 +159,14 @@ class LiveAvatarPipeline:
         held on the device. `refresh_sink`: at the start of clip 1 (block 4), prefill the sink again with the
         first generated latent frame as its reference, as the official 5-GPU pipeline does (and the single-GPU
         one with `--enable_online_decode`); off by default, as in the official single-GPU scripts.
+        `shared_warmup`: one object given to the runs of one request (compare mode) so that the decoder is warmed
+        up once for them; the frames are the same as without it.
         """
         height, width, kv_layer = self.check_run(request, policy, max_area, kv_format, refresh_sink)
-        return self._run(request, policy, height, width, control or RunControl(), kv_layer, refresh_sink)
+        if shared_warmup is not None and not isinstance(shared_warmup, SharedDecoderWarmup):
+            raise ValueError(f"shared_warmup must be a SharedDecoderWarmup or None, got {shared_warmup!r}")
+        control = control or RunControl()
+        return self._run(request, policy, height, width, control, kv_layer, refresh_sink, shared_warmup)
 
     def check_run(
         self,
@@ -192,6 +198,7 @@ class LiveAvatarPipeline:
         control: RunControl,
         kv_layer: KVLayerFactory,
         refresh_sink: bool,
+        shared_warmup: SharedDecoderWarmup | None = None,
     ) -> Iterator[AvatarChunk]:
         dit, device = self.dit, self.device
         audio = _AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
@@ -212,7 +219,13 @@ class LiveAvatarPipeline:
             dit.prefill_sink(session, ref_latent, motion_latents, context)
             # Warm the causal cache on the 19 motion latents the sink sees, not all 92 (5× this decode; the
             # difference is measured in the README's "Fidelity"); those frames are not shown.
-            decoder.decode_now(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
+            warm = shared_warmup.take(portrait_latents) if shared_warmup is not None else None
+            if warm is not None:
+                decoder.restore(warm)
+            else:
+                decoder.decode_now(motion_latents[:, :, -MOTION_LATENT_FRAMES:])
+                if shared_warmup is not None:
+                    shared_warmup.offer(portrait_latents, decoder.snapshot())
             del ref_latent
             sink_refresh = _SinkRefresh(motion_latents) if refresh_sink else None
             del motion_latents
@@ -321,6 +334,33 @@ class LiveAvatarPipeline:
         yield from hand_out(wait=True)
 
 
+class SharedDecoderWarmup:
+    """The warmed decoder cache of one request's first run, handed to its next run of the same portrait and size.
+
+    Compare mode runs Full and ISPA on one portrait: both warm the VAE decoder's causal cache on the same motion
+    latents, so the second can start from a copy of the first's warm state instead of decoding them again. The
+    copy is held from the first run's warm-up until the second run takes it (then it is that run's own cache), so
+    it adds no memory once both run. Thread-safe; each offered state is taken at most once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offered: tuple[PortraitLatents, DecoderState] | None = None
+
+    def offer(self, latents: PortraitLatents, state: DecoderState) -> None:
+        with self._lock:
+            if self._offered is None:
+                self._offered = (latents, state)
+
+    def take(self, latents: PortraitLatents) -> DecoderState | None:
+        """The offered state when it was warmed on these very latents (same portrait and size), else None."""
+        with self._lock:
+            if self._offered is None or self._offered[0] is not latents:
+                return None
+            state, self._offered = self._offered[1], None
+            return state
+
+
 class _BlockDecoder:
     """Decodes a run's blocks with the causal cache, in order. With `overlap` (default: on CUDA) a worker thread
     decodes block k, on a CUDA stream of its own, while the caller runs the DiT of block k+1; otherwise each decode
@@ -357,6 +397,13 @@ class _BlockDecoder:
     def decode_now(self, latents: torch.Tensor) -> None:
         """Decode without handing anything out (the warm-up of the causal cache), on the same stream and thread."""
         self.submit(latents).result()
+
+    def snapshot(self) -> DecoderState:
+        """A copy of the causal cache (call between decodes: none is in flight after `decode_now`)."""
+        return self._decoder.snapshot()
+
+    def restore(self, state: DecoderState) -> None:
+        self._decoder.restore(state)
 
     def close(self) -> None:
         """Wait for a decode in flight (it uses the decoder's cache) and stop the worker thread."""

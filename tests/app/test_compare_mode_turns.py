@@ -70,7 +70,9 @@ def run_once(
                 videos[path.stem.removeprefix("avatar-")] = np.stack(frames)
         return final.report, videos
     finally:
-        SESSIONS.end(session)
+        run = SESSIONS.run(session)
+        if run is not None:
+            run.run_dir.cleanup()
 
 
 def test_compare_mode_gives_each_run_the_video_of_a_lone_run(examples_dir: Path, tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from avatars.liveavatar.encoders.audio import (
     num_video_frames,
     official_frame_features,
 )
-from avatars.liveavatar.encoders.vae import StreamingDecoder
+from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import RunControl, _AudioTimeline
+from avatars.liveavatar.pipeline import RunControl, SharedDecoderWarmup, _AudioTimeline
 from ispa import FullPolicy, ISPAPolicy
 
 # Per-second mean relative error of live features against the whole-clip ones: this tiny random wav2vec2 showed
@@ -228,6 +228,43 @@ def test_an_unknown_kv_format_is_refused_before_anything_runs(pipe, portrait):
     request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
     with pytest.raises(ValueError, match="kv_format"):
         pipe.stream(request, FullPolicy(), kv_format="int3")
+
+
+def test_a_shared_warmup_decodes_the_motion_latents_once_and_changes_no_frame(pipe, portrait, monkeypatch):
+    audio = speech(1.0, 16000)
+    alone = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
+    warmups = []
+    original = StreamingDecoder.decode_block
+
+    def counting(self, latents):
+        if latents.shape[2] == MOTION_LATENT_FRAMES:
+            warmups.append(latents.shape)
+        return original(self, latents)
+
+    monkeypatch.setattr(StreamingDecoder, "decode_block", counting)
+    shared = SharedDecoderWarmup()
+    full = pipe.stream(
+        GenerationRequest(
+            portrait=portrait, audio=audio, sample_rate=16000, prompt="a person speaks", seed=3
+        ),
+        FullPolicy(),
+        shared_warmup=shared,
+    )
+    first = next(full)  # the Full run warms up and offers its state
+    ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6), shared_warmup=shared)
+    rest = list(full)
+    assert len(warmups) == 1 and first.index == 0 and rest
+    for a, b in zip(alone, ispa, strict=True):
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
+    other = np.random.default_rng(5).integers(0, 256, size=portrait.shape, dtype=np.uint8)
+    run(pipe, other, audio, 16000, FullPolicy(), shared_warmup=SharedDecoderWarmup())
+    assert len(warmups) == 2  # a fresh object: its run warms up on its own
+    with pytest.raises(ValueError, match="shared_warmup"):
+        pipe.stream(
+            GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000),
+            FullPolicy(),
+            shared_warmup=object(),
+        )
 
 
 def test_fp8_all_holds_exactly_the_sink_difference_less_than_fp8(pipe, portrait):

@@ -15,6 +15,7 @@ whose first latent frame decodes to one image, then 12) and the concatenated blo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,26 @@ class StreamingDecoder:
             )
             self.latent_frames_done += 1
         return torch.cat(frames, dim=2).clamp(-1.0, 1.0)
+
+    def snapshot(self) -> DecoderState:
+        """A copy of where this decoder stands (its causal cache and frame count), for `restore` on another."""
+        cache = [t.clone() if isinstance(t, torch.Tensor) else t for t in self._cache]
+        return DecoderState(cache, self.latent_frames_done)
+
+    def restore(self, state: DecoderState) -> None:
+        """Continue from `state` as if this decoder had decoded what the snapshot's decoder had (state is taken
+        over, not copied: restore each snapshot once)."""
+        if len(state.cache) != len(self._cache):
+            raise ValueError(
+                f"the state has {len(state.cache)} cache entries, this decoder {len(self._cache)}"
+            )
+        self._cache = list(state.cache)
+        self.latent_frames_done = state.latent_frames_done
+
+
+@dataclass
+class DecoderState:
+    """A `StreamingDecoder`'s causal cache and the latent frames it has decoded, detached from any decoder."""
+
+    cache: list
+    latent_frames_done: int
