@@ -259,9 +259,8 @@ class LiveAvatarPipeline:
         handed_out = 0.0  # seconds of this block spent handing out or waiting for the previous one
 
         def hand_out(wait: bool) -> Iterator[AvatarChunk]:
-            """Yield the pending chunk if its decode is done (or, with `wait`, once it is) and take a recalibration
-            request made on seeing it, as at a block boundary. Returns whether a chunk was handed out, after which
-            the caller honours a cancel as at a block boundary."""
+            """Yield the pending chunk if its decode is done (or, with `wait`, once it is). Returns whether a chunk
+            was handed out, after which the caller honours a cancel as at a block boundary."""
             nonlocal pending, handed_out
             if pending is None or not (wait or pending.done()):
                 return False
@@ -269,8 +268,6 @@ class LiveAvatarPipeline:
             chunk, pending = pending.chunk(audio), None
             if chunk is not None:
                 yield chunk
-                if control.take_recalibration():
-                    session.request_recalibration()
             handed_out += time.perf_counter() - started
             return chunk is not None
 
@@ -278,8 +275,6 @@ class LiveAvatarPipeline:
             if control.cancelled:  # the finished block's chunk still goes out, as without the overlap
                 yield from hand_out(wait=True)
                 return
-            if control.take_recalibration():
-                session.request_recalibration()
             started = time.perf_counter()
             handed_out = 0.0
 
@@ -313,6 +308,10 @@ class LiveAvatarPipeline:
                 latents = euler_step(latents, flow, self._sigmas[step], self._sigmas[step + 1])
                 if (yield from hand_out(wait=step == len(self._timesteps) - 1)) and control.cancelled:
                     return
+            # Once per block, after the previous block's chunk is out (with the overlap, during this block's
+            # steps): a recalibration asked for on seeing it starts at this block's end, as without the overlap.
+            if control.take_recalibration():
+                session.request_recalibration()
             report = session.end_block()
             if sink_refresh is not None and block == 0:
                 sink_refresh.reference = latents[:, :, :1]

@@ -74,7 +74,8 @@ def test_two_clients_run_at_once_and_a_third_waits_told_its_place(
     try:
         first, second, third, alone = users
         job_a = submit(first, portrait, short, seed=3)
-        job_b = submit(second, portrait, long, seed=4)
+        token_b = "many-users-second-client-token-0123"
+        job_b = submit(second, portrait, long, seed=4, owner_token=token_b)
         next(job_a)
         next(job_b)
         # Both streams have started while the first is still running: they run side by side, one per slot.
@@ -88,10 +89,10 @@ def test_two_clients_run_at_once_and_a_third_waits_told_its_place(
         recalibrated = stopped = None
         for out in job_b:
             if recalibrated is None and local_cells(out[LAYERS]) > 0:
-                second.predict(api_name="/recalibrate")
+                second.predict(token_b, api_name="/recalibrate")
                 recalibrated = True
             elif stopped is None and "recalibrations: 1" in out[LAYERS]:
-                stopped = second.predict(api_name="/stop")
+                stopped = second.predict(token_b, api_name="/stop")
         assert recalibrated and stopped is not None
         b_events = [c["event"] for c in stopped[1]["runs"]["ISPA"]["chunks"]]
         assert stopped[1]["stopped_early"] and b_events.count("recalibration_started") == 1
