@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -15,29 +14,24 @@ import pytest
 from gradio_client import Client
 from gradio_client.utils import Status
 
-from tests.app.conftest import _free_port
 from tests.app.test_ui_client import FILES, LAYERS, REPORT, fetch, local_cells, run, speech_clip, submit
 
 QUEUE_WAIT_SECONDS = 60.0
 
 
 @pytest.fixture
-def pooled_app_url(_isolated_temp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The app with `ISPA_DEVICES=cpu,cpu`: two generation slots, each with its own tiny pipeline."""
-    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    monkeypatch.setenv("ISPA_DEVICES", "cpu,cpu")
+def _two_cpu_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ISPA_DEVICES=cpu,cpu`, read by a fresh pool: two generation slots, each with its own tiny pipeline."""
     from app import models
-    from app.main import build_demo, serve
 
-    monkeypatch.setattr(models, "_pool", None)  # read the devices from the environment set above
-    demo = build_demo()
-    _, url, _ = serve(
-        demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True
-    )
-    try:
-        yield url
-    finally:
-        demo.close()
+    monkeypatch.setenv("ISPA_DEVICES", "cpu,cpu")
+    monkeypatch.setattr(models, "_pool", None)
+
+
+@pytest.fixture
+def pooled_app_url(_two_cpu_slots: None, app_url: str) -> str:
+    """The whole app served with two generation slots (the slots are set before the app is built)."""
+    return app_url
 
 
 def decoded_frames(outputs: list[tuple], name: str) -> np.ndarray:

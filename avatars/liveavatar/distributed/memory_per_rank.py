@@ -23,6 +23,7 @@ from avatars.liveavatar.distributed.layout import RankLayout
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.memory_plan import GIB, RunPlan, _size, plan_run
 from avatars.liveavatar.weights import memory
+from ispa import KV_FORMATS
 
 __all__ = ["plan_ranks"]
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-on-last-dit", action="store_true")
     parser.add_argument("--size", type=_size, default=(704, 384), help="HEIGHTxWIDTH of the video")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="fp8")
-    parser.add_argument("--kv", default="fp8", help="KV history storage")
+    parser.add_argument("--kv", choices=KV_FORMATS, default="fp8", help="KV history storage")
     parser.add_argument("--policy", choices=("full", "ispa"), default="ispa")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -83,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_ranks(*args.size, layout, weights=args.weights, kv_format=args.kv, policy=args.policy)
     summary = {}
     for role, plan in plans.items():
-        warm = sum(t.warmup for t in plan.terms if not t.transient) + max(
-            t.warmup for t in plan.terms if t.transient
-        )
-        after = sum(t.after for t in plan.terms if not t.transient) + max(
-            t.after for t in plan.terms if t.transient
-        )
+        warm, after = plan.peak_warmup_bytes, plan.peak_after_bytes
         summary[role] = {"warmup_gib": round(warm / GIB, 3), "after_gib": round(after / GIB, 3)}
         print(f"{role} ({layout.dit_ranks} DiT ranks, decoder on rank {layout.decoder_rank})")
         for t in plan.terms:
