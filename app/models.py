@@ -2,6 +2,7 @@
 
 Nothing is loaded at import time, so the app starts at once and a machine without a GPU or weights still
 serves the tiny test model. With several devices (`app.worker_pool`) each one holds its own copy of a model.
+Under torchrun (`app.serve_on_ranks`) the pool is one slot, the pipeline over every rank, serving one model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from app.gpu import ON_ZERO_GPU
 from app.gpu_sizes import sizes_for_gpu
 from app.validation import ValidationError
 from app.worker_pool import PipelinePool, devices_from_env
+from avatars.liveavatar.distributed import PipelineLead
 from avatars.liveavatar.loading import available_models, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 
@@ -27,11 +29,25 @@ FP8_ENV = "ISPA_FP8"  # "1": load the 14B DiT's linear layers in FP8 (about half
 
 _pool_lock = threading.Lock()
 _pool: PipelinePool[LiveAvatarPipeline] | None = None
+_lead: tuple[str, PipelineLead] | None = None  # under torchrun: the one model served, on every rank
+
+
+def model_availability() -> dict[str, str | None]:
+    """Model name -> None when it can run here, else the reason it cannot."""
+    found = _models_found()
+    if _lead is None:
+        return found
+    served, lead = _lead
+    processes = lead.world.layout.world_size
+    elsewhere = f"this server runs {MODEL_LABELS.get(served, served)} alone, on its {processes} processes"
+    return {
+        name: elsewhere if name != served and reason is None else reason for name, reason in found.items()
+    }
 
 
 @lru_cache(maxsize=1)
-def model_availability() -> dict[str, str | None]:
-    """Model name -> None when it can run here, else the reason it cannot (asked once per process)."""
+def _models_found() -> dict[str, str | None]:
+    """What this machine can run, asked once per process."""
     return {name: hide_paths(reason) if reason else None for name, reason in available_models().items()}
 
 
@@ -64,6 +80,19 @@ def pipeline_pool() -> PipelinePool[LiveAvatarPipeline]:
             cuda_devices = 0 if ON_ZERO_GPU else torch.cuda.device_count()
             _pool = PipelinePool(devices_from_env(os.environ, cuda_devices, ON_ZERO_GPU), _load)
         return _pool
+
+
+def use_pipeline_lead(model: str, lead: PipelineLead) -> None:
+    """Send every run to `lead`, the pipeline over every rank (it serves `model` only): a pool of one slot."""
+    global _pool, _lead
+
+    def served(name: str, device: torch.device) -> LiveAvatarPipeline:
+        check_model(name)  # the other models are refused there, with the reason
+        return lead  # type: ignore[return-value]  # it stands in for a pipeline (`PipelineLead`)
+
+    with _pool_lock:
+        _lead = (model, lead)
+        _pool = PipelinePool([lead.device], served)
 
 
 def _load(name: str, device: torch.device) -> LiveAvatarPipeline:

@@ -1,7 +1,8 @@
 """Building a ready pipeline: the tiny untrained test model, or LiveAvatar 14B from its real weights.
 
 The one entry point for everything that needs a loaded pipeline (the app, the CLI, the benchmarks): which models
-can run here (`available_models`), and `load_pipeline(name)`.
+can run here (`available_models`), and `load_pipeline(name)`; `load_parts` for a rank of the several-GPU pipeline
+that runs only the DiT or the VAE.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from avatars.liveavatar.compiled import COMPILE_ENV, set_compiled_regions
+from avatars.liveavatar.compiled import COMPILE_ENV, set_compiled_dit, set_compiled_regions
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.audio import AudioEncoder
@@ -111,9 +112,7 @@ def build_liveavatar_pipeline(
         free, _ = torch.cuda.mem_get_info(device)
         check_fits_free_memory(plan, free, torch.cuda.get_device_name(device))
     logger.info("loading LiveAvatar 14B (%s weights) on %s", "FP8" if fp8 else "bf16", device)
-    dit = load_dit(paths.dit_dir, lora_path=paths.lora_file, dtype=dtype, device=device)
-    if fp8:
-        convert_linears_to_fp8(dit)
+    dit = _load_liveavatar_dit(paths, fp8=fp8, device=device, dtype=dtype)
     text = TextEncoder.from_pretrained(
         paths.text_encoder_dir,
         paths.tokenizer_dir,
@@ -152,3 +151,42 @@ def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = 
     if os.environ.get(COMPILE_ENV, "") == "1":
         set_compiled_regions(pipeline)
     return pipeline
+
+
+def load_parts(
+    name: str, *, fp8: bool, device: torch.device, dit: bool, vae: bool
+) -> tuple[LiveAvatarDiT | None, WanVAE | None]:
+    """Only the DiT and/or the VAE of `name`, for a pipeline rank that runs no encoder. The tiny model is built
+    whole (it costs nothing) and stays on the CPU; ISPA_COMPILE=1 compiles the DiT's regions as `load_pipeline`."""
+    if name == "tiny":
+        tiny = build_tiny_pipeline()
+        parts = (tiny.dit if dit else None, tiny.vae if vae else None)
+    elif name == "14b":
+        reason = available_models()["14b"]
+        if reason is not None:
+            raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
+        paths = resolve_weights(weights_dir())
+        logger.info(
+            "loading LiveAvatar 14B's %s on %s",
+            " and ".join(p for p, w in (("DiT", dit), ("VAE", vae)) if w),
+            device,
+        )
+        parts = (
+            _load_liveavatar_dit(paths, fp8=fp8, device=device, dtype=torch.bfloat16) if dit else None,
+            WanVAE.from_pretrained(paths.vae_dir, dtype=torch.bfloat16, device=device) if vae else None,
+        )
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if parts[0] is not None and os.environ.get(COMPILE_ENV, "") == "1":
+        set_compiled_dit(parts[0])
+    return parts
+
+
+def _load_liveavatar_dit(
+    paths: WeightPaths, *, fp8: bool, device: torch.device, dtype: torch.dtype
+) -> LiveAvatarDiT:
+    """The DiT with the LoRA merged, then FP8 if asked."""
+    dit = load_dit(paths.dit_dir, lora_path=paths.lora_file, dtype=dtype, device=device)
+    if fp8:
+        convert_linears_to_fp8(dit)
+    return dit

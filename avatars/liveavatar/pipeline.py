@@ -36,7 +36,6 @@ import torch
 from avatars.base import AvatarChunk, ChunkReport, ChunkTimings, GenerationRequest
 from avatars.liveavatar.block_layout import (
     BLOCKS_PER_CLIP,
-    DENOISING_STEPS,
     DROPPED_FIRST_FRAMES,
     FPS,
     LATENT_FRAMES_PER_BLOCK,
@@ -50,7 +49,7 @@ from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, DecoderState, StreamingDecoder, WanVAE
 from avatars.liveavatar.portrait_latents import PortraitLatentCache, PortraitLatents
-from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
+from avatars.liveavatar.schedule import DenoisingSchedule, euler_step
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait
 from avatars.media.audio import pcm_to_float32
 from avatars.media.portrait import check_rgb_image
@@ -60,7 +59,6 @@ from ispa.quantized_cache import kv_layer_factory
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_SHIFT = 3.0
 REF_SHIFT_RANGE = (4, 30)  # the official `random.randint(4, 30)`, redrawn every forward
 
 
@@ -119,9 +117,7 @@ class LiveAvatarPipeline:
         self.sizes = sizes
         self.sample_rate = SAMPLE_RATE
         self.fps = FPS
-        sigmas = flow_match_sigmas(DENOISING_STEPS, SCHEDULE_SHIFT)
-        self._sigmas = sigmas.tolist()
-        self._timesteps = timesteps_from_sigmas(sigmas).tolist()
+        self.schedule = DenoisingSchedule.liveavatar()
         self.portrait_latents = PortraitLatentCache(vae)
         # Decode block k while the DiT runs block k+1 (`_BlockDecoder`); None: on CUDA only (on a CPU both would
         # share the same cores). Chunks are the same either way.
@@ -294,7 +290,8 @@ class LiveAvatarPipeline:
             #    chunk is handed out between steps as soon as its decode (running alongside) is done
             window = block_audio_window(features.permute(1, 2, 0)[None].to(device), 0, VIDEO_FRAMES_PER_BLOCK)
             audio_tokens = dit.encode_audio(window)
-            for step, timestep in enumerate(self._timesteps):
+            schedule = self.schedule
+            for step, timestep in enumerate(schedule.timesteps):
                 flow = dit.forward_block(
                     session,
                     latents,
@@ -305,8 +302,8 @@ class LiveAvatarPipeline:
                     ring=step,
                     ref_shift=ref_shifts.randint(*REF_SHIFT_RANGE),
                 )
-                latents = euler_step(latents, flow, self._sigmas[step], self._sigmas[step + 1])
-                if (yield from hand_out(wait=step == len(self._timesteps) - 1)) and control.cancelled:
+                latents = euler_step(latents, flow, schedule.sigmas[step], schedule.sigmas[step + 1])
+                if (yield from hand_out(wait=step == len(schedule.timesteps) - 1)) and control.cancelled:
                     return
             # Once per block, after the previous block's chunk is out (with the overlap, during this block's
             # steps): a recalibration asked for on seeing it starts at this block's end, as without the overlap.

@@ -6,7 +6,13 @@ This reproduces diffusers' `FlowMatchEulerDiscreteScheduler(num_train_timesteps=
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from avatars.liveavatar.block_layout import DENOISING_STEPS
+
+SCHEDULE_SHIFT = 3.0
 
 
 def _shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -36,3 +42,17 @@ def timesteps_from_sigmas(sigmas: torch.Tensor, num_train_timesteps: int = 1000)
 def euler_step(latents: torch.Tensor, flow: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """One Euler step of the probability-flow ODE, computed in fp32 and returned in the latents' dtype."""
     return (latents.float() + (sigma_next - sigma) * flow.float()).to(latents.dtype)
+
+
+@dataclass(frozen=True)
+class DenoisingSchedule:
+    """Per step: the DiT's timestep, and the noise levels an Euler step goes from and to (`sigmas[step + 1]`)."""
+
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]
+
+    @classmethod
+    def liveavatar(cls) -> DenoisingSchedule:
+        """LiveAvatar's 4 steps at shift 3 (every process of a pipeline builds the same)."""
+        sigmas = flow_match_sigmas(DENOISING_STEPS, SCHEDULE_SHIFT)
+        return cls(tuple(timesteps_from_sigmas(sigmas).tolist()), tuple(sigmas.tolist()))

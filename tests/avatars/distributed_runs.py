@@ -69,35 +69,40 @@ def request_for(scenario: Scenario) -> GenerationRequest:
     )
 
 
-def run_scenario(stream, scenario: Scenario) -> list[dict]:
-    """Every chunk of the run as plain data: frames, audio and the report without its timings."""
+def open_stream(stream, scenario: Scenario):
     policy = make_policy(scenario.policy, **dict(scenario.policy_options))
     control = ScriptedControl(scenario.recalibrate_at, scenario.cancel_at)
-    chunks = stream(request_for(scenario), policy, control=control, refresh_sink=scenario.refresh_sink)
-    return [
-        {
-            "index": chunk.index,
-            "frames": chunk.frames,
-            "audio": chunk.audio,
-            "report": {k: v for k, v in chunk.report.to_dict().items() if k not in TIMING_KEYS},
-        }
-        for chunk in chunks
-    ]
+    return stream(request_for(scenario), policy, control=control, refresh_sink=scenario.refresh_sink)
 
 
-def _second_stream_error(lead) -> str:
-    """Start a run, try a second one while it streams, close the first: the second's error message."""
-    policy = make_policy("full")
-    first = lead.stream(request_for(Scenario()), policy)
-    next(first)
-    second = lead.stream(request_for(Scenario()), policy)
-    try:
-        next(second)
-    except RuntimeError as err:
-        return str(err)
-    finally:
-        first.close()
-    return "no error"
+def chunk_data(chunk) -> dict:
+    """A chunk as plain data: frames, audio and the report without its timings."""
+    return {
+        "index": chunk.index,
+        "frames": chunk.frames,
+        "audio": chunk.audio,
+        "report": {k: v for k, v in chunk.report.to_dict().items() if k not in TIMING_KEYS},
+    }
+
+
+def run_scenario(stream, scenario: Scenario) -> list[dict]:
+    return [chunk_data(chunk) for chunk in open_stream(stream, scenario)]
+
+
+def run_taking_turns(stream, scenarios: tuple[Scenario, ...]) -> list[list[dict]]:
+    """The scenarios' streams open at once, as compare mode runs them: the first hands out one chunk alone,
+    then each hands out one in turn; every stream's chunks."""
+    streams = [open_stream(stream, scenario) for scenario in scenarios]
+    results: list[list[dict]] = [[chunk_data(next(streams[0]))]] + [[] for _ in scenarios[1:]]
+    running = list(range(len(streams)))
+    while running:
+        for i in list(running):
+            chunk = next(streams[i], None)
+            if chunk is None:
+                running.remove(i)
+            else:
+                results[i].append(chunk_data(chunk))
+    return results
 
 
 def free_port() -> int:
@@ -116,19 +121,17 @@ def rank_main(
     timeout_s: float = 120.0,
     die: tuple[int, int] | None = None,
     portrait_latents: dict | None = None,
-    second_stream_check: bool = False,
+    taking_turns: tuple[Scenario, ...] = (),
 ) -> None:
-    """One rank: rank 0 leads the scenarios and pickles their chunks (or its error) to `out`; `die` =
-    (rank, block): that rank exits abruptly when asked to process that block. `portrait_latents`: the parent's
-    encodes of the portrait (same seeded VAE, so the same tensors), to spare every rank 0 that encode."""
+    """One rank: rank 0 leads the scenarios, then (if any) the `taking_turns` ones at once, and pickles their
+    chunks (or its error) to `out`; `die` = (rank, block): that rank exits abruptly when asked to process that
+    block. `portrait_latents`: the parent's encodes of the portrait (same seeded VAE, so the same tensors), to
+    spare every rank 0 that encode. The other ranks load only their stage's models, as under torchrun."""
     from avatars.liveavatar import distributed
     from avatars.liveavatar.distributed.stages import DiTStage
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    pipe = build_tiny_pipeline(seed=0)
-    if portrait_latents:
-        pipe.portrait_latents._entries.update(portrait_latents)
     if die is not None and die[0] == rank:
         process = DiTStage.process
 
@@ -146,19 +149,28 @@ def rank_main(
     )
     try:
         if rank == 0:
+            pipe = build_tiny_pipeline(seed=0)
+            if portrait_latents:
+                pipe.portrait_latents._entries.update(portrait_latents)
             lead = distributed.PipelineLead(pipe, world)
             results: list = []
             try:
                 for scenario in scenarios:
                     results.append(run_scenario(lead.stream, scenario))
-                if second_stream_check:
-                    results.append(_second_stream_error(lead))
+                if taking_turns:
+                    results.append(run_taking_turns(lead.stream, taking_turns))
                 lead.shutdown()
             except distributed.RankFailure as err:
                 results.append(err)
+                try:  # the pipeline is down now: a next run is refused at once
+                    next(open_stream(lead.stream, Scenario()))
+                except distributed.RankFailure as again:
+                    results.append(again)
             Path(out).write_bytes(pickle.dumps(results))
         else:
-            distributed.follow_runs(pipe, world)
+            distributed.follow_runs(
+                distributed.load_stage_models("tiny", world.layout, rank, fp8=False), world
+            )
     finally:
         world.close()
 
@@ -190,7 +202,7 @@ def _options(options: dict) -> tuple:
         options.get("timeout_s", 120.0),
         options.get("die"),
         options.get("portrait_latents"),
-        options.get("second_stream_check", False),
+        options.get("taking_turns", ()),
     )
 
 

@@ -2,7 +2,8 @@
 
 Full: chunks bit-identical (frames, audio, every report field but timings). ISPA: the same L-layers, phases and
 events, and frames within ISPA_FRAME_TOLERANCE (the statistics are summed in another order across ranks, so ΔW
-differs by float rounding). Cancel and recalibration are taken by rank 0 at the same block as in one process.
+differs by float rounding). Cancel and recalibration are taken by rank 0 at the same block as in one process. Two runs open at once (as
+compare mode runs them) each give their lone run's chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ ISPA_RUN = Scenario("ispa", ISPA)
 # Recalibration asked at block 2 (absorbed), sink refreshed at block 4, absorbed again at the end of block 4.
 RECALIBRATE = Scenario("ispa", ISPA, seconds=2.9, recalibrate_at=2, refresh_sink=True)
 CANCEL = Scenario("full", seed=6, cancel_at=3)  # of the clip's 4 blocks, 3 run
+FULL_REFRESH = Scenario("full", seconds=2.9, seed=7, refresh_sink=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def single(pipe):
     """One-process chunks of every scenario, computed once."""
-    return {s: run_scenario(pipe.stream, s) for s in (FULL, ISPA_RUN, RECALIBRATE, CANCEL)}
+    return {s: run_scenario(pipe.stream, s) for s in (FULL, ISPA_RUN, RECALIBRATE, CANCEL, FULL_REFRESH)}
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +82,33 @@ def test_three_processes_with_cancel_then_a_next_run(single, latents, tmp_path: 
 
 
 @pytest.mark.parametrize("decoder_on_last_dit", [False, True])
-def test_two_processes(single, latents, tmp_path: Path, decoder_on_last_dit):
-    full, second_stream = run_pipeline(
+def test_two_processes_one_run_then_two_taking_turns(single, latents, tmp_path: Path, decoder_on_last_dit):
+    full, (refreshed, recalibrated) = run_pipeline(
         2,
         [FULL],
         tmp_path,
         portrait_latents=latents,
         decoder_on_last_dit=decoder_on_last_dit,
-        second_stream_check=True,
+        taking_turns=(FULL_REFRESH, RECALIBRATE),
     )
     assert same_chunks(full, single[FULL])
-    # A second stream while one runs would interleave two runs' messages: refused, and the first closes cleanly.
-    assert "one stream at a time" in second_stream
+    # Both runs are open at once on every rank; their frames, reports and sink references do not mix (each
+    # run's messages queue behind the other's, and every receiver takes its own run's).
+    assert same_chunks(refreshed, single[FULL_REFRESH])
+    assert_ispa_close(recalibrated, single[RECALIBRATE])
 
 
 def test_a_killed_rank_ends_the_run_with_a_clear_message(latents, tmp_path: Path):
     # Rank 1 (DiT steps 2-3, and the decoder) dies at block 1; the timeout is far beyond the 300 s the ranks are
     # waited for, so ending at all means the failure was noticed from the closed connection.
-    (outcome,) = run_pipeline(
+    outcome, next_run = run_pipeline(
         2, [FULL], tmp_path, portrait_latents=latents, decoder_on_last_dit=True, die=(1, 1), timeout_s=900
     )
     assert isinstance(outcome, RankFailure)
     assert re.match(r"rank 1 stopped answering rank 0 \(", str(outcome)), outcome
+    # The pipeline stays down: the next run is refused with the first failure's message, without waiting.
+    assert isinstance(next_run, RankFailure)
+    assert str(next_run).startswith("the pipeline is down since a rank failed (rank 1 stopped answering")
 
 
 def test_layouts_for_each_process_count():

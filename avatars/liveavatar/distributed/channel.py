@@ -3,13 +3,15 @@
 A message is any picklable object (tensors in it must be on the CPU); it travels as two tensors, its length and
 its pickle, with `isend`/`irecv` on a gloo group. Sends never wait: gloo completes a send only once the receiver
 has posted the matching receive, so waiting on one could deadlock the pipeline; their buffers are kept until done.
-Each kind of message has its own tag, so a receiver takes the kind it needs whatever else is queued.
+Each kind of message has its own tag, so a receiver takes the kind it needs whatever else is queued, and
+`recv_run` takes the next one of a given run, keeping those of other runs (in order) for their own receives.
 A receive that fails (peer gone, or nothing within the group's timeout) raises `RankFailure` naming the peer.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections import defaultdict
 from datetime import timedelta
 from enum import IntEnum
 from typing import Any
@@ -25,11 +27,10 @@ class RankFailure(RuntimeError):
 
 
 class Tag(IntEnum):
-    CONTROL = 1  # rank 0 → every rank: a run to follow, or shutdown
-    BLOCK = 2  # DiT rank r → r+1 → … → decoder: a block's latents on their way
-    REPORT = 3  # DiT ranks → rank 0: their part of a block's engine report
-    FRAMES = 4  # decoder → rank 0: a block's video frames
-    REFERENCE = 5  # last DiT rank → the others: block 0's first latent frame, for the sink refresh
+    DOWN = 1  # DiT rank r → r+1 → … → decoder: a run's spec, its blocks and its end, or the shutdown
+    REPORT = 2  # DiT ranks → rank 0: their part of a block's engine report
+    FRAMES = 3  # decoder → rank 0: a block's video frames
+    REFERENCE = 4  # last DiT rank → the others: block 0's first latent frame, for the sink refresh
 
 
 class PeerChannel:
@@ -39,6 +40,7 @@ class PeerChannel:
         self.rank = rank
         self.group = group
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
+        self._kept: defaultdict[tuple[int, Tag], list[Any]] = defaultdict(list)  # other runs' messages
 
     def send(self, message: Any, dst: int, tag: Tag) -> None:
         payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
@@ -61,6 +63,19 @@ class PeerChannel:
         payload = torch.empty(int(length.item()), dtype=torch.uint8)
         self._wait(dist.irecv(payload, src, group=self.group, tag=int(tag)), src, tag, None)
         return pickle.loads(payload.numpy().tobytes())
+
+    def recv_run(self, src: int, tag: Tag, run: int) -> Any:
+        """The next `tag` message from `src` of run `run` (a message with a `run` field). Messages of other
+        runs that arrive first are kept, in order, for their own `recv_run`."""
+        kept = self._kept[(src, tag)]
+        for i, message in enumerate(kept):
+            if message.run == run:
+                return kept.pop(i)
+        while True:
+            message = self.recv(src, tag)
+            if message.run == run:
+                return message
+            kept.append(message)
 
     def flush(self) -> None:
         """Wait until every message sent has been received (at the end of a run, when all of them will be)."""

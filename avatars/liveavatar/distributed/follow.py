@@ -1,4 +1,10 @@
-"""Ranks 1.. of the pipeline: wait for a run from rank 0, do their stage of every block, repeat until shutdown."""
+"""Ranks 1.. of the pipeline: take work from the rank upstream, do this rank's stage of it, pass it on, until the
+shutdown.
+
+Work arrives in one ordered stream (`Tag.DOWN`): a run's `RunSpec`, its blocks, its end; several runs may be
+open at once (compare mode's two streams take turns), each with its own stage, found by the run's number. A
+DiT rank passes each spec and each end on before acting on it, so the ranks downstream set up in parallel.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,9 @@ from datetime import timedelta
 
 from avatars.liveavatar.distributed.channel import Tag
 from avatars.liveavatar.distributed.messages import BlockWork, DecodedBlock, RunSpec
+from avatars.liveavatar.distributed.stage_models import StageModels
 from avatars.liveavatar.distributed.stages import DecoderStage, DiTStage
 from avatars.liveavatar.distributed.world import PipelineWorld
-from avatars.liveavatar.pipeline import LiveAvatarPipeline
 
 __all__ = ["follow_runs"]
 
@@ -16,39 +22,44 @@ __all__ = ["follow_runs"]
 _WAIT_FOR_WORK = timedelta(days=365)
 
 
-def follow_runs(pipeline: LiveAvatarPipeline, world: PipelineWorld) -> int:
-    """Follow rank 0's runs until it shuts the pipeline down; returns how many runs were followed."""
+def follow_runs(models: StageModels, world: PipelineWorld) -> int:
+    """Follow rank 0's runs with this rank's `models` until rank 0 shuts the pipeline down; returns how many
+    runs were followed."""
     if world.is_lead:
         raise ValueError("rank 0 leads the pipeline; it does not follow")
-    runs = 0
-    while True:
-        spec: RunSpec | None = world.channel.recv(0, Tag.CONTROL, timeout=_WAIT_FOR_WORK)
-        if spec is None:
-            world.channel.flush()
-            return runs
-        _follow_run(pipeline, world, spec)
-        runs += 1
-
-
-def _follow_run(pipeline: LiveAvatarPipeline, world: PipelineWorld, spec: RunSpec) -> None:
     layout, channel = world.layout, world.channel
-    if world.rank < layout.dit_ranks:
-        stage = DiTStage(pipeline, world, spec)
-        try:
-            while True:
-                work: BlockWork = channel.recv(world.rank - 1, Tag.BLOCK)
-                if work.latents is None:
-                    stage.end(work.block)
-                    break
-                stage.process(work)
-        finally:
-            stage.close()
-    else:
-        decoder = DecoderStage(pipeline, spec)
+    upstream, onward = layout.upstream(world.rank), layout.downstream(world.rank)
+    decodes_only = world.rank >= layout.dit_ranks
+    stages: dict[int, DiTStage | DecoderStage] = {}
+    runs = 0
+    try:
         while True:
-            work = channel.recv(layout.last_dit, Tag.BLOCK)
-            if work.latents is None:
-                channel.send(DecodedBlock(work.block), 0, Tag.FRAMES)
-                break
-            channel.send(decoder.decode(work.block, work.latents), 0, Tag.FRAMES)
-    channel.flush()
+            wait = None if stages else _WAIT_FOR_WORK  # within a run, the group's timeout bounds every wait
+            message: RunSpec | BlockWork | None = channel.recv(upstream, Tag.DOWN, timeout=wait)
+            if onward is not None and not isinstance(message, BlockWork):
+                channel.send(message, onward, Tag.DOWN)
+            if message is None:
+                channel.flush()
+                return runs
+            if isinstance(message, RunSpec):
+                stages[message.run] = (
+                    DecoderStage(models, message) if decodes_only else DiTStage(models, world, message)
+                )
+                runs += 1
+            elif message.latents is not None:
+                stage = stages[message.run]
+                if isinstance(stage, DecoderStage):
+                    channel.send(stage.decode(message.block, message.latents), 0, Tag.FRAMES)
+                else:
+                    stage.process(message)
+            else:
+                stage = stages.pop(message.run)
+                if isinstance(stage, DecoderStage):
+                    channel.send(DecodedBlock(message.run, message.block), 0, Tag.FRAMES)
+                else:
+                    stage.end(message.block)
+                    stage.close()
+    finally:
+        for stage in stages.values():
+            if isinstance(stage, DiTStage):
+                stage.close()

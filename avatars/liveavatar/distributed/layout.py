@@ -72,6 +72,22 @@ class RankLayout:
         """Pipeline stages a block passes through: the DiT ranks, plus the decoder when it has its own rank."""
         return self.world_size
 
+    def upstream(self, rank: int) -> int:
+        """The rank that sends `rank` its work (runs, blocks, the shutdown)."""
+        if not 0 < rank < self.world_size:
+            raise ValueError(
+                f"rank {rank} gets no work down the pipeline (ranks 1..{self.world_size - 1} do)"
+            )
+        return self.last_dit if rank == self.decoder_rank and not self.decoder_shared else rank - 1
+
+    def downstream(self, rank: int) -> int | None:
+        """The rank `rank` passes work on to; None for the stage that decodes (nothing goes further)."""
+        if rank < self.last_dit:
+            return rank + 1
+        if rank == self.last_dit and not self.decoder_shared:
+            return self.decoder_rank
+        return None
+
     def steps(self, rank: int) -> range:
         """The denoising steps (= history rings) DiT rank `rank` owns."""
         if not 0 <= rank < self.dit_ranks:

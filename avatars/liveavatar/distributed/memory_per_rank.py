@@ -1,73 +1,14 @@
-"""`python -m avatars.liveavatar.distributed.memory_per_rank`: the memory plan of each rank of the timestep pipeline.
-
-It starts from the one-GPU plan (`avatars.liveavatar.memory_plan.plan_run`, same terms, same bases) and changes what
-the pipeline changes: a DiT rank holds the sink and only its 4/N steps' rings, and the ISPA statistics and ΔW of
-every layer (all its steps' forwards run through every layer); only the decoder rank keeps the VAE decoder cache.
-As loaded today, every rank holds the DiT weights and the encoders (the loader builds the whole pipeline on each).
-"""
+"""`python -m avatars.liveavatar.distributed.memory_per_rank`: print the memory plan of each rank (`rank_memory`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 
-import torch
-
-from avatars.liveavatar.block_layout import (
-    DENOISING_STEPS,
-    cache_layout,
-)
-from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.distributed.layout import RankLayout
-from avatars.liveavatar.dit import LiveAvatarDiT
-from avatars.liveavatar.memory_plan import GIB, RunPlan, _size, plan_run
-from avatars.liveavatar.weights import memory
+from avatars.liveavatar.distributed.rank_memory import plan_ranks
+from avatars.liveavatar.memory_plan import GIB, _size
 from ispa import KV_FORMATS
-
-__all__ = ["plan_ranks"]
-
-_KV_TERM = "KV cache"
-_DECODER_TERM = "VAE decoder cache"
-
-
-def plan_ranks(height: int, width: int, layout: RankLayout, **plan_options) -> dict[str, RunPlan]:
-    """One plan per role: 'DiT rank' (each holds the same), and 'decoder rank' when it has its own rank."""
-    one_gpu = plan_run(height, width, **plan_options)
-    config = PRESETS[plan_options.get("model", "14b")]
-    with torch.device("meta"):
-        dit = LiveAvatarDiT.from_config(config)
-    latent = (height // 8, width // 8)
-    sink = memory.kv_cache_bytes(
-        config.num_layers,
-        config.dim,
-        dit.sink_token_count(*latent),
-        cache_layout(dit.tokens_per_frame(*latent)).block_tokens,
-        rings=0,
-    )
-    share = (DENOISING_STEPS // layout.dit_ranks) / DENOISING_STEPS
-
-    def dit_term(term):
-        if term.name.startswith(_KV_TERM):
-            return replace(
-                term,
-                warmup=sink + round(share * (term.warmup - sink)),
-                after=sink + round(share * (term.after - sink)),
-                basis=f"one-GPU term: sink + {DENOISING_STEPS // layout.dit_ranks} of {DENOISING_STEPS} rings",
-            )
-        if term.name == _DECODER_TERM and not layout.decoder_shared:
-            return replace(term, warmup=0, after=0, basis="on the decoder rank")
-        return term
-
-    plans = {"DiT rank": RunPlan(one_gpu.settings, tuple(map(dit_term, one_gpu.terms)))}
-    if not layout.decoder_shared:
-        keep = ("DiT weights", "encoders", _DECODER_TERM)
-        decoder_terms = tuple(
-            t if t.name.startswith(keep) else replace(t, warmup=0, after=0, basis="on the DiT ranks")
-            for t in one_gpu.terms
-        )
-        plans["decoder rank"] = RunPlan(one_gpu.settings, decoder_terms)
-    return plans
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,13 @@ from avatars.liveavatar.block_layout import (
     cache_layout,
 )
 from avatars.liveavatar.distributed.channel import Tag
-from avatars.liveavatar.distributed.messages import BlockWork, DecodedBlock, RunSpec, StageReport
+from avatars.liveavatar.distributed.messages import BlockWork, DecodedBlock, Reference, RunSpec, StageReport
+from avatars.liveavatar.distributed.stage_models import StageModels
 from avatars.liveavatar.distributed.world import PipelineWorld
 from avatars.liveavatar.dit.audio_encoder import AudioTokens
 from avatars.liveavatar.dit.text_context import TextContext
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES
-from avatars.liveavatar.pipeline import REF_SHIFT_RANGE, LiveAvatarPipeline, _synchronize, _to_uint8_frames
+from avatars.liveavatar.pipeline import REF_SHIFT_RANGE, _synchronize, _to_uint8_frames
 from avatars.liveavatar.schedule import euler_step
 from ispa import AttentionSession
 from ispa.quantized_cache import kv_layer_factory
@@ -37,12 +38,14 @@ __all__ = ["DecoderStage", "DiTStage"]
 class DiTStage:
     """DiT rank `world.rank` of one run: its session (sink + its steps' rings) and its share of every block."""
 
-    def __init__(self, pipeline: LiveAvatarPipeline, world: PipelineWorld, spec: RunSpec) -> None:
-        self.pipeline = pipeline
+    def __init__(self, models: StageModels, world: PipelineWorld, spec: RunSpec) -> None:
+        if models.dit is None:
+            raise ValueError(f"rank {world.rank} holds no DiT, so it cannot run DiT steps")
+        self.models = models
         self.world = world
         self.spec = spec
         self.steps = world.layout.steps(world.rank)
-        dit, device = pipeline.dit, pipeline.device
+        dit, device = models.dit, models.device
         self.context = TextContext(spec.context_states.to(device))
         layout = cache_layout(dit.tokens_per_frame(spec.latent_h, spec.latent_w))
         reducer = world.sum_statistics if world.layout.dit_ranks > 1 else None
@@ -59,11 +62,12 @@ class DiTStage:
         self._reference: torch.Tensor | None = None  # block 0's first latent frame (last DiT rank)
         self._ref_shifts = random.Random(spec.seed)
         is_last = world.rank == world.layout.last_dit
-        self.decoder = DecoderStage(pipeline, spec) if is_last and world.layout.decoder_shared else None
+        self.decoder = DecoderStage(models, spec) if is_last and world.layout.decoder_shared else None
 
     def process(self, work: BlockWork) -> StageReport:
         """Denoise `work` through this rank's steps, pass it on (or decode it), close the block; its report."""
-        dit, device, world = self.pipeline.dit, self.pipeline.device, self.world
+        dit, device, world = self.models.dit, self.models.device, self.world
+        schedule = self.models.schedule
         started = time.perf_counter()
         ref_shifts = [self._ref_shifts.randint(*REF_SHIFT_RANGE) for _ in range(DENOISING_STEPS)]
         if work.recalibrate:
@@ -80,28 +84,34 @@ class DiTStage:
             flow = dit.forward_block(
                 self.session,
                 latents,
-                self.pipeline._timesteps[step],
+                schedule.timesteps[step],
                 self.context,
                 audio,
                 frame_index=frame_index,
                 ring=step,
                 ref_shift=ref_shifts[step],
             )
-            latents = euler_step(latents, flow, self.pipeline._sigmas[step], self.pipeline._sigmas[step + 1])
+            latents = euler_step(latents, flow, schedule.sigmas[step], schedule.sigmas[step + 1])
         is_last = world.rank == world.layout.last_dit
-        if not is_last or not world.layout.decoder_shared:
+        onward = world.layout.downstream(world.rank)
+        if onward is not None:
             sums, counts = self.session.history_mass_sums()
-            onward = BlockWork(
-                work.block, latents.cpu(), work.audio, work.recalibrate, _to(sums, "cpu"), counts
+            passed = BlockWork(
+                self.spec.run,
+                work.block,
+                latents.cpu(),
+                work.audio,
+                work.recalibrate,
+                _to(sums, "cpu"),
+                counts,
             )
-            world.channel.send(
-                onward, world.rank + 1 if not is_last else world.layout.decoder_rank, Tag.BLOCK
-            )
+            world.channel.send(passed, onward, Tag.DOWN)
         engine = self.session.end_block()
         _synchronize(device)
         if self._motion_latents is not None and work.block == 0 and is_last:
             self._share_reference(latents[:, :, :1])
         report = StageReport(
+            self.spec.run,
             work.block,
             engine,
             [layer.sink_nbytes() for layer in self.session.cache.layers],
@@ -114,14 +124,13 @@ class DiTStage:
         return report
 
     def end(self, block: int) -> None:
-        """The run ends before `block`: pass the end on."""
+        """The run ends before `block`: pass the end on (to the next stage, or as the decoder's end mark)."""
         world = self.world
-        if world.rank != world.layout.last_dit:
-            world.channel.send(BlockWork(block), world.rank + 1, Tag.BLOCK)
-        elif self.decoder is None:
-            world.channel.send(BlockWork(block), world.layout.decoder_rank, Tag.BLOCK)
+        onward = world.layout.downstream(world.rank)
+        if onward is not None:
+            world.channel.send(BlockWork(self.spec.run, block), onward, Tag.DOWN)
         else:
-            world.channel.send(DecodedBlock(block), 0, Tag.FRAMES)
+            world.channel.send(DecodedBlock(self.spec.run, block), 0, Tag.FRAMES)
 
     def close(self) -> None:
         self.session.close()
@@ -129,30 +138,34 @@ class DiTStage:
     def _share_reference(self, reference: torch.Tensor) -> None:
         self._reference = reference
         for rank in range(self.world.layout.last_dit):
-            self.world.channel.send(reference.cpu(), rank, Tag.REFERENCE)
+            self.world.channel.send(Reference(self.spec.run, reference.cpu()), rank, Tag.REFERENCE)
 
     def _refresh_sink(self) -> None:
         """Prefill the sink again with block 0's first latent frame, as the one-process run does at clip 1."""
         reference = self._reference
         if reference is None:
-            reference = self.world.channel.recv(self.world.layout.last_dit, Tag.REFERENCE)
-        reference = reference.to(self.pipeline.device)
-        self.pipeline.dit.prefill_sink(self.session, reference, self._motion_latents, self.context)
+            channel, last_dit = self.world.channel, self.world.layout.last_dit
+            reference = channel.recv_run(last_dit, Tag.REFERENCE, self.spec.run).latent
+        reference = reference.to(self.models.device)
+        self.models.dit.prefill_sink(self.session, reference, self._motion_latents, self.context)
 
 
 class DecoderStage:
     """The VAE's causal decode of one run, warmed on the motion latents exactly as the one-process run."""
 
-    def __init__(self, pipeline: LiveAvatarPipeline, spec: RunSpec) -> None:
-        self.pipeline = pipeline
-        self.decoder = pipeline.vae.stream_decoder()
-        self.decoder.decode_block(spec.motion_latents[:, :, -MOTION_LATENT_FRAMES:].to(pipeline.device))
+    def __init__(self, models: StageModels, spec: RunSpec) -> None:
+        if models.vae is None:
+            raise ValueError("this rank holds no VAE, so it cannot decode")
+        self.device = models.device
+        self.run = spec.run
+        self.decoder = models.vae.stream_decoder()
+        self.decoder.decode_block(spec.motion_latents[:, :, -MOTION_LATENT_FRAMES:].to(models.device))
 
     def decode(self, block: int, latents: torch.Tensor) -> DecodedBlock:
         started = time.perf_counter()
-        video = self.decoder.decode_block(latents.to(self.pipeline.device))
+        video = self.decoder.decode_block(latents.to(self.device))
         frames = _to_uint8_frames(video)
-        return DecodedBlock(block, frames, time.perf_counter() - started)
+        return DecodedBlock(self.run, block, frames, time.perf_counter() - started)
 
 
 def _to(tensors: list[torch.Tensor | None], device: torch.device | str) -> list[torch.Tensor | None]:

@@ -31,6 +31,7 @@ from ispa.quantized_cache import history_bytes_per_token, quantizes_sink, sink_b
 UMT5_XXL_ENCODER_PARAMS = 5_680_910_336  # UMT5EncoderModel (d_model 4096, 24 layers, vocab 256384)
 WAV2VEC2_LARGE_PARAMS = 315_472_545  # Wav2Vec2ForCTC, wav2vec2-large-xlsr-53-english
 WAN21_VAE_PARAMS = 126_892_531  # AutoencoderKLWan with its default (Wan2.1) configuration
+WAV2VEC2_BYTES_PER_VALUE = 4  # the loader keeps wav2vec2 in fp32 (`AudioEncoder.from_pretrained`'s default)
 
 VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
 # The Wan2.1 decoder's causal-conv cache, carried from block to block, per output pixel in bf16: read off a
@@ -146,22 +147,35 @@ def dequantized_history_bytes(
     return 2 * tokens * dim * bytes_per_value
 
 
-def encoder_bytes(text_encoder_on_gpu: bool, bytes_per_value: int = 2) -> int:
-    """VAE + wav2vec2 (always on the GPU) and the umT5-XXL encoder when it is not offloaded."""
-    params = (
-        WAN21_VAE_PARAMS + WAV2VEC2_LARGE_PARAMS + (UMT5_XXL_ENCODER_PARAMS if text_encoder_on_gpu else 0)
-    )
-    return params * bytes_per_value
+def encoder_bytes(text_encoder_on_gpu: bool) -> int:
+    """VAE and wav2vec2 (always on the GPU) and the umT5-XXL encoder when it is not offloaded, in the dtypes
+    `build_liveavatar_pipeline` loads them in: wav2vec2 in fp32, the others in bf16."""
+    text = UMT5_XXL_ENCODER_PARAMS * 2 if text_encoder_on_gpu else 0
+    return vae_weight_bytes() + WAV2VEC2_LARGE_PARAMS * WAV2VEC2_BYTES_PER_VALUE + text
+
+
+def vae_weight_bytes() -> int:
+    """The Wan2.1 VAE in bf16 (encoder and decoder: it is loaded whole)."""
+    return WAN21_VAE_PARAMS * 2
 
 
 def activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int, height: int, width: int) -> int:
-    """Estimate of the largest live activations: one block forward of the DiT, then one block of VAE decode.
+    """Estimate of the largest live activations: one block forward of the DiT, then one block of VAE decode."""
+    return dit_activation_bytes(config, sink_tokens, block_tokens) + vae_decode_activation_bytes(
+        height, width
+    )
 
-    DiT: the gathered keys and values attended to (sink + history + current block), about twelve hidden-size
-    tensors of the block's tokens, and the FFN's two widest tensors. VAE: about eight full-resolution maps of
-    `VAE_DECODER_WIDTH` channels over the 4 video frames one latent frame decodes to. All bf16.
-    """
+
+def dit_activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int) -> int:
+    """Estimate for one DiT block forward: the gathered keys and values attended to (sink + history + current
+    block), about twelve hidden-size tensors of the block's tokens, and the FFN's two widest tensors; bf16."""
     attended = sink_tokens + (HISTORY_BLOCKS + 1) * block_tokens
-    dit = 2 * (2 * attended * config.dim + 12 * block_tokens * config.dim + 2 * block_tokens * config.ffn_dim)
-    vae = 2 * 8 * 4 * height * width * VAE_DECODER_WIDTH
-    return dit + vae
+    return 2 * (
+        2 * attended * config.dim + 12 * block_tokens * config.dim + 2 * block_tokens * config.ffn_dim
+    )
+
+
+def vae_decode_activation_bytes(height: int, width: int) -> int:
+    """Estimate for one block of VAE decode: about eight full-resolution maps of `VAE_DECODER_WIDTH` channels
+    over the 4 video frames one latent frame decodes to; bf16."""
+    return 2 * 8 * 4 * height * width * VAE_DECODER_WIDTH
