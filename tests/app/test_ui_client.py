@@ -250,6 +250,12 @@ def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Pa
 
 
 def test_stop_and_recalibrate_reach_the_running_run(client, examples_dir: Path, tmp_path: Path) -> None:
+    recalibrate_then_stop(client, examples_dir, tmp_path)
+
+
+def recalibrate_then_stop(client: Client, examples_dir: Path, tmp_path: Path) -> None:
+    """An ISPA run asked to recalibrate once it has absorbed, then stopped once it has recalibrated: it ends early
+    with one recalibration, and Stop hands over what was generated."""
     speech = speech_clip(examples_dir, tmp_path, 5.0)  # about 11 chunks if nothing stops it
     token = "stop-test-owner-token-0123456789"
     job = submit(client, examples_dir / "fashion_blogger.jpg", speech, policy="ISPA", owner_token=token)

@@ -1,7 +1,7 @@
 """The app under torchrun (CPU, gloo, the tiny model on 3 processes: 2 DiT ranks and a decoder rank): rank 0
 serves Gradio and the other ranks follow its runs. A compare-mode request, whose Full and ISPA runs take turns on
 the pipeline, gives the engine figures and the Full video the one-process app gives, and the ISPA video within
-float rounding; SIGTERM to torchrun ends every rank."""
+float rounding; Recalibrate and Stop reach the run on the ranks; SIGTERM to torchrun ends every rank."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from gradio_client import Client
 
 from tests.app.conftest import _free_port
-from tests.app.test_ui_client import REPORT, STATUS, run, speech_clip
+from tests.app.test_ui_client import REPORT, STATUS, recalibrate_then_stop, run, speech_clip
 from tests.app.test_ui_many_users import decoded_frames, engine_figures
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,8 @@ def test_compare_mode_on_three_ranks_gives_the_one_process_app_videos(
 ) -> None:
     url, torchrun = ranked_app
     portrait, audio = examples_dir / "fashion_blogger.jpg", speech_clip(examples_dir, tmp_path, 2.0)
-    ranked = run(Client(url, verbose=False, download_files=False), portrait, audio, policy="Compare", seed=3)
+    client = Client(url, verbose=False, download_files=False)
+    ranked = run(client, portrait, audio, policy="Compare", seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every rank under torchrun (OMP_NUM_THREADS=1): the same float rounding
     try:
@@ -109,6 +110,9 @@ def test_compare_mode_on_three_ranks_gives_the_one_process_app_videos(
     ispa, ispa_alone = decoded_frames(ranked, "ispa").astype(int), decoded_frames(alone, "ispa").astype(int)
     assert ispa.shape == ispa_alone.shape
     assert np.abs(ispa - ispa_alone).mean() <= ISPA_MEAN_PIXEL_TOLERANCE
+
+    # Recalibrate and Stop travel from rank 0 down the pipeline with the block they apply to.
+    recalibrate_then_stop(client, examples_dir, tmp_path)
 
     # torchrun's SIGTERM reaches every rank: rank 0 closes the server and tells the others; all exit.
     torchrun.send_signal(signal.SIGTERM)

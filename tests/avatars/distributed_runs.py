@@ -37,6 +37,7 @@ class Scenario:
     recalibrate_at: int | None = None
     cancel_at: int | None = None
     refresh_sink: bool = False
+    live: bool = False  # the speech arrives in 0.25 s pieces while the run goes on, as from the microphone
 
 
 class ScriptedControl(RunControl):
@@ -60,9 +61,11 @@ class ScriptedControl(RunControl):
 def request_for(scenario: Scenario) -> GenerationRequest:
     audio, rate, _ = read_audio_file(EXAMPLES / "fashion_blogger.wav")
     portrait = read_portrait(EXAMPLES / "fashion_blogger.jpg").image
+    clip = audio[: int(scenario.seconds * rate)]
+    piece = rate // 4
     return GenerationRequest(
         portrait=portrait,
-        audio=audio[: int(scenario.seconds * rate)],
+        audio=(clip[i : i + piece] for i in range(0, len(clip), piece)) if scenario.live else clip,
         sample_rate=rate,
         prompt="a talk",
         seed=scenario.seed,

@@ -28,6 +28,7 @@ ISPA_RUN = Scenario("ispa", ISPA)
 RECALIBRATE = Scenario("ispa", ISPA, seconds=2.9, recalibrate_at=2, refresh_sink=True)
 CANCEL = Scenario("full", seed=6, cancel_at=3)  # of the clip's 4 blocks, 3 run
 FULL_REFRESH = Scenario("full", seconds=2.9, seed=7, refresh_sink=True)
+LIVE = Scenario("full", seconds=2.0, seed=8, live=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,9 @@ def pipe():
 @pytest.fixture(scope="module")
 def single(pipe):
     """One-process chunks of every scenario, computed once."""
-    return {s: run_scenario(pipe.stream, s) for s in (FULL, ISPA_RUN, RECALIBRATE, CANCEL, FULL_REFRESH)}
+    return {
+        s: run_scenario(pipe.stream, s) for s in (FULL, ISPA_RUN, RECALIBRATE, CANCEL, FULL_REFRESH, LIVE)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,10 @@ def test_five_processes_four_dit_ranks_and_a_decoder(single, latents, tmp_path: 
     assert events.count("absorbed") == 2 and "recalibration_started" in events
 
 
-def test_three_processes_with_cancel_then_a_next_run(single, latents, tmp_path: Path):
-    cancelled, ispa, full = run_pipeline(3, [CANCEL, ISPA_RUN, FULL], tmp_path, portrait_latents=latents)
+def test_three_processes_with_cancel_then_next_runs(single, latents, tmp_path: Path):
+    cancelled, ispa, full, live = run_pipeline(
+        3, [CANCEL, ISPA_RUN, FULL, LIVE], tmp_path, portrait_latents=latents
+    )
     # One process hands out blocks 0-2; the pipeline (depth 2) had handed out block 0 when the cancel came, and
     # drops blocks 1-2 in flight. The next runs on the same ranks are unaffected.
     assert len(single[CANCEL]) == 3
@@ -79,6 +84,8 @@ def test_three_processes_with_cancel_then_a_next_run(single, latents, tmp_path: 
     assert {c["report"]["phase"] for c in ispa} >= {"warmup", "absorbed"}
     assert_ispa_close(ispa, single[ISPA_RUN])
     assert same_chunks(full, single[FULL])
+    # Live speech (pieces arriving while the run goes on) is read on rank 0 only, as one process reads it.
+    assert same_chunks(live, single[LIVE])
 
 
 @pytest.mark.parametrize("decoder_on_last_dit", [False, True])

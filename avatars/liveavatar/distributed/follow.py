@@ -18,7 +18,9 @@ from avatars.liveavatar.distributed.world import PipelineWorld
 
 __all__ = ["follow_runs"]
 
-# Between runs a rank may wait for work as long as the app stays up (a dead rank 0 is noticed at once anyway).
+# Work may be long in coming, between runs and within one (rank 0 feeds blocks as fast as its consumer takes chunks:
+# a live microphone, a slow client). A dead peer is noticed at once by its closed connection, and rank 0 bounds its
+# own waits by the group's timeout, so a hung rank is reported there.
 _WAIT_FOR_WORK = timedelta(days=365)
 
 
@@ -34,8 +36,7 @@ def follow_runs(models: StageModels, world: PipelineWorld) -> int:
     runs = 0
     try:
         while True:
-            wait = None if stages else _WAIT_FOR_WORK  # within a run, the group's timeout bounds every wait
-            message: RunSpec | BlockWork | None = channel.recv(upstream, Tag.DOWN, timeout=wait)
+            message: RunSpec | BlockWork | None = channel.recv(upstream, Tag.DOWN, timeout=_WAIT_FOR_WORK)
             if onward is not None and not isinstance(message, BlockWork):
                 channel.send(message, onward, Tag.DOWN)
             if message is None:

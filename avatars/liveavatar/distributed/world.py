@@ -15,8 +15,8 @@ from avatars.liveavatar.distributed.layout import RankLayout
 __all__ = ["DEFAULT_TIMEOUT", "PipelineWorld", "launched_by_torchrun"]
 
 # How long any receive or collective may wait before the run is declared failed (a killed peer is noticed at
-# once, by its closed connection; this bounds a hung one). The wait for a run's first block, and for work
-# between runs, is not bounded by it.
+# once, by its closed connection; this bounds a hung one). A follower's wait for work, between runs and within one,
+# is not bounded by it (`follow._WAIT_FOR_WORK`).
 DEFAULT_TIMEOUT = timedelta(seconds=300)
 
 
