@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -258,15 +258,19 @@ class SizeFit:
 
 
 def sizes_that_fit(
-    gpu_bytes: int, sizes: Sequence[tuple[str, int, int]], **settings: object
+    gpu_bytes: int,
+    sizes: Sequence[tuple[str, int, int]],
+    planner: Callable[..., RunPlan] | None = None,
+    **settings: object,
 ) -> list[SizeFit]:
     """For the app's size chooser: each (label, height, width) planned with `settings` (see `plan_run`) against a
-    GPU of `gpu_bytes` total memory, leaving 1.5 GiB for the CUDA context."""
+    GPU of `gpu_bytes` total memory, leaving 1.5 GiB for the CUDA context. `planner(height, width, **settings)`
+    replaces `plan_run` (e.g. the heaviest rank of a pipeline over several GPUs)."""
     if isinstance(gpu_bytes, bool) or not isinstance(gpu_bytes, int) or gpu_bytes <= 0:
         raise ValueError(f"gpu_bytes must be a positive int, got {gpu_bytes!r}")
     result = []
     for label, height, width in sizes:
-        plan = plan_run(height, width, **settings)
+        plan = (planner or plan_run)(height, width, **settings)
         peak = plan.peak_bytes
         ok = fits_capacity(peak, gpu_bytes)
         verdict = "fits" if ok else "does not fit"

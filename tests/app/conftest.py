@@ -5,9 +5,14 @@ from __future__ import annotations
 import socket
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from avatars.liveavatar.distributed import PipelineLead, PipelineWorld, RankLayout
+from avatars.liveavatar.distributed.channel import PeerChannel
+from avatars.liveavatar.loading import build_tiny_pipeline
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
 
@@ -48,3 +53,10 @@ def app_url(_isolated_temp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
         yield url
     finally:
         demo.close()
+
+
+def unjoined_lead(processes: int) -> PipelineLead:
+    """Rank 0's lead of the tiny model on a layout of `processes`, without a process group (for what the app
+    reads of it and plans for it; nothing here may send a message)."""
+    world = PipelineWorld(0, RankLayout.for_world(processes), PeerChannel(0), None, timedelta(seconds=5))
+    return PipelineLead(build_tiny_pipeline(seed=0), world)

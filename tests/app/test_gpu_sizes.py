@@ -1,17 +1,21 @@
 """The 14B size chooser offers only the sizes whose lightest run fits the detected GPU, and says why others not;
-a run whose own settings do not fit is refused with the formats that would."""
+a run whose own settings do not fit is refused with the formats that would. On a pipeline of ranks the heaviest
+rank is planned."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app.gpu_sizes import check_run_fits, sizes_for_gpu
+from app.gpu_sizes import check_run_fits, gpu_planner, sizes_for_gpu
 from app.inputs import COMPARE, ISPA, RunSpec
 from app.validation import Settings, ValidationError
+from avatars.liveavatar.distributed import RankLayout
+from avatars.liveavatar.distributed.rank_memory import plan_ranks
 from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.liveavatar.memory_plan import CUDA_CONTEXT_BYTES, GIB, compare_peak_bytes, plan_run
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size
+from tests.app.conftest import unjoined_lead
 
 SIZES = [(s.label, s.max_area) for s in LIVEAVATAR_SIZES]
 DIVISOR = 64
@@ -119,3 +123,32 @@ def test_compare_mode_counts_both_runs_caches_once_beside_one_model() -> None:
     with pytest.raises(ValidationError, match="Compare at 704×384"):
         gpu = both + CUDA_CONTEXT_BYTES - 1
         check_run_fits(run_spec(COMPARE, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
+
+
+def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
+    lead, alone = unjoined_lead(5), build_tiny_pipeline()
+    layout = RankLayout.for_world(5)
+
+    def heaviest_rank(**settings) -> int:
+        return max(plan.peak_bytes for plan in plan_ranks(704, 384, layout, **settings).values())
+
+    # bf16 weights, ISPA, fp8 KV: one GPU needs more than any rank of five.
+    run = {"weights": "bf16", "kv_format": "fp8", "policy": "ispa"}
+    gpu = heaviest_rank(**run) + CUDA_CONTEXT_BYTES
+    assert plan_run(704, 384, **run).peak_bytes + CUDA_CONTEXT_BYTES > gpu
+    check_run_fits(run_spec(ISPA, "fp8"), lead, fp8_weights=False, gpu_bytes=lambda: gpu)
+    with pytest.raises(ValidationError, match="This run does not fit the GPU: ISPA"):
+        check_run_fits(run_spec(ISPA, "fp8"), alone, fp8_weights=False, gpu_bytes=lambda: gpu)
+    with pytest.raises(ValidationError, match="fit the GPUs of the pipeline: ISPA .* on its heaviest rank"):
+        check_run_fits(run_spec(ISPA, "fp8"), lead, fp8_weights=False, gpu_bytes=lambda: gpu - 1)
+    # The size chooser: the official size is offered on the ranks' GPUs, not on one such GPU.
+    lightest = {"weights": "bf16", "kv_format": "int4", "policy": "full"}
+    gpu = heaviest_rank(**lightest) + CUDA_CONTEXT_BYTES
+    assert planned_peak(SIZES[0][1], "bf16") + CUDA_CONTEXT_BYTES > gpu
+    on_ranks, _ = sizes_for_gpu(
+        SIZES, DIVISOR, fp8_weights=False, planner=gpu_planner(lead), gpu_bytes=lambda: gpu
+    )
+    on_one, _ = sizes_for_gpu(
+        SIZES, DIVISOR, fp8_weights=False, planner=gpu_planner(alone), gpu_bytes=lambda: gpu
+    )
+    assert SIZES[0] in on_ranks and SIZES[0] not in on_one

@@ -3,27 +3,22 @@ models are refused in our words; a failed rank reaches the browser as our messag
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import gradio as gr
 import pytest
 
 from app import models
 from app.main import user_errors
 from app.validation import ValidationError
-from avatars.liveavatar.distributed import PipelineLead, PipelineWorld, RankFailure, RankLayout
-from avatars.liveavatar.distributed.channel import PeerChannel
-from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.distributed import PipelineLead, RankFailure
+from tests.app.conftest import unjoined_lead
 
 
 @pytest.fixture
 def lead_of_three(monkeypatch: pytest.MonkeyPatch) -> PipelineLead:
-    """A lead on a layout of 3 processes (no process group is joined: nothing here sends a message)."""
     monkeypatch.setattr(models, "_pool", None)
     monkeypatch.setattr(models, "_lead", None)
     monkeypatch.setattr(models, "_models_found", lambda: {"tiny": None, "14b": None})
-    world = PipelineWorld(0, RankLayout.for_world(3), PeerChannel(0), None, timedelta(seconds=5))
-    return PipelineLead(build_tiny_pipeline(seed=0), world)
+    return unjoined_lead(3)
 
 
 def test_the_pool_is_the_lead_and_serves_its_model_alone(lead_of_three: PipelineLead) -> None:
