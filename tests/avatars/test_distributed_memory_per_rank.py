@@ -14,6 +14,7 @@ from avatars.liveavatar.distributed.rank_memory import plan_ranks, rank_lightest
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.memory_plan import GIB, InsufficientGPUMemoryError, plan_run
 from avatars.liveavatar.weights import memory
+from ispa import KV_FORMATS
 
 LAYOUTS = [(2, False), (2, True), (3, False), (4, False), (5, False)]
 
@@ -50,6 +51,26 @@ def test_each_rank_plans_what_its_stage_holds(processes, decoder_on_last_dit):
             assert weights == [memory.vae_weight_bytes() if decodes else 0]
     # Split over ranks, no rank needs more than the one-GPU run.
     assert max(p.peak_bytes for p in plans.values()) < one_gpu.peak_bytes
+
+
+@pytest.mark.parametrize("kv_format", KV_FORMATS)
+def test_a_dit_rank_kv_is_its_rings_in_every_format(kv_format):
+    layout = RankLayout.for_world(5)
+    plans = plan_ranks(704, 384, layout, weights="fp8", kv_format=kv_format, policy="full")
+    config = PRESETS["14b"]
+    with torch.device("meta"):
+        dit = LiveAvatarDiT.from_config(config)
+    block_tokens = cache_layout(dit.tokens_per_frame(88, 48)).block_tokens
+    one_ring = memory.kv_cache_bytes(
+        config.num_layers,
+        config.dim,
+        dit.sink_token_count(88, 48),
+        block_tokens,
+        rings=1,
+        kv_format=kv_format,
+        heads=config.num_heads,
+    )
+    assert term(plans["DiT rank"], "KV cache").warmup == one_ring
 
 
 def test_the_encoders_are_counted_in_the_dtypes_they_are_loaded_in():

@@ -47,7 +47,15 @@ def plan_ranks(height: int, width: int, layout: RankLayout, **plan_options) -> d
     latent = (height // 8, width // 8)
     block_tokens = cache_layout(dit.tokens_per_frame(*latent)).block_tokens
     sink_tokens = dit.sink_token_count(*latent)
-    sink = memory.kv_cache_bytes(config.num_layers, config.dim, sink_tokens, block_tokens, rings=0)
+    sink = memory.kv_cache_bytes(
+        config.num_layers,
+        config.dim,
+        sink_tokens,
+        block_tokens,
+        rings=0,
+        kv_format=one_gpu.settings["kv_format"],
+        heads=config.num_heads,
+    )
     rings = DENOISING_STEPS // layout.dit_ranks
     dit_activations = memory.dit_activation_bytes(config, sink_tokens, block_tokens)
     vae_activations = memory.vae_decode_activation_bytes(height, width)
