@@ -14,8 +14,6 @@ import os
 import signal
 from typing import Any
 
-import torch
-
 from app.main import build_demo, serve
 from app.models import REAL_MODEL, default_model, use_pipeline_lead, wants_fp8
 from avatars.liveavatar.distributed import (
@@ -43,8 +41,7 @@ def serve_on_ranks(**launch_kwargs: Any) -> int:
         if not world.is_lead:
             follow_runs(load_stage_models(model, world.layout, world.rank, fp8=fp8), world)
             return 0
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        lead = PipelineLead(load_pipeline(model, fp8=fp8, device=device), world)
+        lead = PipelineLead(load_pipeline(model, fp8=fp8), world)  # on the GPU `join` made current
         use_pipeline_lead(model, lead)
         # torchrun stops its workers with SIGTERM: let Gradio close and the other ranks hear the shutdown.
         signal.signal(signal.SIGTERM, _interrupt)

@@ -142,13 +142,10 @@ def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = 
     if name == "tiny":
         pipeline = build_tiny_pipeline()
     elif name == "14b":
-        reason = available_models()["14b"]
-        if reason is not None:
-            raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
-        pipeline = build_liveavatar_pipeline(resolve_weights(weights_dir()), fp8=fp8, device=device)
+        pipeline = build_liveavatar_pipeline(_liveavatar_weights(), fp8=fp8, device=device)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if os.environ.get(COMPILE_ENV, "") == "1":
+    if _compile_asked():
         set_compiled_regions(pipeline)
     return pipeline
 
@@ -162,10 +159,7 @@ def load_parts(
         tiny = build_tiny_pipeline()
         parts = (tiny.dit if dit else None, tiny.vae if vae else None)
     elif name == "14b":
-        reason = available_models()["14b"]
-        if reason is not None:
-            raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
-        paths = resolve_weights(weights_dir())
+        paths = _liveavatar_weights()
         logger.info(
             "loading LiveAvatar 14B's %s on %s",
             " and ".join(p for p, w in (("DiT", dit), ("VAE", vae)) if w),
@@ -177,9 +171,21 @@ def load_parts(
         )
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if parts[0] is not None and os.environ.get(COMPILE_ENV, "") == "1":
+    if parts[0] is not None and _compile_asked():
         set_compiled_dit(parts[0])
     return parts
+
+
+def _liveavatar_weights() -> WeightPaths:
+    """The 14B weights' paths; a RuntimeError saying why when the model cannot run here."""
+    reason = available_models()["14b"]
+    if reason is not None:
+        raise RuntimeError(f"LiveAvatar 14B cannot run here: {reason}")
+    return resolve_weights(weights_dir())
+
+
+def _compile_asked() -> bool:
+    return os.environ.get(COMPILE_ENV, "") == "1"
 
 
 def _load_liveavatar_dit(
