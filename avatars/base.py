@@ -1,4 +1,4 @@
-"""The small protocol every avatar backend speaks: a request in, an iterator of chunks out.
+"""The small protocol every avatar backend speaks: a request in, an iterator of chunks out (`AvatarBackend`).
 
 Each chunk carries typed records of how it was made (the engine's `BlockReport`, the backend's timings); they
 become JSON only where a file is written (`ChunkReport.to_dict`, the schema of the CLI's and the app's reports).
@@ -6,18 +6,23 @@ become JSON only where a file is written (`ChunkReport.to_dict`, the schema of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
-from ispa import BlockReport
+from ispa import BlockReport, FullPolicy, Policy
+
+if TYPE_CHECKING:
+    from avatars.memory import MemoryPlan
 
 
 @dataclass
 class GenerationRequest:
-    """What a backend needs to stream a talking head.
+    """What a backend needs to stream a talking head, and how.
 
     `audio` is either a whole mono float32 waveform at `sample_rate`, or an iterable of such pieces
     that arrive over time (live microphone mode); a backend consumes it as it arrives.
@@ -28,6 +33,10 @@ class GenerationRequest:
     sample_rate: int
     prompt: str = ""
     seed: int = 0
+    policy: Policy = field(default_factory=FullPolicy)  # the KV-cache policy of the run
+    max_area: int | None = None  # the size choice (pixel budget); None: the backend's first choice
+    kv_format: str = "bf16"  # how the KV history is stored: one of `ispa.KV_FORMATS`
+    refresh_sink: bool = False  # prefill the sink again at clip 1 (LiveAvatar's 5-GPU behaviour)
 
 
 @dataclass(frozen=True)
@@ -75,3 +84,109 @@ class AvatarChunk:
     sample_rate: int
     fps: float
     report: ChunkReport
+
+
+class BackendFailure(RuntimeError):
+    """The backend broke in a way the user cannot fix (e.g. a rank of a pipeline died). Its message is for the
+    server log; the app shows the user its own words."""
+
+
+class RunControl:
+    """Flags the app flips while a run streams; the run reads them between blocks. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recalibrate = False
+        self._cancelled = False
+
+    def request_recalibration(self) -> None:
+        with self._lock:
+            self._recalibrate = True
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        with self._lock:
+            return self._cancelled
+
+    def take_recalibration(self) -> bool:
+        """True once per request."""
+        with self._lock:
+            requested, self._recalibrate = self._recalibrate, False
+            return requested
+
+
+class RunGroup:
+    """The runs of one app request on the same inputs (compare mode's two runs).
+
+    A backend may hand set-up work of one run to the next through it (LiveAvatar hands over its warmed decoder
+    cache): what the first run offers under a key, the next run with an equal key takes, once. It holds what is
+    offered only until it is taken, so it adds no memory once the runs stream. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offered: tuple[object, object] | None = None
+
+    def offer(self, key: object, value: object) -> None:
+        """Keep `value` for the next run asking with `key` (compared by identity); the first offer wins."""
+        with self._lock:
+            if self._offered is None:
+                self._offered = (key, value)
+
+    def take(self, key: object) -> object | None:
+        """What was offered under `key` (the very same object), else None; each offer is taken at most once."""
+        with self._lock:
+            if self._offered is None or self._offered[0] is not key:
+                return None
+            value, self._offered = self._offered[1], None
+            return value
+
+
+@runtime_checkable
+class AvatarBackend(Protocol):
+    """What the app needs of a loaded model, on one process or over a pipeline of ranks.
+
+    The app never names a concrete backend class: it reads these attributes and calls these methods only.
+    """
+
+    label: str  # for the status line and the banner
+    is_test_model: bool  # an untrained test model: the app says its video is noise
+    sample_rate: int  # of the speech `stream()` takes
+    fps: float  # of the video it makes
+
+    @property
+    def device(self) -> torch.device:
+        """Where the runs' tensors live (the app hands chunks off this device)."""
+        ...
+
+    def size_choices(self) -> list[tuple[str, int]]:
+        """(label, max pixel area) for a size dropdown; the first is the default."""
+        ...
+
+    def output_size(self, portrait: np.ndarray, max_area: int | None = None) -> tuple[int, int]:
+        """(height, width) of the video made from this portrait under `max_area` (default: the first choice)."""
+        ...
+
+    def planned_size(self, max_area: int) -> tuple[int, int]:
+        """(height, width) a size choice is planned at before any portrait is seen."""
+        ...
+
+    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[MemoryPlan]:
+        """The GPU memory plan of one run at `height`×`width`: one plan per kind of GPU the backend uses (one
+        for a single GPU; one per rank role for a pipeline of ranks)."""
+        ...
+
+    def stream(
+        self, request: GenerationRequest, control: RunControl | None = None, group: RunGroup | None = None
+    ) -> Iterator[AvatarChunk]:
+        """Generate chunk by chunk. Bad input raises ValueError (naming the field) before anything runs; a broken
+        backend raises `BackendFailure`. Closing the generator or `control.cancel()` ends the run."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (for a pipeline of ranks: tell the other ranks to stop)."""
+        ...
