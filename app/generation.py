@@ -30,8 +30,7 @@ from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
 from app.worker_pool import on_device
-from avatars.base import AvatarChunk, GenerationRequest
-from avatars.liveavatar.pipeline import LiveAvatarPipeline, RunControl, SharedDecoderWarmup
+from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunControl, RunGroup
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Itera
         yield from _run_on(pipe, spec, session, live)
 
 
-def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
+def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     streaming = ffmpeg_status().can_stream
     feed = SESSIONS.feed(session) if live else None
     if live and feed is None:
@@ -74,7 +73,7 @@ def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
-    shared_warmup = SharedDecoderWarmup()  # compare mode's second run starts from the first's warm decoder
+    group = RunGroup()  # compare mode's runs may share set-up work (LiveAvatar: the decoder's warm-up)
     try:
         for name, policy in runs:
             request = GenerationRequest(
@@ -83,16 +82,12 @@ def _run_on(pipe: LiveAvatarPipeline, spec: RunSpec, session: str, live: bool) -
                 sample_rate=pipe.sample_rate,
                 prompt=spec.prompt,
                 seed=spec.settings.seed,
-            )
-            chunks = pipe.stream(
-                request,
                 policy=policy,
                 max_area=spec.max_area,
-                control=controls[name],
                 kv_format=spec.kv_format,
                 refresh_sink=spec.refresh_sink,
-                shared_warmup=shared_warmup,
             )
+            chunks = pipe.stream(request, controls[name], group)
             streams[name] = on_device(pipe.device, chunks)
         video_out = threading.Event()  # the first video segment is out (never, without streaming)
         if not streaming:
@@ -180,7 +175,7 @@ def _remove(paths: Mapping[str, Path | None]) -> None:
 
 
 def _finish(
-    pipe: LiveAvatarPipeline,
+    pipe: AvatarBackend,
     spec: RunSpec,
     recorders: Mapping[str, RunRecorder],
     panels: RunPanels,

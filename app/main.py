@@ -47,7 +47,7 @@ from app.sessions import SESSIONS, ActiveRun, start_sweeper
 from app.tts import TextToSpeechError
 from app.upload_budget import MAX_FILE_MB, ClientBudget, UploadLimits, disk_refusal
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
-from avatars.liveavatar.distributed import RankFailure
+from avatars.base import BackendFailure
 from ispa import ISPAPolicy
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,11 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(_as_text(str(exc))) from None
     except ValueError as exc:  # the backend's own input checks
         raise gr.Error(_as_text(hide_paths(str(exc)))) from None
-    except RankFailure:  # under torchrun: the message names ranks and sockets, for the server log only
-        logger.exception("a rank of the pipeline failed")
+    except BackendFailure:  # e.g. a rank of a pipeline: the message names ranks and sockets, for the log only
+        logger.exception("the model's backend failed")
         raise gr.Error(
-            "A process of this server's multi-GPU pipeline stopped, so no run can go on; the server must be "
-            "restarted (details are in the server log)."
+            "This server's model stopped working (for example a process of its multi-GPU pipeline), so no run "
+            "can go on; the server must be restarted (details are in the server log)."
         ) from None
     except Exception:
         logger.exception("generation failed")

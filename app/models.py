@@ -2,7 +2,8 @@
 
 Nothing is loaded at import time, so the app starts at once and a machine without a GPU or weights still
 serves the tiny test model. With several devices (`app.worker_pool`) each one holds its own copy of a model.
-Under torchrun (`app.serve_on_ranks`) the pool is one slot, the pipeline over every rank, serving one model.
+Under torchrun (`app.serve_on_ranks`) the pool is one slot, the pipeline over every rank, serving one model. The
+app sees every model through `avatars.base.AvatarBackend` only.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from app.gpu import ON_ZERO_GPU
 from app.gpu_sizes import gpu_planner, sizes_for_gpu
 from app.validation import ValidationError
 from app.worker_pool import PipelinePool, devices_from_env
-from avatars.liveavatar.distributed import PipelineLead
+from avatars.base import AvatarBackend
 from avatars.liveavatar.loading import available_models, load_pipeline
-from avatars.liveavatar.pipeline import LiveAvatarPipeline
 
 TEST_MODEL = "tiny"
 REAL_MODEL = "14b"
@@ -28,18 +28,18 @@ MODEL_LABELS = {TEST_MODEL: "Tiny test model (untrained, CPU)", REAL_MODEL: "Liv
 FP8_ENV = "ISPA_FP8"  # "1": load the 14B DiT's linear layers in FP8 (about half the weight memory)
 
 _pool_lock = threading.Lock()
-_pool: PipelinePool[LiveAvatarPipeline] | None = None
-_lead: tuple[str, PipelineLead] | None = None  # under torchrun: the one model served, on every rank
+_pool: PipelinePool[AvatarBackend] | None = None
+_only: tuple[str, str] | None = (
+    None  # (the one model served, why no other is) when one backend serves all runs
+)
 
 
 def model_availability() -> dict[str, str | None]:
     """Model name -> None when it can run here, else the reason it cannot."""
     found = _models_found()
-    if _lead is None:
+    if _only is None:
         return found
-    served, lead = _lead
-    processes = lead.world.layout.world_size
-    elsewhere = f"this server runs {MODEL_LABELS.get(served, served)} alone, on its {processes} processes"
+    served, elsewhere = _only
     return {
         name: elsewhere if name != served and reason is None else reason for name, reason in found.items()
     }
@@ -72,7 +72,7 @@ def check_model(name: str) -> str:
     return name
 
 
-def pipeline_pool() -> PipelinePool[LiveAvatarPipeline]:
+def pipeline_pool() -> PipelinePool[AvatarBackend]:
     """The process's pool of pipelines, its devices read from the environment on first use."""
     global _pool
     with _pool_lock:
@@ -82,20 +82,21 @@ def pipeline_pool() -> PipelinePool[LiveAvatarPipeline]:
         return _pool
 
 
-def use_pipeline_lead(model: str, lead: PipelineLead) -> None:
-    """Send every run to `lead`, the pipeline over every rank (it serves `model` only): a pool of one slot."""
-    global _pool, _lead
+def serve_only(model: str, backend: AvatarBackend, why_no_other: str) -> None:
+    """Send every run to `backend`, which serves `model` only (e.g. the pipeline over every rank under torchrun):
+    a pool of one slot; the other models are listed as unavailable, `why_no_other` saying why."""
+    global _pool, _only
 
-    def served(name: str, device: torch.device) -> LiveAvatarPipeline:
+    def served(name: str, device: torch.device) -> AvatarBackend:
         check_model(name)  # the other models are refused there, with the reason
-        return lead  # type: ignore[return-value]  # it stands in for a pipeline (`PipelineLead`)
+        return backend
 
     with _pool_lock:
-        _lead = (model, lead)
-        _pool = PipelinePool([lead.device], served)
+        _only = (model, why_no_other)
+        _pool = PipelinePool([backend.device], served)
 
 
-def _load(name: str, device: torch.device) -> LiveAvatarPipeline:
+def _load(name: str, device: torch.device) -> AvatarBackend:
     if name == REAL_MODEL and device.type != "cuda":
         raise ValidationError(
             f"The {MODEL_LABELS[name]} model needs a GPU; this generation slot is on {device}."
@@ -103,13 +104,13 @@ def _load(name: str, device: torch.device) -> LiveAvatarPipeline:
     return load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8(), device=device)
 
 
-def get_pipeline(name: str) -> LiveAvatarPipeline:
+def get_pipeline(name: str) -> AvatarBackend:
     """A loaded pipeline for `name` (the pool's first copy), loading it on first use; for what every copy
     shares (sizes, sample rate, label). A run takes a free copy with `pipeline_pool().lease(name)`."""
     return pipeline_pool().pipeline(check_model(name))
 
 
-def usable_sizes(name: str, pipe: LiveAvatarPipeline) -> tuple[list[tuple[str, int]], list[str]]:
+def usable_sizes(name: str, pipe: AvatarBackend) -> tuple[list[tuple[str, int]], list[str]]:
     """The sizes of `pipe` this machine can run (all of them for the test model), and why any others cannot."""
     if name != REAL_MODEL:
         return pipe.size_choices(), []

@@ -15,7 +15,7 @@ import signal
 from typing import Any
 
 from app.main import build_demo, serve
-from app.models import REAL_MODEL, default_model, use_pipeline_lead, wants_fp8
+from app.models import MODEL_LABELS, REAL_MODEL, default_model, serve_only, wants_fp8
 from avatars.liveavatar.distributed import (
     PipelineLead,
     PipelineWorld,
@@ -42,14 +42,15 @@ def serve_on_ranks(**launch_kwargs: Any) -> int:
             follow_runs(load_stage_models(model, world.layout, world.rank, fp8=fp8), world)
             return 0
         lead = PipelineLead(load_pipeline(model, fp8=fp8), world)  # on the GPU `join` made current
-        use_pipeline_lead(model, lead)
+        processes = world.layout.world_size
+        serve_only(model, lead, f"this server runs {MODEL_LABELS[model]} alone, on its {processes} processes")
         # torchrun stops its workers with SIGTERM: let Gradio close and the other ranks hear the shutdown.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             logger.info("serving %s", lead.label)
             serve(build_demo(), **launch_kwargs)
         finally:
-            lead.shutdown()
+            lead.close()
         return 0
     except RankFailure as err:
         logger.error("the pipeline stopped: %s", err)

@@ -139,4 +139,6 @@ def build_random_pipeline(
         is_test_model=True,
         size_divisor=64,
         sizes=spec.sizes,
+        model=next((name for name, config in PRESETS.items() if config == spec.dit), "14b"),
+        weights="fp8" if fp8 else "bf16",
     )

@@ -11,13 +11,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from avatars.base import AvatarChunk, GenerationRequest
+from avatars.base import AvatarBackend, GenerationRequest
 from avatars.liveavatar.block_layout import FPS
 from avatars.liveavatar.compiled import set_compiled_regions
 from avatars.liveavatar.distributed import launched_by_torchrun, run_on_ranks
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--decoder-on-last-dit",
         action="store_true",
-        help="under torchrun: the last DiT rank also decodes (2 processes: 2 DiT ranks; see README)",
+        help="under torchrun: the last DiT rank also decodes (2 processes: 2 DiT ranks; see docs/several-gpus.md)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
@@ -106,12 +105,8 @@ def read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int]:
     return portrait.image, audio, rate
 
 
-def run(
-    args: argparse.Namespace,
-    pipeline: LiveAvatarPipeline | None = None,
-    stream: Callable[..., Iterator[AvatarChunk]] | None = None,
-) -> dict:
-    """One generation; `stream` replaces `pipeline.stream` (the several-GPU pipeline's rank 0 passes its own)."""
+def run(args: argparse.Namespace, backend: AvatarBackend) -> dict:
+    """One generation on `backend` (the pipeline on this process, or rank 0's lead of a pipeline of ranks)."""
     portrait, audio, rate = read_inputs(args)
     policy = make_policy(
         args.policy,
@@ -120,15 +115,18 @@ def run(
         lam=args.lam,
         auto_recalibrate=args.auto_recalibrate,
     )
-    pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
-    if args.compile:
-        set_compiled_regions(pipeline)
     request = GenerationRequest(
-        portrait=portrait, audio=audio, sample_rate=rate, prompt=args.prompt, seed=args.seed
+        portrait=portrait,
+        audio=audio,
+        sample_rate=rate,
+        prompt=args.prompt,
+        seed=args.seed,
+        policy=policy,
+        max_area=args.max_area,
+        kv_format=args.kv_format,
+        refresh_sink=args.refresh_sink,
     )
-    chunks = (stream or pipeline.stream)(
-        request, policy, max_area=args.max_area, kv_format=args.kv_format, refresh_sink=args.refresh_sink
-    )
+    chunks = backend.stream(request)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     writer = RunVideoWriter(args.out)
@@ -150,7 +148,7 @@ def run(
     writer.close()
     return {
         "model": args.model,
-        "model_label": pipeline.label,
+        "model_label": backend.label,
         "policy": args.policy,
         "settings": {
             "k_fraction": args.k_fraction,
@@ -168,6 +166,14 @@ def run(
     }
 
 
+def loaded_pipeline(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None) -> LiveAvatarPipeline:
+    """`pipeline` (a test's) or the one `args` names, loaded on this process, compiled if asked."""
+    pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
+    if args.compile:
+        set_compiled_regions(pipeline)
+    return pipeline
+
+
 def main(argv: list[str] | None = None, pipeline: LiveAvatarPipeline | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None, pipeline: LiveAvatarPipeline | None = No
             if report is None:  # a rank other than 0: it followed rank 0's run
                 return 0
         else:
-            report = run(args, pipeline)
+            report = run(args, loaded_pipeline(args, pipeline))
     except (InputError, CheckpointError, ValueError, RuntimeError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

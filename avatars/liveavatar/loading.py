@@ -84,6 +84,7 @@ def build_tiny_pipeline(seed: int = 0) -> LiveAvatarPipeline:
         is_test_model=True,
         size_divisor=SIZE_DIVISOR,
         sizes=TINY_SIZES,
+        model="tiny",
     )
 
 
@@ -130,6 +131,8 @@ def build_liveavatar_pipeline(
         is_test_model=False,
         size_divisor=SIZE_DIVISOR,
         sizes=LIVEAVATAR_SIZES,
+        model="14b",
+        weights="fp8" if fp8 else "bf16",
     )
 
 

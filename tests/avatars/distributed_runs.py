@@ -130,8 +130,9 @@ def rank_main(
     chunks (or its error) to `out`; `die` = (rank, block): that rank exits abruptly when asked to process that
     block. `portrait_latents`: the parent's encodes of the portrait (same seeded VAE, so the same tensors), to
     spare every rank 0 that encode. The other ranks load only their stage's models, as under torchrun."""
-    from avatars.liveavatar import distributed
     from avatars.liveavatar.distributed.stages import DiTStage
+
+    from avatars.liveavatar import distributed
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -8,9 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from avatars.base import GenerationRequest
+from avatars.base import GenerationRequest, RunControl
 from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import RunControl
 from ispa import ISPAPolicy
 
 AREA = 64 * 64
@@ -26,7 +25,14 @@ def _request(seconds: float) -> GenerationRequest:
     t = np.arange(round(seconds * 16000)) / 16000
     audio = (0.2 * np.sin(2 * np.pi * 140 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
     portrait = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
-    return GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=1)
+    return GenerationRequest(
+        portrait=portrait,
+        audio=audio,
+        sample_rate=16000,
+        seed=1,
+        policy=ISPAPolicy(t_warm=6),
+        max_area=AREA,
+    )
 
 
 def _chunks(
@@ -35,7 +41,7 @@ def _chunks(
     pipe.overlap_decode = overlap
     try:
         chunks = []
-        for chunk in pipe.stream(request, ISPAPolicy(t_warm=6), max_area=AREA, control=control):
+        for chunk in pipe.stream(request, control):
             chunks.append(chunk)
             if on_chunk is not None:
                 on_chunk(chunk, chunks)
@@ -82,7 +88,7 @@ def test_cancel_and_recalibration_behave_as_without_overlap(pipe):
 def test_closing_the_stream_mid_run_stops_the_decode_thread(pipe):
     pipe.overlap_decode = True
     try:
-        stream = pipe.stream(_request(3.0), ISPAPolicy(t_warm=6), max_area=AREA)
+        stream = pipe.stream(_request(3.0))
         next(stream)
         assert any(t.name.startswith("vae-decode") for t in threading.enumerate())
         stream.close()

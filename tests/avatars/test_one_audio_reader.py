@@ -17,9 +17,8 @@ from app.validation import validate_audio
 from avatars.base import GenerationRequest
 from avatars.liveavatar.cli import main
 from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import _AudioTimeline
+from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.media.audio import pcm_to_float32, read_audio_file
-from ispa import FullPolicy
 
 EXAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
 RATE = 16_000
@@ -72,7 +71,7 @@ def test_every_wav_format_reads_to_the_same_samples_in_cli_app_and_live_feed(
 
 
 def features(pipe, audio: np.ndarray) -> torch.Tensor:
-    timeline = _AudioTimeline(audio, RATE, pipe.audio_encoder)
+    timeline = AudioTimeline(audio, RATE, pipe.audio_encoder)
     return torch.cat([block for block, _ in timeline.feature_blocks()])
 
 
@@ -85,7 +84,7 @@ def test_integer_arrays_give_the_pipeline_the_same_features_and_audio(pipe, spee
     torch.testing.assert_close(quantized, reference, rtol=0, atol=0)
     portrait = np.asarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3)), dtype=np.uint8)
     request = GenerationRequest(portrait=portrait, audio=as_pcm(speech, dtype), sample_rate=RATE)
-    chunk = next(iter(pipe.stream(request, FullPolicy())))
+    chunk = next(iter(pipe.stream(request)))
     start = 3 * RATE // 25  # the first block drops its first 3 frames, and their audio
     np.testing.assert_allclose(chunk.audio, speech[start : start + len(chunk.audio)], atol=step / 2)
 

@@ -18,7 +18,6 @@ from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.media.audio import resample
 from avatars.media.portrait import check_rgb_image, read_portrait
 from avatars.media.run_video import RunVideoWriter
-from ispa import FullPolicy
 
 EXAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
 EXIF_ORIENTATION = 0x0112
@@ -69,7 +68,7 @@ def test_cli_and_app_read_a_sideways_phone_photo_upright_and_make_the_same_video
         portrait=app_spec.portrait, audio=app_spec.audio, sample_rate=pipe.sample_rate
     )
     app_video = RunVideoWriter(tmp_path / "app.mp4")  # the writer both front ends use
-    for chunk in pipe.stream(request, FullPolicy()):
+    for chunk in pipe.stream(request):
         app_video.add(chunk)
     app_frames = video_frames(app_video.close())
     assert cli_frames.shape[1:] == (*pipe.output_size(portrait), 3)

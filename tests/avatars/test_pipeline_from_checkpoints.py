@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -31,7 +33,7 @@ def test_tiny_checkpoints_stream_through_the_real_loading_path(tmp_path):
     portrait = rng.integers(0, 256, size=(200, 120, 3), dtype=np.uint8)
     audio = (0.1 * np.sin(2 * np.pi * 220 * np.arange(24000) / 16000)).astype(np.float32)
     request = GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=1)
-    chunks = list(pipe.stream(request, ISPAPolicy(t_warm=6), max_area=128 * 64))
+    chunks = list(pipe.stream(replace(request, policy=ISPAPolicy(t_warm=6), max_area=128 * 64)))
     assert sum(len(c.frames) for c in chunks) > 24
     assert all(np.isfinite(c.audio).all() for c in chunks)
     assert chunks[-1].report.engine.phase == "absorbed"

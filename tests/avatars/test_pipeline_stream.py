@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import librosa
 import numpy as np
 import pytest
 import torch
 
-from avatars.base import GenerationRequest
+from avatars.base import GenerationRequest, RunControl, RunGroup
 from avatars.liveavatar.block_layout import DROPPED_FIRST_FRAMES, FPS
 from avatars.liveavatar.encoders.audio import (
     SAMPLE_RATE,
@@ -17,7 +19,7 @@ from avatars.liveavatar.encoders.audio import (
 )
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.pipeline import RunControl, SharedDecoderWarmup, _AudioTimeline
+from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from ispa import FullPolicy, ISPAPolicy
 
 # Per-second mean relative error of live features against the whole-clip ones: this tiny random wav2vec2 showed
@@ -52,11 +54,17 @@ def expected_frames(pipe, audio: np.ndarray, rate: int) -> int:
     return num_video_frames(int(steps_50hz / 50 * 30)) - DROPPED_FIRST_FRAMES
 
 
-def run(pipe, portrait, audio, rate, policy, seed=3, **kwargs):
+def run(pipe, portrait, audio, rate, policy, seed=3, group=None, **settings):
     request = GenerationRequest(
-        portrait=portrait, audio=audio, sample_rate=rate, prompt="a person speaks", seed=seed
+        portrait=portrait,
+        audio=audio,
+        sample_rate=rate,
+        prompt="a person speaks",
+        seed=seed,
+        policy=policy,
+        **settings,
     )
-    return list(pipe.stream(request, policy, **kwargs))
+    return list(pipe.stream(request, group=group))
 
 
 @pytest.mark.parametrize("rate", [16000, 24000, 44100])
@@ -105,7 +113,7 @@ def test_full_and_ispa_interleaved_on_one_pipeline_equal_separate_runs(pipe, por
     request = GenerationRequest(
         portrait=portrait, audio=audio, sample_rate=16000, prompt="a person speaks", seed=3
     )
-    streams = [pipe.stream(request, p) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
+    streams = [pipe.stream(replace(request, policy=p)) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
     together = [[], []]
     for pair in zip(*streams, strict=True):
         for i, chunk in enumerate(pair):
@@ -116,7 +124,7 @@ def test_full_and_ispa_interleaved_on_one_pipeline_equal_separate_runs(pipe, por
             assert np.array_equal(a.frames, b.frames)
 
 
-def _timeline_features(timeline: _AudioTimeline) -> torch.Tensor:
+def _timeline_features(timeline: AudioTimeline) -> torch.Tensor:
     """The features a run would get, without the zero padding of the last block."""
     return torch.cat([features[:valid] for features, valid in timeline.feature_blocks()])
 
@@ -124,7 +132,7 @@ def _timeline_features(timeline: _AudioTimeline) -> torch.Tensor:
 def test_whole_audio_gets_the_official_features_exactly(pipe):
     rate = 24000
     audio = speech(2.9, rate)
-    features = _timeline_features(_AudioTimeline(audio, rate, pipe.audio_encoder))
+    features = _timeline_features(AudioTimeline(audio, rate, pipe.audio_encoder))
     encoder: AudioEncoder = pipe.audio_encoder
     # The official pipeline loads its audio with librosa at 16 kHz, then runs wav2vec2 on the whole clip.
     official = official_frame_features(
@@ -136,16 +144,16 @@ def test_whole_audio_gets_the_official_features_exactly(pipe):
 def test_live_features_stay_within_the_measured_bound_of_the_whole_clip(pipe):
     rate = 48000
     audio = speech(4.0, rate)
-    whole = _timeline_features(_AudioTimeline(audio, rate, pipe.audio_encoder))
+    whole = _timeline_features(AudioTimeline(audio, rate, pipe.audio_encoder))
     cuts = np.sort(np.random.default_rng(1).integers(1, audio.size, size=9))
-    live = _timeline_features(_AudioTimeline(iter(np.split(audio, cuts)), rate, pipe.audio_encoder))
+    live = _timeline_features(AudioTimeline(iter(np.split(audio, cuts)), rate, pipe.audio_encoder))
     assert live.shape == whole.shape
     per_frame = (live - whole).flatten(1).norm(dim=1) / whole.flatten(1).norm(dim=1)
     per_second = [float(s.mean()) for s in per_frame.split(FPS)]
     assert max(per_second) <= LIVE_FEATURE_BOUND
     assert float((live - whole).norm() / whole.norm()) <= 0.5  # measured 0.39 (0.71 without the read offset)
     # Another cut of the same audio gives bit-identical live features.
-    other = _timeline_features(_AudioTimeline(iter(np.array_split(audio, 3)), rate, pipe.audio_encoder))
+    other = _timeline_features(AudioTimeline(iter(np.array_split(audio, 3)), rate, pipe.audio_encoder))
     assert torch.equal(other, live)
 
 
@@ -170,9 +178,11 @@ def test_seed_changes_the_video_and_is_reproducible(pipe, portrait):
 def test_cancel_and_recalibration_are_honoured_between_blocks(pipe, portrait):
     audio = speech(3.0, 16000)
     control = RunControl()
-    request = GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=0)
+    request = GenerationRequest(
+        portrait=portrait, audio=audio, sample_rate=16000, seed=0, policy=ISPAPolicy(t_warm=6)
+    )
     chunks = []
-    for chunk in pipe.stream(request, ISPAPolicy(t_warm=6), control=control):
+    for chunk in pipe.stream(request, control):
         chunks.append(chunk)
         if chunk.report.engine.event == "absorbed":
             control.request_recalibration()
@@ -199,21 +209,21 @@ def test_cancel_and_recalibration_are_honoured_between_blocks(pipe, portrait):
 def test_bad_inputs_raise_clear_errors(pipe, portrait, change, message):
     fields = {"portrait": portrait, "audio": speech(1.0, 16000), "sample_rate": 16000, "seed": 0} | change
     with pytest.raises(ValueError, match=message):
-        list(pipe.stream(GenerationRequest(**fields), FullPolicy()))
+        list(pipe.stream(GenerationRequest(**fields)))
 
 
 @pytest.mark.parametrize("max_area", [0, -5, 10])
 def test_absurd_sizes_are_refused(pipe, portrait, max_area):
     request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
     with pytest.raises(ValueError, match="max_area"):
-        pipe.stream(request, FullPolicy(), max_area=max_area)
+        pipe.stream(replace(request, max_area=max_area))
 
 
 def test_live_audio_buffers_stay_bounded_over_a_long_input(pipe):
     encoder: AudioEncoder = pipe.audio_encoder
     rate = 16000
     audio = speech(40.0, rate)
-    timeline = _AudioTimeline(iter(np.array_split(audio, 40)), rate, encoder)
+    timeline = AudioTimeline(iter(np.array_split(audio, 40)), rate, encoder)
     largest, frame = 0, DROPPED_FIRST_FRAMES
     for block, (_, valid) in enumerate(timeline.feature_blocks()):
         stop = block * 12 + valid
@@ -227,10 +237,10 @@ def test_live_audio_buffers_stay_bounded_over_a_long_input(pipe):
 def test_an_unknown_kv_format_is_refused_before_anything_runs(pipe, portrait):
     request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
     with pytest.raises(ValueError, match="kv_format"):
-        pipe.stream(request, FullPolicy(), kv_format="int3")
+        pipe.stream(replace(request, kv_format="int3"))
 
 
-def test_a_shared_warmup_decodes_the_motion_latents_once_and_changes_no_frame(pipe, portrait, monkeypatch):
+def test_a_run_group_decodes_the_motion_latents_once_and_changes_no_frame(pipe, portrait, monkeypatch):
     audio = speech(1.0, 16000)
     alone = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
     warmups = []
@@ -242,29 +252,24 @@ def test_a_shared_warmup_decodes_the_motion_latents_once_and_changes_no_frame(pi
         return original(self, latents)
 
     monkeypatch.setattr(StreamingDecoder, "decode_block", counting)
-    shared = SharedDecoderWarmup()
+    group = RunGroup()
     full = pipe.stream(
         GenerationRequest(
             portrait=portrait, audio=audio, sample_rate=16000, prompt="a person speaks", seed=3
         ),
-        FullPolicy(),
-        shared_warmup=shared,
+        group=group,
     )
     first = next(full)  # the Full run warms up and offers its state
-    ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6), shared_warmup=shared)
+    ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6), group=group)
     rest = list(full)
     assert len(warmups) == 1 and first.index == 0 and rest
     for a, b in zip(alone, ispa, strict=True):
         assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
     other = np.random.default_rng(5).integers(0, 256, size=portrait.shape, dtype=np.uint8)
-    run(pipe, other, audio, 16000, FullPolicy(), shared_warmup=SharedDecoderWarmup())
-    assert len(warmups) == 2  # a fresh object: its run warms up on its own
-    with pytest.raises(ValueError, match="shared_warmup"):
-        pipe.stream(
-            GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000),
-            FullPolicy(),
-            shared_warmup=object(),
-        )
+    run(pipe, other, audio, 16000, FullPolicy(), group=RunGroup())
+    assert len(warmups) == 2  # a fresh group: its run warms up on its own
+    with pytest.raises(ValueError, match="group"):
+        pipe.stream(GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000), group=object())
 
 
 def test_fp8_all_holds_exactly_the_sink_difference_less_than_fp8(pipe, portrait):
@@ -344,14 +349,14 @@ def test_sink_refresh_prefills_again_once_at_clip_1_from_the_first_latent_frame(
 def test_refresh_sink_must_be_a_bool(pipe, portrait):
     request = GenerationRequest(portrait=portrait, audio=speech(1.0, 16000), sample_rate=16000)
     with pytest.raises(ValueError, match="refresh_sink"):
-        pipe.stream(request, FullPolicy(), refresh_sink="yes")
+        pipe.stream(replace(request, refresh_sink="yes"))
 
 
 def test_compare_runs_share_one_portrait_encode(pipe):
     portrait = np.random.default_rng(7).integers(0, 256, size=(180, 100, 3), dtype=np.uint8)
     request = GenerationRequest(portrait=portrait, audio=speech(0.8, 16000), sample_rate=16000, seed=1)
     before = pipe.portrait_latents.encodes
-    streams = [pipe.stream(request, p) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
+    streams = [pipe.stream(replace(request, policy=p)) for p in (FullPolicy(), ISPAPolicy(t_warm=6))]
     for _ in zip(*streams, strict=True):
         pass
     assert pipe.portrait_latents.encodes == before + 1

@@ -1,6 +1,7 @@
-"""One block's engine report for the whole pipeline, from the parts the DiT ranks report.
+"""One block's engine report for the whole run, from the parts its denoising stages report.
 
-Each DiT rank's session holds the sink (replicated on every DiT rank) and the rings of its own steps only, so
+One process has one stage, whose report is the block's (merging one part changes nothing). Over several ranks, each
+DiT rank's session holds the sink (replicated on every DiT rank) and the rings of its own steps only, so
 the run's KV bytes are the sink once plus every rank's rings: exactly what one process holding all four rings
 reports. The policy's state (phase, L-layers, ε, event, ΔW, statistics) moves in lockstep on every rank, so it
 is taken from rank 0 after checking that the ranks agree; the history share comes from the last DiT rank, whose
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from avatars.liveavatar.distributed.messages import StageReport
+from avatars.liveavatar.streaming.messages import StageReport
 from ispa import BlockReport
 
 __all__ = ["merge_stage_reports"]

@@ -1,0 +1,44 @@
+"""The VAE's causal decode of one run: warmed on the motion latents the sink sees, then one block at a time.
+
+The causal cache is warmed on the last 19 motion latents (those the sink sees), not all 92: 5× cheaper, and the
+difference is measured in docs/liveavatar.md; the warm-up's frames are not shown. `to_uint8_frames` turns a
+decoded block into the frames a chunk carries.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, DecoderState, WanVAE
+
+__all__ = ["DecoderStage", "to_uint8_frames"]
+
+
+class DecoderStage:
+    """One run's decoder: `warm` is a state to start from (another run's warm-up on the same latents) or None."""
+
+    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor, warm: DecoderState | None = None) -> None:
+        self.device = vae.device
+        self._decoder = vae.stream_decoder()
+        if warm is not None:
+            self._decoder.restore(warm)
+        else:
+            self._decoder.decode_block(motion_latents[:, :, -MOTION_LATENT_FRAMES:].to(self.device))
+
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(frames [12, H, W, 3] uint8 on the decoder's device, seconds) of the next block."""
+        started = time.perf_counter()
+        frames = to_uint8_frames(self._decoder.decode_block(latents.to(self.device)))
+        return frames, time.perf_counter() - started
+
+    def snapshot(self) -> DecoderState:
+        """A copy of the causal cache (between decodes)."""
+        return self._decoder.snapshot()
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] → [T, H, W, 3] uint8, on the same device."""
+    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous()
