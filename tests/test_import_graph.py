@@ -1,6 +1,9 @@
-"""The project's own import graph: no cycles anywhere, and the layers point one way (app → avatars → ispa).
+"""The project's own import graph: no cycles anywhere, not even between folders, and the layers point one way
+(app → avatars → ispa).
 
 Every import counts, function-local ones too (a shim inside a function is still a cycle a reader must hold in mind).
+Folders count as a whole: `dit/attention.py → weights/fp8.py` and `weights/dit_loader.py → dit/` make no cycle of
+modules, yet a reader of either folder must hold the other in mind, so two sibling folders import one way only.
 """
 
 from __future__ import annotations
@@ -61,6 +64,26 @@ def graph() -> dict[str, set[str]]:
     return {name: imports_of(name, path, modules) for name, path in modules.items()}
 
 
+def folder_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The imports between sibling folders: `p.x.m → p.y.n` counts as `p.x → p.y` when `p.x` and `p.y` are both
+    folders (packages), whatever lies below them; imports within one folder, or to or from a plain module, drop out."""
+    names = set(edges).union(*edges.values())
+    folders = {".".join(name.split(".")[:depth]) for name in names for depth in range(1, name.count(".") + 1)}
+    between: dict[str, set[str]] = {}
+    for source, targets in edges.items():
+        for target in targets:
+            a, b = source.split("."), target.split(".")
+            shared = 0
+            while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+                shared += 1
+            if shared == min(len(a), len(b)):
+                continue  # one is the other's package: no siblings
+            a_folder, b_folder = ".".join(a[: shared + 1]), ".".join(b[: shared + 1])
+            if a_folder in folders and b_folder in folders:
+                between.setdefault(a_folder, set()).add(b_folder)
+    return between
+
+
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
@@ -88,6 +111,22 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_the_folder_graph_joins_sibling_folders_only() -> None:
+    edges = {
+        "p.dit.attention": {"p.weights.fp8", "p.dit.layers", "p.config"},  # config: a module, not a folder
+        "p.weights.loader": {"p.dit"},  # a folder's own package module stands for the folder
+        "p.loading": {"p.dit.model.blocks", "p.weights.loader"},
+        "p.dit.model.blocks": {"p.dit.attention", "p.dit.kernels.rope"},  # attention: a module
+    }
+    folders = folder_graph(edges)
+    assert folders == {"p.dit": {"p.weights"}, "p.weights": {"p.dit"}, "p.dit.model": {"p.dit.kernels"}}
+    assert find_cycle(folders) == ["p.dit", "p.weights", "p.dit"]
+    # the same modules with the shared code moved to a module below both folders: no cycle left
+    assert (
+        find_cycle(folder_graph({"p.dit.attention": {"p.fp8"}, "p.weights.fp8": {"p.fp8", "p.dit"}})) is None
+    )
+
+
 def test_function_local_and_relative_imports_are_seen(tmp_path: Path) -> None:
     """The kind of shim this test exists to catch: an import inside a function."""
     source = tmp_path / "shim.py"
@@ -101,6 +140,11 @@ def test_function_local_and_relative_imports_are_seen(tmp_path: Path) -> None:
 def test_no_import_cycle_in_the_project() -> None:
     cycle = find_cycle(graph())
     assert cycle is None, " → ".join(cycle)
+
+
+def test_no_import_cycle_between_sibling_folders() -> None:
+    cycle = find_cycle(folder_graph(graph()))
+    assert cycle is None, "folders import each other: " + " → ".join(cycle)
 
 
 @pytest.mark.parametrize("layer", PACKAGES)

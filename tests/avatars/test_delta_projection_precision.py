@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from avatars.liveavatar.weights.fp8 import FP8Linear
+from avatars.liveavatar.fp8_linear import FP8Linear
 from ispa.projection import DeltaProjection
 
 D_OUT, HALF = 96, 128  # D = 2 * HALF inputs

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed_runs import Scenario, run_pipeline, run_scenario, same_chunks
 
 from avatars.liveavatar.distributed import RankFailure, RankLayout
 from avatars.liveavatar.loading import build_tiny_pipeline
+from tests.fixtures.distributed_runs import Scenario, run_pipeline, run_scenario, same_chunks
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_dit_run import run_blocks
 
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
@@ -15,6 +14,7 @@ from avatars.liveavatar.weights import memory
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 from ispa import FullPolicy, ISPAPolicy, statistics_nbytes
 from ispa.quantized_cache import KV_FORMATS
+from tests.fixtures.tiny_dit_run import run_blocks
 
 FIVE_LAYERS = dataclasses.replace(
     PRESETS["tiny"], num_layers=5, dim=96, num_heads=4, ffn_dim=192, audio_inject_layers=(0, 3)

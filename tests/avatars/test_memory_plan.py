@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from tiny_dit_run import run_blocks
 
 from avatars.liveavatar import memory_plan
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.weights import memory
 from ispa import KV_FORMATS, FullPolicy, ISPAPolicy
+from tests.fixtures.tiny_dit_run import run_blocks
 
 GIB = 2**30
 

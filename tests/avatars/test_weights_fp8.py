@@ -1,21 +1,24 @@
-"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, and the model conversion."""
+"""FP8 linear layers: e4m3 round-trip precision, the exact fallback, the kernel choice per device, and the model
+conversion."""
+
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avatars.liveavatar import fp8_linear
 from avatars.liveavatar.dit.attention import SelfAttention
-from avatars.liveavatar.weights import fp8
-from avatars.liveavatar.weights.fp8 import (
-    EXCLUDED_FROM_FP8,
+from avatars.liveavatar.fp8_linear import (
     FP8_MAX,
     FP8Linear,
-    convert_linears_to_fp8,
+    QuantizedInput,
     dequantize,
     linears_on_shared_input,
     quantize_per_tensor,
 )
+from avatars.liveavatar.weights.fp8 import EXCLUDED_FROM_FP8, convert_linears_to_fp8
 
 # e4m3 keeps 3 mantissa bits: rounding a normal number costs at most half a step, 2^-4 of its magnitude;
 # below 2^-6 (subnormals) the step is fixed at 2^-9, so the error is at most 2^-10 (in scaled units).
@@ -98,14 +101,16 @@ def test_rejects_a_non_fp8_weight():
 
 def test_q_k_v_share_one_quantization_of_their_input_on_the_scaled_mm_path(monkeypatch):
     # This CPU build has a `_scaled_mm` kernel too, so the GPU path can run here once it is allowed.
-    monkeypatch.setattr(fp8, "_scaled_mm_supported", lambda x: True)
+    monkeypatch.setattr(fp8_linear, "scaled_mm_supported", lambda device: True)
     torch.manual_seed(0)
     attn = SelfAttention(64, num_heads=4).to(torch.bfloat16)
     assert convert_linears_to_fp8(attn) == 4  # q, k, v, o
     x = torch.randn(2, 5, 64).bfloat16()
     quantized = []
-    real = fp8.quantize_per_tensor
-    monkeypatch.setattr(fp8, "quantize_per_tensor", lambda t: quantized.append(tuple(t.shape)) or real(t))
+    real = fp8_linear.quantize_per_tensor
+    monkeypatch.setattr(
+        fp8_linear, "quantize_per_tensor", lambda t: quantized.append(tuple(t.shape)) or real(t)
+    )
 
     q, k, v = attn.project(x)
     assert quantized == [(10, 64)]  # once for the three projections
@@ -127,3 +132,69 @@ def test_layers_without_scaled_mm_each_run_on_their_own():
     x = torch.randn(3, 8)
     outputs = linears_on_shared_input(layers, x)
     assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers, strict=True))
+
+
+class _OnFakeGPU(torch.Tensor):
+    """A CPU tensor that reports `cuda:0` as its device, so that an FP8 forward asks for a GPU's capability here."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+
+@dataclass
+class _CapabilityAsks:
+    """What the fake `torch.cuda.get_device_capability` answers, and the devices it was asked about."""
+
+    answer: tuple[int, int] = (8, 0)
+    devices: list[torch.device] = field(default_factory=list)
+
+
+@pytest.fixture
+def capability(monkeypatch) -> _CapabilityAsks:
+    """Counts CUDA capability questions, starting from an empty per-device cache."""
+    asks = _CapabilityAsks()
+
+    def fake_capability(device=None):
+        asks.devices.append(torch.device(device))
+        return asks.answer
+
+    monkeypatch.setattr(fp8_linear, "_SCALED_MM_BY_DEVICE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake_capability)
+    return asks
+
+
+def test_a_gpu_without_scaled_mm_is_asked_once_and_runs_the_exact_fallback(capability):
+    capability.answer = (8, 0)  # Ampere: no e4m3 `_scaled_mm`
+    torch.manual_seed(0)
+    layers = [FP8Linear.from_linear(nn.Linear(32, 16)) for _ in range(3)]
+    x = torch.randn(2, 5, 32)
+    on_gpu = x.as_subclass(_OnFakeGPU)
+    for _ in range(10):
+        outputs = [layer(on_gpu) for layer in layers] + linears_on_shared_input(layers, on_gpu)
+    assert capability.devices == [torch.device("cuda", 0)]  # 60 forwards, one question
+    for out, layer in zip(outputs, layers + layers, strict=True):
+        expected = F.linear(x, layer.dequantized_weight(), layer.bias)  # the fallback is exact
+        assert torch.equal(out.as_subclass(torch.Tensor), expected)
+
+
+def test_a_gpu_with_scaled_mm_is_asked_once_and_multiplies_in_fp8(capability):
+    capability.answer = (9, 0)  # Hopper; this CPU build has a `_scaled_mm` kernel, so that path runs here
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(32, 16).bfloat16())
+    x = torch.randn(2, 5, 32).bfloat16()
+    for _ in range(10):
+        out = layer(x.as_subclass(_OnFakeGPU))
+    assert capability.devices == [torch.device("cuda", 0)]
+    assert torch.equal(out.as_subclass(torch.Tensor), layer.forward_quantized(QuantizedInput.of(x)))
+
+
+def test_the_answer_is_kept_per_device_and_the_cpu_never_asks_cuda(capability):
+    layer = FP8Linear.from_linear(nn.Linear(8, 4))
+    for _ in range(5):
+        layer(torch.randn(3, 8))
+    assert capability.devices == []
+    for _ in range(5):
+        for device in (torch.device("cuda", 0), torch.device("cuda", 1)):
+            assert fp8_linear.scaled_mm_supported(device) is False
+    assert capability.devices == [torch.device("cuda", 0), torch.device("cuda", 1)]

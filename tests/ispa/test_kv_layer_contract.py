@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_model import ToyConfig, ToyRun, ToyTransformer
 
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy, KVCache, KVLayer
 from ispa.cache import SinkRingLayer
+from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
 
 CONFIG = ToyConfig()
 BLOCKS = 6

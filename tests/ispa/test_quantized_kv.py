@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_model import ToyConfig, ToyRun, ToyTransformer
 
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
 from ispa.cache import SinkRingLayer
@@ -19,6 +18,7 @@ from ispa.quantized_cache import (
     quantizes_sink,
     sink_bytes_per_token,
 )
+from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 2, 2, 64, 32
 LAYOUT = CacheLayout(block_tokens=BLOCK, history_blocks=3, num_rings=2)

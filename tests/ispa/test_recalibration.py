@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from toy_model import ToyConfig, ToyRun, ToyTransformer
 
 from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy, attention_with_lse, statistics_nbytes
+from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
 
 HEADS, HEAD_DIM, SINK, BLOCK = 2, 8, 4, 8
 DIM = HEADS * HEAD_DIM

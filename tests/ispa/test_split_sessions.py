@@ -12,9 +12,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from toy_model import ToyConfig, ToyRun, ToyTransformer
 
 from ispa import AttentionSession, ISPAPolicy
+from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
 
 CONFIG = ToyConfig()  # 4 layers, 2 rings
 BLOCKS = 6

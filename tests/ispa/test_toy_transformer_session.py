@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import torch
-from toy_model import ToyConfig, ToyRun, ToyTransformer
 
 from ispa import AttentionSession, FullPolicy, ISPAPolicy, statistics_nbytes
+from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
 
 CONFIG = ToyConfig()  # 4 layers, 2 rings of 2 history blocks of 5 tokens, 1 latent frame per block
 T_WARM = (

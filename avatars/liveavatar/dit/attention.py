@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from avatars.liveavatar.dit.layers import AttentionProjections
 from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope
-from avatars.liveavatar.weights.fp8 import linears_on_shared_input
+from avatars.liveavatar.fp8_linear import linears_on_shared_input
 
 if TYPE_CHECKING:
     from ispa import AttentionSession

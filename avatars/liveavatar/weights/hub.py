@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from avatars.liveavatar.weights.errors import CheckpointError
@@ -91,26 +91,36 @@ class WeightPaths:
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file (cheap: reads the header only), or None."""
-    size = path.stat().st_size
+    """Why `path` is not a complete safetensors file, or None.
+
+    Cheap: the safetensors library reads and validates the header (offsets, dtypes, shapes, and that the data covers
+    the file exactly) without reading the tensors."""
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except SafetensorError as err:
+        size, described = path.stat().st_size, _size_in_header(path)
+        if described is not None and described > size:
+            return f"truncated ({size} bytes, the header describes {described})"
+        return f"not a safetensors file ({err})"
+
+
+def _size_in_header(path: Path) -> int | None:
+    """The file size a safetensors header announces, or None without a readable header.
+
+    Read by hand: the library refuses a file that is not fully present, and only the header says how much is missing.
+    """
     with path.open("rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            return "shorter than a safetensors header"
-        header_len = struct.unpack("<Q", head)[0]
-        if header_len > min(size - 8, 100_000_000):
-            return "not a safetensors file (bad header length)"
-        try:
+        header_len = int.from_bytes(head, "little")
+        if len(head) < 8 or header_len > 100_000_000:
+            return None
+        try:  # ValueError covers bad JSON and bad UTF-8
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "not a safetensors file (header is not JSON)"
-    try:
-        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, IndexError, TypeError):
-        return "not a safetensors file (unexpected header)"
-    if 8 + header_len + data_end > size:
-        return f"truncated ({size} bytes, the header describes {8 + header_len + data_end})"
-    return None
+            tensors = [v for k, v in header.items() if k != "__metadata__"]
+            return 8 + header_len + max((int(v["data_offsets"][1]) for v in tensors), default=0)
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+            return None
 
 
 def _check_weights(folder: Path, stem: str, missing: list[str], damaged: list[str]) -> None:
