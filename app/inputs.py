@@ -6,8 +6,8 @@ have to be synthesised from text. Every problem is a `ValidationError` whose mes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,12 @@ ENGINE_POLICY = {ISPA: ISPAPolicy.name, FULL: FullPolicy.name}  # run name -> th
 DEFAULT_SIZE = "default"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineChoices:
-    """The engine panel's values as the page sends them, before any check (numbers may be strings)."""
+    """The engine panel's values as the page sends them, before any check (numbers may be strings).
+
+    Built by keyword from a handler's named inputs (never from its `locals()`), so the fields are this class's
+    own schema: renaming a handler's local variable cannot add, drop or swap one."""
 
     policy: Any
     k_fraction: Any
@@ -45,11 +48,6 @@ class EngineChoices:
     model: Any
     kv_format: Any = "bf16"
     refresh_sink: Any = False
-
-    @classmethod
-    def from_handler(cls, arguments: Mapping[str, Any]) -> EngineChoices:
-        """The choices among a handler's arguments (its `locals()`): its parameters carry these fields' names."""
-        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,17 @@ def generate(
 ) -> Iterator[tuple]:
     """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video. Only a
     request with the same `owner_token` can stop or recalibrate the run (none: nobody can)."""
-    choices = EngineChoices.from_handler(locals())
+    choices = EngineChoices(
+        policy=policy,
+        k_fraction=k_fraction,
+        t_warm=t_warm,
+        lam=lam,
+        seed=seed,
+        size=size,
+        model=model,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
+    )
     yield from _generate(
         request, choices, owner_token, portrait=portrait, prompt=prompt, audio=audio, text=text
     )
@@ -146,7 +156,17 @@ def generate_live(
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Live mode: generate while the microphone streams into this owner's feed."""
-    choices = EngineChoices.from_handler(locals())
+    choices = EngineChoices(
+        policy=policy,
+        k_fraction=k_fraction,
+        t_warm=t_warm,
+        lam=lam,
+        seed=seed,
+        size=size,
+        model=model,
+        kv_format=kv_format,
+        refresh_sink=refresh_sink,
+    )
     yield from _generate(request, choices, owner_token, portrait=portrait, prompt=prompt, live=True)
 
 
@@ -382,7 +402,7 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     run_outputs = outputs.as_list()
     # One generation per pipeline of the pool (one per GPU); the rest wait in Gradio's queue, told their place.
     gpu_slots = pipeline_pool().size
-    gen_event = controls.generate.click(
+    controls.generate.click(
         generate,
         inputs=controls.inputs_for(generate),
         outputs=run_outputs,
@@ -393,9 +413,7 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     )
     live_mic = controls.live_mic
     token = [controls.owner_token]
-    live_event = live_mic.start_recording(
-        open_live_feed, token, None, queue=False, api_visibility="private"
-    ).then(
+    live_mic.start_recording(open_live_feed, token, None, queue=False, api_visibility="private").then(
         generate_live,
         inputs=controls.inputs_for(generate_live),
         outputs=run_outputs,
@@ -435,7 +453,15 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     )
     demo.load(issue_owner_token, None, token, queue=False, api_visibility="private")
     demo.unload(end_session)
-    demo.generation_fns = {gen_event["id"], live_event["id"]}  # type: ignore[attr-defined]
+
+
+GENERATION_HANDLERS = (generate, generate_live)
+
+
+def generation_event_ids(demo: gr.Blocks) -> set[int]:
+    """The ids of `demo`'s generation events (Gradio's cancel must not reach them), read from its own event
+    table: nothing is stored on the Gradio object."""
+    return {fn_id for fn_id, block_fn in demo.fns.items() if block_fn.fn in GENERATION_HANDLERS}
 
 
 UPLOAD_LIMITS = UploadLimits.from_environment()
@@ -451,7 +477,7 @@ def request_guard(demo: gr.Blocks, limits: UploadLimits | None = None) -> Middle
         limits=limits,
         budget=ClientBudget(limits.client_bytes, limits.client_window_seconds),
         temp_root=temp_root,
-        protected_fns=lambda: getattr(demo, "generation_fns", set()),
+        protected_fns=lambda: generation_event_ids(demo),
         trust_forwarded=behind_space_proxy(),
     )
 

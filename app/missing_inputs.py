@@ -18,6 +18,7 @@ import gradio as gr
 
 def name_missing_inputs(demo: gr.Blocks) -> None:
     """Make `demo` refuse a call with missing input values by naming them."""
+    # A patch, not `validator=`: Gradio counts the values (this method) before it calls a listener's validator.
     demo.validate_inputs = _validate_inputs  # type: ignore[method-assign]
 
 

@@ -31,5 +31,6 @@ def portrait_image(**kwargs: Any) -> gr.Image:
                 f"The portrait is not a readable image. Supported formats: {', '.join(PORTRAIT_FORMATS)}."
             ) from None
 
+    # A patch, not `validator=`: Gradio preprocesses (opens the image) before a listener's validator runs.
     image.preprocess = checked_preprocess  # type: ignore[method-assign]
     return image

@@ -19,6 +19,7 @@ import gradio as gr
 def pass_raw(*components: gr.Slider | gr.Number) -> None:
     """Hand these components' values to the handler exactly as the client sent them."""
     for component in components:
+        # A patch, not `validator=`: Gradio runs a listener's validator on the already preprocessed values.
         component.preprocess = _unchanged  # type: ignore[method-assign]
 
 

@@ -1,15 +1,21 @@
-"""The page's wiring by name: the generation events' outputs are `RunOutputs`' fields in order, and each handler
-gets the components named by its parameters."""
+"""The page's wiring by name: the generation events' outputs are `RunOutputs`' fields in order, each handler gets
+the components named by its parameters, and passes them on by name (never through `locals()`)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 from app import main
+from app.inputs import EngineChoices
 from app.layout import RunOutputs
+
+APP_DIR = Path(main.__file__).parent
 
 # The published order of `/generate`'s outputs (gradio_client users read them by position).
 API_OUTPUTS = [
@@ -75,3 +81,75 @@ def check_wiring(demo, handler, dep) -> None:
         "owner_token": "Owner token",
     }
     assert [label(demo, i) for i in dep["inputs"]] == [by_label[name] for name in parameters]
+
+
+# ------------------------------------------------------------------------------------ explicit handler inputs
+HANDLERS = (main.generate, main.generate_live)
+
+
+def engine_choices_call(handler) -> ast.Call:
+    """The one `EngineChoices(...)` call in the handler's source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(handler)))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "EngineChoices"
+    ]
+    assert len(calls) == 1, f"{handler.__name__} must build EngineChoices once, by keyword"
+    return calls[0]
+
+
+@pytest.mark.parametrize("handler", HANDLERS, ids=lambda h: h.__name__)
+def test_every_engine_choice_is_set_from_an_explicitly_named_handler_input(handler) -> None:
+    """Each field is passed by keyword, from the handler's parameter of the same name: no `locals()`, no `**`
+    mapping, so renaming a local variable cannot change what reaches the engine."""
+    call = engine_choices_call(handler)
+    parameters = set(inspect.signature(handler).parameters)
+    assert not call.args and all(k.arg is not None for k in call.keywords)  # no positional, no **mapping
+    passed = {k.arg: k.value for k in call.keywords}
+    assert set(passed) == {f.name for f in fields(EngineChoices)}
+    for name, value in passed.items():
+        assert isinstance(value, ast.Name) and value.id == name and name in parameters, name
+
+
+def test_no_app_code_reads_its_own_locals() -> None:
+    for path in APP_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in {"locals", "vars"}, f"{path.name}:{node.lineno}"
+
+
+def test_engine_choices_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        EngineChoices("ISPA", 0.5, 6, 1e-3, 0, "default", "tiny")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("handler", HANDLERS, ids=lambda h: h.__name__)
+def test_each_input_reaches_the_engine_choice_of_its_name(handler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distinct values per input: a field fed from the wrong input (a swap) would show here."""
+    seen = {}
+
+    def capture(request, choices, owner_token, **inputs):
+        seen.update(choices=choices, owner_token=owner_token, inputs=inputs)
+        yield ()
+
+    monkeypatch.setattr(main, "_generate", capture)
+    names = [n for n in inspect.signature(handler).parameters if n != "request"]
+    values = {name: f"value of {name}" for name in names}
+    list(handler(**values, request=None))
+    for field in fields(EngineChoices):
+        assert getattr(seen["choices"], field.name) == values[field.name]
+    assert seen["owner_token"] == values["owner_token"]
+    assert seen["inputs"]["portrait"] == values["portrait"] and seen["inputs"]["prompt"] == values["prompt"]
+
+
+def test_the_generation_events_are_found_in_the_demos_event_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids the request guard protects from Gradio's cancel: exactly the two generation events."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = main.build_demo()
+    expected = {
+        dependency(demo, api_name="generate")["id"],
+        dependency(demo, fn_name="generate_live")["id"],
+    }
+    assert main.generation_event_ids(demo) == expected
+    assert not hasattr(demo, "generation_fns")  # nothing is stored on the Gradio object
