@@ -59,4 +59,4 @@ def unjoined_lead(processes: int) -> PipelineLead:
     """Rank 0's lead of the tiny model on a layout of `processes`, without a process group (for what the app
     reads of it and plans for it; nothing here may send a message)."""
     world = PipelineWorld(0, RankLayout.for_world(processes), PeerChannel(0), None, timedelta(seconds=5))
-    return PipelineLead(build_tiny_pipeline(seed=0), world)
+    return PipelineLead(build_tiny_pipeline(seed=0), world, keep_alive=False)

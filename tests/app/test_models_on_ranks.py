@@ -16,13 +16,15 @@ from tests.app.conftest import unjoined_lead
 @pytest.fixture
 def lead_of_three(monkeypatch: pytest.MonkeyPatch) -> PipelineLead:
     monkeypatch.setattr(models, "_pool", None)
-    monkeypatch.setattr(models, "_lead", None)
+    monkeypatch.setattr(models, "_only", None)
     monkeypatch.setattr(models, "_models_found", lambda: {"tiny": None, "14b": None})
     return unjoined_lead(3)
 
 
 def test_the_pool_is_the_lead_and_serves_its_model_alone(lead_of_three: PipelineLead) -> None:
-    models.use_pipeline_lead("tiny", lead_of_three)
+    models.serve_only(
+        "tiny", lead_of_three, "this server runs Tiny test model (untrained, CPU) alone, on its 3 processes"
+    )
     pool = models.pipeline_pool()
     assert pool.size == 1 and pool.devices == [lead_of_three.device]
     assert models.get_pipeline("tiny") is lead_of_three
@@ -46,5 +48,5 @@ def test_a_failed_rank_is_told_in_our_words_without_its_details() -> None:
     with pytest.raises(gr.Error) as raised, user_errors():
         raise RankFailure(details)
     message = raised.value.message
-    assert message.startswith("A process of this server's multi-GPU pipeline stopped")
+    assert message.startswith("This server's model stopped working (for example a process of its multi-GPU")
     assert "10.0.0.5" not in message and "pair.cc" not in message

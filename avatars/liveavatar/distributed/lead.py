@@ -42,9 +42,12 @@ logger = logging.getLogger(__name__)
 
 
 class PipelineLead:
-    """LiveAvatar over every rank of `world`, led from rank 0 with `pipeline` (rank 0's models)."""
+    """LiveAvatar over every rank of `world`, led from rank 0 with `pipeline` (rank 0's models). `keep_alive`:
+    send keep-alives down while idle (off only where no process group exists, e.g. to plan memory)."""
 
-    def __init__(self, pipeline: LiveAvatarPipeline, world: PipelineWorld) -> None:
+    def __init__(
+        self, pipeline: LiveAvatarPipeline, world: PipelineWorld, *, keep_alive: bool = True
+    ) -> None:
         if not world.is_lead:
             raise ValueError(f"only rank 0 leads the pipeline (this is rank {world.rank})")
         self.pipeline = pipeline
@@ -61,7 +64,8 @@ class PipelineLead:
         self._failure: RankFailure | None = None
         self._stop_keepalive = threading.Event()
         self._keepalive = threading.Thread(target=self._keep_alive, name="pipeline-keepalive", daemon=True)
-        self._keepalive.start()
+        if keep_alive:
+            self._keepalive.start()
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +103,8 @@ class PipelineLead:
         """Tell every other rank that no more runs come, and wait until they have heard it (nothing is sent
         once the pipeline is down: the failed rank would never hear it)."""
         self._stop_keepalive.set()
-        self._keepalive.join()
+        if self._keepalive.is_alive():
+            self._keepalive.join()
         with self._step_lock:
             if self._failure is not None:
                 return
