@@ -1,7 +1,7 @@
 """Every GPU memory term of one LiveAvatar run, during warmup and after it, and which GPU of the run holds it.
 
 The terms come from `terms` (weights from the DiT built on `meta`; KV, statistics and ΔW bytes from the engine's own
-layout, checked against live tensors in tests/avatars/test_memory_terms.py) plus two transient estimates. The peak
+layout, checked against live tensors in tests/avatars/test_memory_live_tensors.py) plus two transient estimates. The peak
 of a phase is what stays allocated plus the larger of its transients (a block forward's activations, or the
 absorb's solve workspace); it is what `torch.cuda.max_memory_allocated` would see, without allocator fragmentation.
 A GPU fits when the peak leaves at least 1.5 GiB for the CUDA context.
