@@ -28,7 +28,6 @@ from avatars.liveavatar.block_layout import (
 )
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
-from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.memory_plan.roles import (
     DECODING,
     DENOISING,
@@ -37,6 +36,17 @@ from avatars.liveavatar.memory_plan.roles import (
     rings_per_dit_rank,
     role_of_rank,
     roles_of,
+)
+from avatars.liveavatar.memory_plan.terms import (
+    VAE_DECODER_CACHE_BYTES_PER_PIXEL,
+    dequantized_history_bytes,
+    dit_activation_bytes,
+    dit_weight_bytes,
+    encoder_bytes,
+    kv_cache_bytes,
+    kv_cache_bytes_after_absorb,
+    vae_decode_activation_bytes,
+    vae_weight_bytes,
 )
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, SIZE_DIVISOR, planned_size
 from avatars.memory import GIB, MemoryPlan, Term, TermKind, fits_capacity
@@ -123,10 +133,10 @@ def plan_terms(
         if isinstance(policy, ISPAPolicy):
             warm_blocks = math.ceil(policy.t_warm / LATENT_FRAMES_PER_BLOCK)
             held = min(warm_blocks, HISTORY_BLOCKS)  # ring slots are allocated as written
-            warm = memory.kv_cache_bytes(**sizes, rings=rings, history_blocks=held)
-            after = memory.kv_cache_bytes_after_absorb(**sizes, k_fraction=policy.k_fraction, rings=rings)
+            warm = kv_cache_bytes(**sizes, rings=rings, history_blocks=held)
+            after = kv_cache_bytes_after_absorb(**sizes, k_fraction=policy.k_fraction, rings=rings)
             return warm, after
-        full = memory.kv_cache_bytes(**sizes, rings=rings)
+        full = kv_cache_bytes(**sizes, rings=rings)
         return full, full
 
     if isinstance(policy, ISPAPolicy):
@@ -137,20 +147,41 @@ def plan_terms(
         workspace = ABSORB_WORKSPACE_BYTES_PER_DIM2 * dim2
     else:
         stats = delta = workspace = 0
-    buffer = memory.dequantized_history_bytes(config.dim, cache.block_tokens, kv_format, sizes["sink_tokens"])
-    weights_bytes = memory.dit_weight_bytes(dit, fp8=weights == "fp8")
-    encoders = memory.encoder_bytes(text_encoder_on_gpu)
-    vae = memory.vae_weight_bytes()
-    decoder_cache = memory.VAE_DECODER_CACHE_BYTES_PER_PIXEL * height * width
-    dit_activations = memory.dit_activation_bytes(config, sizes["sink_tokens"], cache.block_tokens)
-    vae_activations = memory.vae_decode_activation_bytes(height, width)
+    buffer = dequantized_history_bytes(config.dim, cache.block_tokens, kv_format, sizes["sink_tokens"])
+    weights_bytes = dit_weight_bytes(dit, fp8=weights == "fp8")
+    encoders = encoder_bytes(text_encoder_on_gpu)
+    vae = vae_weight_bytes()
+    decoder_cache = VAE_DECODER_CACHE_BYTES_PER_PIXEL * height * width
+    dit_activations = dit_activation_bytes(config, sizes["sink_tokens"], cache.block_tokens)
+    vae_activations = vae_decode_activation_bytes(height, width)
     present = frozenset(roles_of(layout))
     live = "computed, checked against live tensors"
 
-    def term(kind: TermKind, name: str, warmup: int, after: int, basis: str, holders: frozenset[Role], **kw):
-        """A term held by the roles of `holders` the layout has; `shares`: what a role holds instead."""
-        shares = {role: share for role, share in kw.pop("shares", {}).items() if role in present}
-        return Term(kind, name, warmup, after, basis, roles=holders & present, shares=shares, **kw)
+    def term(
+        kind: TermKind,
+        name: str,
+        warmup: int,
+        after: int,
+        basis: str,
+        holders: frozenset[Role],
+        *,
+        transient: bool = False,
+        per_model: bool = False,
+        shares: dict[Role, Term] | None = None,
+    ) -> Term:
+        """A term held by the roles of `holders` the layout has; `shares`: what such a role holds instead of the
+        whole term."""
+        return Term(
+            kind,
+            name,
+            warmup,
+            after,
+            basis,
+            transient=transient,
+            per_model=per_model,
+            roles=holders & present,
+            shares={role: share for role, share in (shares or {}).items() if role in present},
+        )
 
     kv_warm, kv_after = kv_bytes(DENOISING_STEPS)
     kv_rank_warm, kv_rank_after = kv_bytes(own_rings)
@@ -242,7 +273,7 @@ def plan_terms(
         "t_warm": policy.t_warm if ispa else None,
         "k_fraction": policy.k_fraction if ispa else None,
         "text_encoder_on_gpu": text_encoder_on_gpu,
-        "full_bf16_kv_bytes": memory.kv_cache_bytes(**(sizes | {"kv_format": "bf16"})),
+        "full_bf16_kv_bytes": kv_cache_bytes(**(sizes | {"kv_format": "bf16"})),
     }
     return MemoryPlan(settings, terms)
 
