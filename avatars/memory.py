@@ -83,7 +83,8 @@ class Term:
             self,
             warmup=0,
             after=0,
-            basis="held on: " + "; ".join(str(r.value) for r in holders),
+            basis="held on: "
+            + "; ".join(f"{r.value}{' (a part)' if r in self.shares else ''}" for r in holders),
             shares={},
         )
 

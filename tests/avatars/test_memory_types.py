@@ -45,7 +45,7 @@ def test_a_role_holds_the_whole_term_its_share_or_nothing():
     first, second, third = (plan.for_role(gpu).terms[0] for gpu in Gpu)
     assert (first.warmup, first.name, first.shares) == (5, "encoders", {})
     assert (second.warmup, second.after, second.kind) == (0, 0, TermKind.ENCODERS)
-    assert second.basis == "held on: first GPU; third GPU"
+    assert second.basis == "held on: first GPU; third GPU (a part)"
     assert (third.warmup, third.kind, third.name, third.roles) == (
         1,
         TermKind.VAE_WEIGHTS,
