@@ -39,7 +39,6 @@ from app.models import (
     model_availability,
     pipeline_pool,
     usable_sizes,
-    wants_fp8,
 )
 from app.raw_numbers import pass_raw
 from app.request_guard import HEARTBEATS, RequestGuard, behind_space_proxy
@@ -231,7 +230,7 @@ def _prepare(
         live=live,
     )
     if choices.model == REAL_MODEL:
-        check_run_fits(spec, pipe, fp8_weights=wants_fp8())
+        check_run_fits(spec, pipe)
     for note in spec.warnings:
         gr.Warning(_as_text(note))
     return spec

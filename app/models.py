@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from app.gpu import ON_ZERO_GPU
-from app.gpu_sizes import gpu_planner, sizes_for_gpu
+from app.gpu_sizes import sizes_for_gpu
 from app.validation import ValidationError
 from app.worker_pool import PipelinePool, devices_from_env
 from avatars.base import AvatarBackend
@@ -114,9 +114,7 @@ def usable_sizes(name: str, pipe: AvatarBackend) -> tuple[list[tuple[str, int]],
     """The sizes of `pipe` this machine can run (all of them for the test model), and why any others cannot."""
     if name != REAL_MODEL:
         return pipe.size_choices(), []
-    return sizes_for_gpu(
-        pipe.size_choices(), pipe.size_divisor, fp8_weights=wants_fp8(), planner=gpu_planner(pipe)
-    )
+    return sizes_for_gpu(pipe)
 
 
 def wants_fp8() -> bool:

@@ -35,7 +35,7 @@ Definitions (per policy; per-block figures come from each chunk's engine report)
 - absorb_seconds: ISPA's absorb step (every layer's ridge solve and error, ranking, switching layers local).
 - kv_ratio_after_warmup: ISPA / Full KV bytes at the last block; dit_speedup_after_warmup: Full / ISPA median DiT
   seconds after the absorb.
-- predicted: the same KV and statistics bytes from the memory model (`avatars.liveavatar.weights.memory`).
+- predicted: the same KV and statistics bytes from the memory model (`avatars.liveavatar.memory_plan.terms`).
 
 Prints a row per block as it is measured, then a table; with --json the last line is one JSON object.
 """
@@ -70,9 +70,9 @@ from avatars.liveavatar.block_layout import (
 )
 from avatars.liveavatar.compiled import set_compiled_regions
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.memory_plan.terms import kv_cache_bytes, kv_cache_bytes_after_absorb
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
-from avatars.liveavatar.weights.memory import kv_cache_bytes, kv_cache_bytes_after_absorb
 from bench.attention import device_name, median_seconds
 from bench.random_pipeline import LIVEAVATAR_14B, build_random_pipeline
 from ispa import (

@@ -16,13 +16,14 @@ from ispa.absorption import (
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
 from ispa.policies import POLICIES, FullPolicy, ISPAPolicy, Policy, PolicyState, make_policy
-from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
+from ispa.quantized_cache import KV_FORMATS, LIGHTEST_KV_FORMAT, kv_layer_factory
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
 
 __all__ = [
     "POLICIES",
     "KV_FORMATS",
+    "LIGHTEST_KV_FORMAT",
     "AbsorptionStats",
     "AttentionSession",
     "BlockReport",

@@ -33,6 +33,7 @@ from ispa.kv_codecs import BlockCodec, Fp8TokenCodec, Int4Codec
 
 __all__ = [
     "KV_FORMATS",
+    "LIGHTEST_KV_FORMAT",
     "DequantizedHistory",
     "QuantizedKVFactory",
     "QuantizedRingLayer",
@@ -93,6 +94,9 @@ _QUANTIZED: dict[str, _Format] = {
     "int4": _Format(_int4_codecs),
 }
 KV_FORMATS = ("bf16", *_QUANTIZED)
+# The format whose runs need the least memory (int4 history codes and their scales): a model's size is offered when
+# a run in it fits (checked against every format at the 14B sizes in tests/avatars/test_memory_terms.py).
+LIGHTEST_KV_FORMAT = "int4"
 
 
 class DequantizedHistory:

@@ -103,13 +103,7 @@ def build_liveavatar_pipeline(
     """
     device = torch.device(device)
     if device.type == "cuda":
-        smallest = min(size.max_area for size in LIVEAVATAR_SIZES)
-        plan = lightest_plan(
-            smallest,
-            SIZE_DIVISOR,
-            weights="fp8" if fp8 else "bf16",
-            text_encoder_on_gpu=not offload_text_encoder,
-        )
+        plan = lightest_plan(weights="fp8" if fp8 else "bf16", text_encoder_on_gpu=not offload_text_encoder)
         free, _ = torch.cuda.mem_get_info(device)
         check_fits_free_memory(plan, free, torch.cuda.get_device_name(device))
     logger.info("loading LiveAvatar 14B (%s weights) on %s", "FP8" if fp8 else "bf16", device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
 from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.vae import WanVAE
-from avatars.liveavatar.memory_plan import RunPlan, plan_run
+from avatars.liveavatar.memory_plan import plan_roles
 from avatars.liveavatar.portrait_latents import PortraitLatentCache, PortraitLatents
 from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait, planned_size
@@ -38,9 +39,13 @@ from avatars.liveavatar.streaming.local import LocalDownstream
 from avatars.liveavatar.streaming.messages import RunSpec
 from avatars.liveavatar.streaming.stage import DenoisingStage
 from avatars.media.portrait import check_rgb_image
-from ispa import ISPAPolicy, Policy
+from ispa import Policy
 from ispa.checks import check_positive_int, is_int
 from ispa.quantized_cache import kv_layer_factory
+
+if TYPE_CHECKING:
+    from avatars.liveavatar.distributed.layout import RankLayout
+    from avatars.memory import MemoryPlan
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +106,21 @@ class LiveAvatarPipeline:
         """(height, width) a size choice is planned at before any portrait is seen (a 16:9 portrait's size)."""
         return planned_size(max_area, self.size_divisor)
 
-    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[RunPlan]:
-        """The one GPU's memory plan of a run at `height`×`width` with these settings."""
-        return [plan_run(height, width, **self.plan_settings(policy, kv_format))]
-
-    def plan_settings(self, policy: Policy, kv_format: str) -> dict[str, object]:
-        """The memory plan's settings for a run of this pipeline's model and weights."""
-        ispa = isinstance(policy, ISPAPolicy)
-        options = {"t_warm": policy.t_warm, "k_fraction": policy.k_fraction} if ispa else {}
-        return {
-            "model": self.model,
-            "weights": self.weights,
-            "kv_format": kv_format,
-            "policy": "ispa" if ispa else "full",
-            **options,
-        }
+    def memory_plans(
+        self, height: int, width: int, policy: Policy, kv_format: str, layout: RankLayout | None = None
+    ) -> list[MemoryPlan]:
+        """The memory plan of a run at `height`×`width` with these settings: one GPU's, or with `layout` one per
+        role of the pipeline's ranks."""
+        plans = plan_roles(
+            height,
+            width,
+            model=self.model,
+            weights=self.weights,
+            kv_format=kv_format,
+            policy=policy,
+            layout=layout,
+        )
+        return list(plans.values())
 
     def close(self) -> None:
         """Nothing to tell anyone: the models go with the object."""

@@ -1,40 +1,75 @@
-"""The 14B size chooser offers only the sizes whose lightest run fits the detected GPU, and says why others not;
-a run whose own settings do not fit is refused with the formats that would. On a pipeline of ranks the heaviest
-rank is planned."""
+"""The size chooser offers only the sizes whose lightest run fits the detected GPU, and says why others not;
+a run whose own settings do not fit is refused with the formats that would. A backend over several GPUs has its
+heaviest GPU planned. The backend here is a fake that answers with LiveAvatar 14B's real plans (nothing loaded):
+the app reads a backend only through `AvatarBackend`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app.gpu_sizes import check_run_fits, gpu_planner, sizes_for_gpu
+from app.gpu_sizes import check_run_fits, sizes_for_gpu
 from app.inputs import COMPARE, ISPA, RunSpec
 from app.validation import Settings, ValidationError
-from avatars.liveavatar.distributed import RankLayout
-from avatars.liveavatar.distributed.rank_memory import plan_ranks
-from avatars.liveavatar.loading import build_tiny_pipeline
-from avatars.liveavatar.memory_plan import CUDA_CONTEXT_BYTES, GIB, compare_peak_bytes, plan_run
-from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size
-from tests.app.conftest import unjoined_lead
+from avatars.liveavatar.distributed.layout import RankLayout
+from avatars.liveavatar.memory_plan import Role, plan_roles
+from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size, planned_size
+from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, TermKind, compare_peak_bytes
+from ispa import FullPolicy, ISPAPolicy, Policy
 
 SIZES = [(s.label, s.max_area) for s in LIVEAVATAR_SIZES]
 DIVISOR = 64
 
 
+class PlannedBackend:
+    """The memory side of a LiveAvatar 14B backend (sizes, output size, memory plans), on one GPU or on the ranks
+    of `layout`, with the real planner and no model."""
+
+    def __init__(self, weights: str = "fp8", layout: RankLayout | None = None) -> None:
+        self.weights, self.layout = weights, layout
+
+    def size_choices(self) -> list[tuple[str, int]]:
+        return list(SIZES)
+
+    def planned_size(self, max_area: int) -> tuple[int, int]:
+        return planned_size(max_area, DIVISOR)
+
+    def output_size(self, portrait: np.ndarray, max_area: int | None = None) -> tuple[int, int]:
+        area = SIZES[0][1] if max_area is None else max_area
+        return choose_size(portrait.shape[0], portrait.shape[1], area, DIVISOR)
+
+    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[MemoryPlan]:
+        plans = plan_roles(
+            height,
+            width,
+            model="14b",
+            weights=self.weights,
+            kv_format=kv_format,
+            policy=policy,
+            layout=self.layout,
+        )
+        return list(plans.values())
+
+
+def one_gpu(weights: str, kv_format: str, policy: Policy, height: int = 704, width: int = 384) -> MemoryPlan:
+    plans = plan_roles(height, width, model="14b", weights=weights, kv_format=kv_format, policy=policy)
+    return plans[Role.ONE_GPU]
+
+
 def planned_peak(area: int, weights: str) -> int:
     height, width = choose_size(*PLANNED_ASPECT, area, DIVISOR)
-    return plan_run(height, width, weights=weights, kv_format="int4", policy="full").peak_bytes
+    return one_gpu(weights, "int4", FullPolicy(), height, width).peak_bytes
 
 
 def test_without_a_gpu_every_size_is_offered() -> None:
-    assert sizes_for_gpu(SIZES, DIVISOR, fp8_weights=True, gpu_bytes=lambda: None) == (SIZES, [])
+    assert sizes_for_gpu(PlannedBackend(), gpu_bytes=lambda: None) == (SIZES, [])
 
 
 @pytest.mark.parametrize("gpu_gib", [24, 48, 80, 139])
 @pytest.mark.parametrize("fp8", [True, False])
 def test_a_size_is_offered_exactly_when_its_plan_fits(gpu_gib: int, fp8: bool) -> None:
-    kept, reasons = sizes_for_gpu(SIZES, DIVISOR, fp8_weights=fp8, gpu_bytes=lambda: gpu_gib * GIB)
     weights = "fp8" if fp8 else "bf16"
+    kept, reasons = sizes_for_gpu(PlannedBackend(weights), gpu_bytes=lambda: gpu_gib * GIB)
     expected = [
         (label, area)
         for label, area in SIZES
@@ -44,7 +79,9 @@ def test_a_size_is_offered_exactly_when_its_plan_fits(gpu_gib: int, fp8: bool) -
     left_out = [label for label, _ in SIZES if (label, dict(SIZES)[label]) not in expected]
     assert len(reasons) == len(left_out)
     for label, reason in zip(left_out, reasons, strict=True):
-        assert reason.startswith(f"{label}: peak") and "does not fit" in reason and weights in reason
+        peak = planned_peak(dict(SIZES)[label], weights)
+        assert reason.startswith(f"{label}: peak {peak / GIB:.2f} GiB") and "does not fit" in reason
+        assert reason.endswith(f"({weights} weights, int4 KV, full)")
 
 
 def test_the_official_size_is_planned_at_704x384() -> None:
@@ -88,67 +125,60 @@ def run_spec(mode: str, kv_format: str) -> RunSpec:
 
 
 def test_a_run_is_refused_exactly_when_its_own_plan_does_not_fit() -> None:
-    pipe = build_tiny_pipeline()  # only its size arithmetic is used: 14B is planned at the portrait's size
+    backend = PlannedBackend("fp8")  # the run is planned at the portrait's size: 704×384
 
-    def peak(kv: str, policy: str) -> int:
-        return plan_run(704, 384, weights="fp8", kv_format=kv, policy=policy).peak_bytes
+    def peak(kv: str) -> int:
+        return one_gpu("fp8", kv, ISPAPolicy(k_fraction=0.5, t_warm=12)).peak_bytes
 
-    gpu = peak("fp8", "ispa") + CUDA_CONTEXT_BYTES  # ISPA with fp8 KV just fits
-    check_run_fits(run_spec(ISPA, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
-    assert peak("bf16", "ispa") + CUDA_CONTEXT_BYTES > gpu
+    gpu = peak("fp8") + CUDA_CONTEXT_BYTES  # ISPA with fp8 KV just fits
+    check_run_fits(run_spec(ISPA, "fp8"), backend, gpu_bytes=lambda: gpu)
+    assert peak("bf16") + CUDA_CONTEXT_BYTES > gpu
     with pytest.raises(ValidationError) as err:
-        check_run_fits(run_spec(ISPA, "bf16"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
-    fitting = [
-        kv for kv in ("bf16", "fp8", "fp8-all", "int4") if peak(kv, "ispa") + CUDA_CONTEXT_BYTES <= gpu
-    ]
+        check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda: gpu)
+    fitting = [kv for kv in ("bf16", "fp8", "fp8-all", "int4") if peak(kv) + CUDA_CONTEXT_BYTES <= gpu]
     message = str(err.value)
-    assert "ISPA at 704×384 with bf16 KV" in message and f"{peak('bf16', 'ispa') / GIB:.2f} GiB" in message
+    assert "ISPA at 704×384 with bf16 KV" in message and f"{peak('bf16') / GIB:.2f} GiB" in message
     assert message.endswith(f"it fits with the KV-cache format {' or '.join(fitting)}.")
-    check_run_fits(run_spec(ISPA, "bf16"), pipe, fp8_weights=True, gpu_bytes=lambda: None)  # no GPU: no plan
+    check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda: None)  # no GPU: no plan
 
 
 def test_compare_mode_counts_both_runs_caches_once_beside_one_model() -> None:
-    full = plan_run(704, 384, weights="fp8", kv_format="fp8", policy="full")
-    ispa = plan_run(704, 384, weights="fp8", kv_format="fp8", policy="ispa")
-    by_name = {t.name: t for t in full.terms}
-    shared = by_name["DiT weights"].warmup + sum(
-        t.warmup for n, t in by_name.items() if n.startswith("encoders")
-    )
+    full = one_gpu("fp8", "fp8", FullPolicy())
+    ispa = one_gpu("fp8", "fp8", ISPAPolicy(k_fraction=0.5, t_warm=12))
+    shared = sum(t.warmup for t in full.terms if t.kind in (TermKind.DIT_WEIGHTS, TermKind.ENCODERS))
+    assert shared == sum(t.warmup for t in full.terms if t.per_model)
     both = compare_peak_bytes(full, ispa)
     assert max(full.peak_bytes, ispa.peak_bytes) < both < full.peak_bytes + ispa.peak_bytes - shared
-    pipe = build_tiny_pipeline()
-    check_run_fits(
-        run_spec(COMPARE, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: both + CUDA_CONTEXT_BYTES
-    )
+    backend = PlannedBackend("fp8")
+    check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda: both + CUDA_CONTEXT_BYTES)
     with pytest.raises(ValidationError, match="Compare at 704×384"):
         gpu = both + CUDA_CONTEXT_BYTES - 1
-        check_run_fits(run_spec(COMPARE, "fp8"), pipe, fp8_weights=True, gpu_bytes=lambda: gpu)
+        check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda: gpu)
 
 
 def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
-    lead, alone = unjoined_lead(5), build_tiny_pipeline()
     layout = RankLayout.for_world(5)
+    on_ranks, alone = PlannedBackend("bf16", layout), PlannedBackend("bf16")
 
-    def heaviest_rank(**settings) -> int:
-        return max(plan.peak_bytes for plan in plan_ranks(704, 384, layout, **settings).values())
+    def heaviest_rank(kv_format: str, policy: Policy) -> int:
+        plans = plan_roles(
+            704, 384, model="14b", weights="bf16", kv_format=kv_format, policy=policy, layout=layout
+        )
+        assert len(plans) == 3  # rank 0, the other DiT ranks, the decoder rank
+        return max(plan.peak_bytes for plan in plans.values())
 
     # bf16 weights, ISPA, fp8 KV: one GPU needs more than any rank of five.
-    run = {"weights": "bf16", "kv_format": "fp8", "policy": "ispa"}
-    gpu = heaviest_rank(**run) + CUDA_CONTEXT_BYTES
-    assert plan_run(704, 384, **run).peak_bytes + CUDA_CONTEXT_BYTES > gpu
-    check_run_fits(run_spec(ISPA, "fp8"), lead, fp8_weights=False, gpu_bytes=lambda: gpu)
+    ispa = ISPAPolicy(k_fraction=0.5, t_warm=12)
+    gpu = heaviest_rank("fp8", ispa) + CUDA_CONTEXT_BYTES
+    assert one_gpu("bf16", "fp8", ispa).peak_bytes + CUDA_CONTEXT_BYTES > gpu
+    check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda: gpu)
     with pytest.raises(ValidationError, match="This run does not fit the GPU: ISPA"):
-        check_run_fits(run_spec(ISPA, "fp8"), alone, fp8_weights=False, gpu_bytes=lambda: gpu)
+        check_run_fits(run_spec(ISPA, "fp8"), alone, gpu_bytes=lambda: gpu)
     with pytest.raises(ValidationError, match="fit the GPUs of the pipeline: ISPA .* on its heaviest rank"):
-        check_run_fits(run_spec(ISPA, "fp8"), lead, fp8_weights=False, gpu_bytes=lambda: gpu - 1)
+        check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda: gpu - 1)
     # The size chooser: the official size is offered on the ranks' GPUs, not on one such GPU.
-    lightest = {"weights": "bf16", "kv_format": "int4", "policy": "full"}
-    gpu = heaviest_rank(**lightest) + CUDA_CONTEXT_BYTES
+    gpu = heaviest_rank("int4", FullPolicy()) + CUDA_CONTEXT_BYTES
     assert planned_peak(SIZES[0][1], "bf16") + CUDA_CONTEXT_BYTES > gpu
-    on_ranks, _ = sizes_for_gpu(
-        SIZES, DIVISOR, fp8_weights=False, planner=gpu_planner(lead), gpu_bytes=lambda: gpu
-    )
-    on_one, _ = sizes_for_gpu(
-        SIZES, DIVISOR, fp8_weights=False, planner=gpu_planner(alone), gpu_bytes=lambda: gpu
-    )
-    assert SIZES[0] in on_ranks and SIZES[0] not in on_one
+    offered_on_ranks, _ = sizes_for_gpu(on_ranks, gpu_bytes=lambda: gpu)
+    offered_alone, _ = sizes_for_gpu(alone, gpu_bytes=lambda: gpu)
+    assert SIZES[0] in offered_on_ranks and SIZES[0] not in offered_alone

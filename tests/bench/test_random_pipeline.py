@@ -11,8 +11,8 @@ from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.fp8_linear import FP8Linear
+from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.sizing import TINY_SIZES
-from avatars.liveavatar.weights import memory
 from bench.random_pipeline import LIVEAVATAR_14B, RandomPipelineSpec, build_random_pipeline, random_dit
 from bench.streaming import run_policy, speech
 from ispa import ISPAPolicy

@@ -25,15 +25,14 @@ from avatars.base import AvatarChunk, GenerationRequest, RunControl, RunGroup
 from avatars.liveavatar.distributed.channel import RankFailure, Tag
 from avatars.liveavatar.distributed.follow import dit_stage
 from avatars.liveavatar.distributed.messages import KeepAlive
-from avatars.liveavatar.distributed.rank_memory import plan_ranks
 from avatars.liveavatar.distributed.stage_models import StageModels
 from avatars.liveavatar.distributed.world import PipelineWorld
-from avatars.liveavatar.memory_plan import RunPlan
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.liveavatar.streaming.block_loop import BlockNoise, stream_blocks
 from avatars.liveavatar.streaming.chunks import DecodedFrames
 from avatars.liveavatar.streaming.messages import BlockWork, DecodedBlock, StageReport
+from avatars.memory import MemoryPlan
 from ispa import ISPAPolicy, Policy
 
 __all__ = ["PipelineLead", "RankDownstream"]
@@ -80,10 +79,9 @@ class PipelineLead:
     def planned_size(self, max_area: int) -> tuple[int, int]:
         return self.pipeline.planned_size(max_area)
 
-    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[RunPlan]:
+    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[MemoryPlan]:
         """One plan per role of the layout's ranks (rank 0 with the encoders, the other DiT ranks, the decoder)."""
-        settings = self.pipeline.plan_settings(policy, kv_format)
-        return list(plan_ranks(height, width, self.world.layout, **settings).values())
+        return self.pipeline.memory_plans(height, width, policy, kv_format, layout=self.world.layout)
 
     def stream(
         self, request: GenerationRequest, control: RunControl | None = None, group: RunGroup | None = None

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from avatars.liveavatar.distributed.layout import RankLayout
-from avatars.liveavatar.distributed.rank_memory import rank_lightest_plan, role_of_rank
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.loading import load_parts
-from avatars.liveavatar.memory_plan import check_fits_free_memory
+from avatars.liveavatar.memory_plan import check_fits_free_memory, lightest_plan, role_of_rank
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.schedule import DenoisingSchedule
 
@@ -47,10 +46,10 @@ def load_stage_models(name: str, layout: RankLayout, rank: int, *, fp8: bool) ->
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     holds_dit, holds_vae = rank < layout.dit_ranks, rank == layout.decoder_rank
     if on_gpu:
-        plan = rank_lightest_plan(layout, rank, weights="fp8" if fp8 else "bf16")
+        plan = lightest_plan(weights="fp8" if fp8 else "bf16", layout=layout, rank=rank)
         free, _ = torch.cuda.mem_get_info(device)
         check_fits_free_memory(
-            plan, free, f"{torch.cuda.get_device_name(device)} ({role_of_rank(layout, rank)})"
+            plan, free, f"{torch.cuda.get_device_name(device)} ({role_of_rank(layout, rank).value})"
         )
     dit, vae = load_parts(name, fp8=fp8, device=device, dit=holds_dit, vae=holds_vae)
     return StageModels(device, dit, vae, DenoisingSchedule.liveavatar())

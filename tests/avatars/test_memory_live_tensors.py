@@ -10,7 +10,7 @@ import torch
 
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT
-from avatars.liveavatar.weights import memory
+from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
 from ispa import FullPolicy, ISPAPolicy, statistics_nbytes
 from ispa.quantized_cache import KV_FORMATS

@@ -1,4 +1,5 @@
-"""The GPU memory terms of a LiveAvatar run, in bytes; `avatars.liveavatar.memory_plan` adds them up per phase.
+"""The arithmetic of a LiveAvatar run's GPU memory terms, in bytes; `avatars.liveavatar.memory_plan.plan` makes
+them into the terms of a plan and says which ranks hold them.
 
 Parts:
 * DiT weights, counted from the model built on `meta`: bf16 (fp32 for `FP32_MODULES`), or with FP8 every linear layer the
@@ -35,7 +36,7 @@ WAV2VEC2_BYTES_PER_VALUE = 4  # the loader keeps wav2vec2 in fp32 (`AudioEncoder
 
 VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
 # The Wan2.1 decoder's causal-conv cache, carried from block to block, per output pixel in bf16: read off a
-# decode with the real config (exactly linear in pixels; checked in tests/avatars/test_weights_memory.py).
+# decode with the real config (exactly linear in pixels; checked in tests/avatars/test_memory_terms.py).
 VAE_DECODER_CACHE_BYTES_PER_PIXEL = 4729
 
 

@@ -1,4 +1,5 @@
-"""GPU memory terms: the 14B numbers against hand arithmetic, and the load-time check's message."""
+"""GPU memory terms: the 14B numbers against hand arithmetic and the real configurations, the lightest plan, and the
+load-time check's message."""
 
 import json
 from dataclasses import fields
@@ -15,17 +16,17 @@ from avatars.liveavatar.dit.transformer import FP32_MODULES
 from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.loading import build_liveavatar_pipeline
 from avatars.liveavatar.memory_plan import (
-    CUDA_CONTEXT_BYTES,
-    GIB,
     InsufficientGPUMemoryError,
+    Role,
     check_fits_free_memory,
     lightest_plan,
-    plan_run,
+    plan_roles,
 )
-from avatars.liveavatar.weights import memory
+from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.weights.fp8 import EXCLUDED_FROM_FP8
 from avatars.liveavatar.weights.hub import WeightPaths
-from ispa import KV_FORMATS, statistics_nbytes
+from avatars.memory import CUDA_CONTEXT_BYTES, GIB, TermKind
+from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy, statistics_nbytes
 
 MANIFEST = (
     Path(__file__).resolve().parents[3] / "shared" / "reference" / "liveavatar_s2v14b_dit_manifest.json"
@@ -132,19 +133,21 @@ def test_loading_refuses_a_too_small_gpu_before_reading_any_weight(monkeypatch):
     paths = WeightPaths(*(Path("/nonexistent") for _ in fields(WeightPaths)))
     with pytest.raises(InsufficientGPUMemoryError) as err:
         build_liveavatar_pipeline(paths, device="cuda", fp8=True)
-    lightest = lightest_plan(512 * 320, 64, weights="fp8", text_encoder_on_gpu=False)
+    lightest = lightest_plan(weights="fp8")  # the smallest of LiveAvatar's sizes: 512×320
     message = str(err.value)
     assert "Fake GPU" in message and "only 20.00 GiB is free" in message
     assert f"peaks at {lightest.peak_bytes / GIB:.2f} GiB" in message and "int4 KV" in message
 
 
-def test_the_lightest_plan_is_full_with_int4_kv_at_the_planned_size():
-    lightest = lightest_plan(512 * 320, 64, weights="fp8", text_encoder_on_gpu=False)
-    assert lightest.settings["size"] == "512x320" and lightest.settings["kv_format"] == "int4"
+@pytest.mark.parametrize(("max_area", "height", "width"), [(512 * 320, 512, 320), (720 * 400, 704, 384)])
+def test_the_lightest_plan_is_full_with_int4_kv_at_the_planned_size(max_area, height, width):
+    lightest = lightest_plan(weights="fp8", max_area=max_area)
+    assert lightest.settings["size"] == f"{height}x{width}" and lightest.settings["kv_format"] == "int4"
+    assert LIGHTEST_KV_FORMAT == "int4" and lightest.settings["policy"] == "full"
     others = [
-        plan_run(512, 320, weights="fp8", kv_format=kv, policy=policy)
+        plan_roles(height, width, model="14b", weights="fp8", kv_format=kv, policy=policy)[Role.ONE_GPU]
         for kv in KV_FORMATS
-        for policy in ("full", "ispa")
+        for policy in (FullPolicy(), ISPAPolicy())
     ]
     assert lightest.peak_bytes == min(p.peak_bytes for p in others)
     check_fits_free_memory(lightest, lightest.peak_bytes + CUDA_CONTEXT_BYTES, "Fake GPU")  # exactly fits
@@ -159,5 +162,8 @@ def test_vae_decoder_cache_constant_matches_a_real_config_decode():
     decoder.decode_block(torch.randn(1, 16, 2, 8, 8))  # a 64×64 video; the cache is full after two frames
     values = sum(t.numel() for t in decoder._cache if isinstance(t, torch.Tensor))
     assert 2 * values == memory.VAE_DECODER_CACHE_BYTES_PER_PIXEL * 64 * 64
-    terms = {t.name: t for t in plan_run(704, 384).terms}
-    assert terms["VAE decoder cache"].warmup == 4729 * 704 * 384
+    plan = plan_roles(704, 384, model="14b", weights="fp8", kv_format="fp8", policy=ISPAPolicy())[
+        Role.ONE_GPU
+    ]
+    (decoder_cache,) = [t for t in plan.terms if t.kind is TermKind.DECODER_CACHE]
+    assert decoder_cache.warmup == decoder_cache.after == 4729 * 704 * 384
