@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from avatars.liveavatar.encoders.text import TextEncoder
 from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.memory_plan import plan_roles
 from avatars.liveavatar.portrait_latents import PortraitLatentCache, PortraitLatents
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait, planned_size
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
@@ -39,13 +39,10 @@ from avatars.liveavatar.streaming.local import LocalDownstream
 from avatars.liveavatar.streaming.messages import RunSpec
 from avatars.liveavatar.streaming.stage import DenoisingStage
 from avatars.media.portrait import check_rgb_image
+from avatars.memory import MemoryPlan
 from ispa import Policy
 from ispa.checks import check_positive_int, is_int
 from ispa.quantized_cache import kv_layer_factory
-
-if TYPE_CHECKING:
-    from avatars.liveavatar.distributed.layout import RankLayout
-    from avatars.memory import MemoryPlan
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from avatars.liveavatar.distributed import PipelineLead, PipelineWorld, RankLayout
+from avatars.liveavatar.distributed import PipelineLead, PipelineWorld
 from avatars.liveavatar.distributed.channel import PeerChannel
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.rank_layout import RankLayout
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "examples"
 

@@ -11,8 +11,8 @@ import pytest
 from app.gpu_sizes import check_run_fits, sizes_for_gpu
 from app.inputs import COMPARE, ISPA, RunSpec
 from app.validation import Settings, ValidationError
-from avatars.liveavatar.distributed.layout import RankLayout
 from avatars.liveavatar.memory_plan import Role, plan_roles
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size, planned_size
 from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, TermKind, compare_peak_bytes
 from ispa import FullPolicy, ISPAPolicy, Policy

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avatars.liveavatar.distributed import RankFailure, RankLayout
+from avatars.liveavatar.distributed import RankFailure
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.rank_layout import RankLayout
 from tests.fixtures.distributed_runs import Scenario, run_pipeline, run_scenario, same_chunks
 
 pytestmark = pytest.mark.slow

@@ -154,7 +154,7 @@ def test_a_bad_size_exits_with_status_2(capsys):
 
 
 def test_the_command_prints_each_role_of_a_pipeline_of_ranks(capsys):
-    from avatars.liveavatar.distributed.layout import RankLayout
+    from avatars.liveavatar.rank_layout import RankLayout
 
     assert main(["--ranks", "4", "--policy", "full", "--kv", "int4", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -12,7 +12,7 @@ import torch
 
 from avatars.liveavatar.block_layout import cache_layout
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.distributed import RankLayout, load_stage_models
+from avatars.liveavatar.distributed import load_stage_models
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.memory_plan import (
     InsufficientGPUMemoryError,
@@ -24,6 +24,7 @@ from avatars.liveavatar.memory_plan import (
     roles_of,
 )
 from avatars.liveavatar.memory_plan import terms as memory
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.memory import GIB, MemoryPlan, Term, TermKind
 from ispa import KV_FORMATS, FullPolicy, ISPAPolicy
 

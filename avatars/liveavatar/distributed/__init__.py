@@ -1,9 +1,8 @@
-"""LiveAvatar on several processes (GPUs): the timestep pipeline on torch.distributed (see `layout`)."""
+"""LiveAvatar on several processes (GPUs): the timestep pipeline on torch.distributed (see `avatars.liveavatar.rank_layout`)."""
 
 from avatars.liveavatar.distributed.channel import RankFailure
 from avatars.liveavatar.distributed.cli_ranks import run_on_ranks
 from avatars.liveavatar.distributed.follow import follow_runs
-from avatars.liveavatar.distributed.layout import RankLayout
 from avatars.liveavatar.distributed.lead import PipelineLead
 from avatars.liveavatar.distributed.stage_models import StageModels, load_stage_models
 from avatars.liveavatar.distributed.world import DEFAULT_TIMEOUT, PipelineWorld, launched_by_torchrun
@@ -13,7 +12,6 @@ __all__ = [
     "PipelineLead",
     "PipelineWorld",
     "RankFailure",
-    "RankLayout",
     "StageModels",
     "follow_runs",
     "launched_by_torchrun",

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from avatars.liveavatar.distributed.layout import RankLayout
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.loading import load_parts
 from avatars.liveavatar.memory_plan import check_fits_free_memory, lightest_plan, role_of_rank
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.schedule import DenoisingSchedule
 
 __all__ = ["StageModels", "load_stage_models"]

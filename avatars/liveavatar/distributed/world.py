@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from avatars.liveavatar.distributed.channel import PeerChannel, RankFailure
-from avatars.liveavatar.distributed.layout import RankLayout
+from avatars.liveavatar.rank_layout import RankLayout
 
 __all__ = ["DEFAULT_TIMEOUT", "PipelineWorld", "launched_by_torchrun", "sum_flattened"]
 

@@ -11,9 +11,9 @@ import argparse
 import json
 
 from avatars.liveavatar.config import PRESETS
-from avatars.liveavatar.distributed.layout import RankLayout
 from avatars.liveavatar.memory_plan.plan import plan_roles
 from avatars.liveavatar.memory_plan.roles import Role
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.memory import GIB, MemoryPlan
 from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy
 

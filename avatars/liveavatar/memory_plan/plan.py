@@ -16,7 +16,6 @@ cache; each holds the activations of what it runs.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,13 +47,11 @@ from avatars.liveavatar.memory_plan.terms import (
     vae_decode_activation_bytes,
     vae_weight_bytes,
 )
+from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, SIZE_DIVISOR, planned_size
 from avatars.memory import GIB, MemoryPlan, Term, TermKind, fits_capacity
 from ispa import LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy, Policy, statistics_nbytes
 from ispa.quantized_cache import KV_FORMATS, quantizes_sink
-
-if TYPE_CHECKING:
-    from avatars.liveavatar.distributed.layout import RankLayout
 
 __all__ = [
     "ABSORB_WORKSPACE_BYTES_PER_DIM2",

@@ -1,17 +1,14 @@
 """The roles a GPU has in a LiveAvatar run: the whole pipeline on one GPU, or one rank's stage of the timestep
-pipeline (`avatars.liveavatar.distributed.layout`). Ranks of one role hold the same terms, so a plan per role is a
+pipeline (`avatars.liveavatar.rank_layout`). Ranks of one role hold the same terms, so a plan per role is a
 plan per GPU.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
 from avatars.liveavatar.block_layout import DENOISING_STEPS
-
-if TYPE_CHECKING:  # imported for its type only: the distributed package imports the loaders, which import us
-    from avatars.liveavatar.distributed.layout import RankLayout
+from avatars.liveavatar.rank_layout import RankLayout
 
 __all__ = ["DECODING", "DENOISING", "ENCODING", "Role", "role_of_rank", "roles_of", "rings_per_dit_rank"]
 
