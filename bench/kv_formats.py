@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ def frames_psnr(kv_format: str, seconds: float = 2.0) -> tuple[float, int]:
     request = GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000, seed=1)
 
     def frames(fmt: str) -> np.ndarray:
-        return np.concatenate([c.frames for c in pipe.stream(request, FullPolicy(), kv_format=fmt)])
+        return np.concatenate([c.frames for c in pipe.stream(replace(request, kv_format=fmt))])
 
     want, got = frames("bf16").astype(np.float64), frames(kv_format).astype(np.float64)
     mse = float(np.mean((want - got) ** 2))

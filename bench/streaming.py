@@ -49,6 +49,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def run_policy(
         torch.cuda.reset_peak_memory_stats(pipe.device)
     rows: list[dict[str, Any]] = []
     peak_warmup = peak_after = None
-    stream = pipe.stream(request, policy, kv_format=kv_format, max_area=max_area)
+    stream = pipe.stream(replace(request, policy=policy, kv_format=kv_format, max_area=max_area))
     try:
         for chunk in itertools.islice(stream, blocks):
             engine, timings = chunk.report.engine, chunk.report.timings
