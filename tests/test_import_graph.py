@@ -157,3 +157,21 @@ def test_layers_import_only_downwards(layer: str) -> None:
         if target.split(".")[0] not in ALLOWED[layer]
     )
     assert not wrong, wrong
+
+
+def test_the_app_knows_a_backend_only_through_the_protocol() -> None:
+    """`app/` imports no backend internals (the pipeline of ranks, the memory plan, the pipeline class) but at
+    the torchrun entry point, which builds the backend it serves."""
+    internals = (
+        "avatars.liveavatar.distributed",
+        "avatars.liveavatar.memory_plan",
+        "avatars.liveavatar.pipeline",
+    )
+    reached = {
+        (module, target)
+        for module, targets in graph().items()
+        if module.startswith("app") and module != "app.serve_on_ranks"
+        for target in targets
+        if target.startswith(internals)
+    }
+    assert reached == set()

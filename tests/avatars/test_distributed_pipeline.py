@@ -17,7 +17,13 @@ import pytest
 from avatars.liveavatar.distributed import RankFailure
 from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.liveavatar.rank_layout import RankLayout
-from tests.fixtures.distributed_runs import Scenario, run_pipeline, run_scenario, same_chunks
+from tests.fixtures.distributed_runs import (
+    Scenario,
+    run_keepalive_pair,
+    run_pipeline,
+    run_scenario,
+    same_chunks,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +135,12 @@ def test_layouts_for_each_process_count():
     assert RankLayout.for_world(2, decoder_on_last_dit=True).steps(1) == range(2, 4)
     with pytest.raises(ValueError, match="cannot lay out the pipeline on 6 processes"):
         RankLayout.for_world(6)
+
+
+def test_a_follower_outlives_an_idle_lead_and_notices_a_silent_one(tmp_path: Path):
+    # The follower waits at most 3 s for anything from upstream; the lead idles 5 s before its run (its
+    # keep-alives carry the follower through), then goes silent: the follower fails within its wait.
+    lead, follower = run_keepalive_pair(tmp_path, wait_s=3.0, idle_s=5.0)
+    assert [c["index"] for c in lead["chunks"]] == [0]  # a 0.5 s clip: one block
+    assert "nothing from upstream within 0:00:03" in follower["failure"]
+    assert 3.0 <= follower["at"] - lead["silent_at"] <= 3.0 + 3.0
