@@ -2,8 +2,7 @@
 (app → avatars → ispa).
 
 Every import counts, function-local ones too (a shim inside a function is still a cycle a reader must hold in mind).
-Folders count as a whole: `dit/attention.py → weights/fp8.py` and `weights/dit_loader.py → dit/` make no cycle of
-modules, yet a reader of either folder must hold the other in mind, so two sibling folders import one way only.
+Folders count as a whole: `a/x.py → b/y.py` and `b/z.py → a/w.py` make no cycle of modules, yet a reader of either folder must hold the other in mind, so two sibling folders import one way only.
 """
 
 from __future__ import annotations

@@ -142,8 +142,12 @@ class PipelineLead:
         audio = AudioTimeline(request.audio, request.sample_rate, pipeline.audio_encoder)
         spec, _ = pipeline.run_spec(request, height, width)
         world.channel.send(spec, world.layout.downstream(0), Tag.DOWN)
-        stage = dit_stage(StageModels.of_pipeline(pipeline), world, spec)
         downstream = RankDownstream(self, spec.run)
+        try:
+            stage = dit_stage(StageModels.of_pipeline(pipeline), world, spec)
+        except BaseException:
+            downstream.finish(0)  # the other ranks have opened the run: close it there
+            raise
         noise = BlockNoise(pipeline.dit, spec.seed, spec.latent_h, spec.latent_w)
         del spec
         yield from stream_blocks(stage, downstream, audio, noise, control)

@@ -9,9 +9,10 @@ Per block k (latent frames 3k..3k+2, video frames 12k..12k+11 at 25 fps):
    may absorb or recalibrate; a recalibration request is taken once per block, just before this);
 4. chunks come back in block order (`ChunkAssembler`) as soon as their frames exist: between the lead's steps when
    they are ready, and at the latest when more than `depth` blocks are in flight.
-After a cancel no block starts and no chunk is handed out after the one in hand, except that blocks the lead had
-already fully denoised (it owns the last step) are still decoded and handed out; blocks still being denoised on
-other ranks are dropped. Closing the generator ends the run in every stage.
+A cancel is seen at each block's start and after each chunk handed out. From then on no block starts, the block
+in progress is abandoned, and of the blocks in flight those the lead has fully denoised (it owns the last step)
+are still decoded and handed out, while those still being denoised on other ranks are dropped. Closing the
+generator ends the run in every stage.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def audio_tokens(dit: LiveAvatarDiT, features: torch.Tensor) -> AudioTokens:
     return dit.encode_audio(window)
 
 
+class _Cancelled(Exception):
+    """The run's control was cancelled: no block starts any more."""
+
+
 @dataclass
 class _InFlight:
     block: int
@@ -106,46 +111,50 @@ def stream_blocks(
     sent = 0
     failed = False
 
-    def hand_out() -> Iterator[AvatarChunk]:
-        """Yield the oldest pending block's chunk; returns whether there was one (a cancel is honoured then)."""
+    def next_chunk() -> AvatarChunk | None:
         pending = in_flight.popleft()
         decoded, others = downstream.collect()
-        chunk = assembler.chunk(pending.block, pending.valid_frames, decoded, [pending.report, *others])
+        return assembler.chunk(pending.block, pending.valid_frames, decoded, [pending.report, *others])
+
+    def hand_out() -> Iterator[AvatarChunk]:
+        """Yield the oldest pending block's chunk, then honour a cancel."""
+        chunk = next_chunk()
         if chunk is not None:
             yield chunk
-        return chunk is not None
+        if control.cancelled:
+            raise _Cancelled
 
     try:
-        for block, (features, valid_frames) in enumerate(audio.feature_blocks()):
-            if control.cancelled:
-                if not stage.owns_last_step:  # still being denoised elsewhere: dropped
-                    in_flight.clear()
-                while in_flight:
+        try:
+            for block, (features, valid_frames) in enumerate(audio.feature_blocks()):
+                if control.cancelled:
+                    raise _Cancelled
+                started = time.perf_counter()
+                work = BlockWork(stage.run, block, noise.block(block), audio_tokens(stage.dit, features))
+                inputs_seconds = time.perf_counter() - started
+                for denoised_so_far in stage.denoise(work):
+                    latents = denoised_so_far
+                    while in_flight and downstream.ready():
+                        yield from hand_out()
+                while len(in_flight) > downstream.in_flight_at_block_end:
                     yield from hand_out()
-                return
-            started = time.perf_counter()
-            work = BlockWork(stage.run, block, noise.block(block), audio_tokens(stage.dit, features))
-            inputs_seconds = time.perf_counter() - started
-            for denoised_so_far in stage.denoise(work):
-                latents = denoised_so_far
-                while in_flight and downstream.ready():
-                    if (yield from hand_out()) and control.cancelled:
-                        return
-            while len(in_flight) > downstream.in_flight_at_block_end:
-                if (yield from hand_out()) and control.cancelled:
-                    return
-            work = stage.handed_on(work, latents, recalibrate=control.take_recalibration())
-            downstream.hand_on(work)
-            sent += 1
-            report = stage.end_block(work)
-            in_flight.append(
-                _InFlight(block, valid_frames, replace(report, seconds=report.seconds + inputs_seconds))
-            )
-            while len(in_flight) > downstream.depth:
-                if (yield from hand_out()) and control.cancelled:
-                    return
-        while in_flight and not control.cancelled:
-            yield from hand_out()
+                work = stage.handed_on(work, latents, recalibrate=control.take_recalibration())
+                downstream.hand_on(work)
+                sent += 1
+                report = stage.end_block(work)
+                own = replace(report, seconds=report.seconds + inputs_seconds)
+                in_flight.append(_InFlight(block, valid_frames, own))
+                while len(in_flight) > downstream.depth:
+                    yield from hand_out()
+            while in_flight:
+                yield from hand_out()
+        except _Cancelled:
+            if not stage.owns_last_step:  # still being denoised elsewhere: dropped
+                in_flight.clear()
+            while in_flight:
+                chunk = next_chunk()
+                if chunk is not None:
+                    yield chunk
     except GeneratorExit:
         raise
     except BaseException:

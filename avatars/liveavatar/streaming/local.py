@@ -67,7 +67,8 @@ class LocalDownstream:
         return self._pending.popleft().result(), []
 
     def finish(self, blocks: int) -> None:
-        """The run ends after `blocks` blocks: drop what was not collected."""
+        """The run ends after `blocks` blocks: wait for the decodes not collected (they use the decoder's cache)
+        and drop their frames."""
         while self._pending:
             self._pending.popleft().future.result()
 
