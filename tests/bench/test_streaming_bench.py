@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from avatars.base import GenerationRequest
 from bench.streaming import parse_args, run_policy
 from ispa import FullPolicy
 from tests.fixtures.chunk_reports import full_policy_report
@@ -68,7 +70,7 @@ class _FailingPipe:
 
     device = torch.device("cpu")
 
-    def stream(self, request, policy, **options):
+    def stream(self, request, control=None, group=None):
         for index in range(2):
             yield SimpleNamespace(index=index, report=full_policy_report(index, frames=12, end_seconds=0.48))
         raise RuntimeError("CUDA out of memory")
@@ -77,7 +79,10 @@ class _FailingPipe:
 def test_rows_measured_before_a_crash_have_already_been_handed_over():
     seen = []
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_policy(_FailingPipe(), None, FullPolicy(), blocks=4, warmup_blocks=2, on_block=seen.append)
+        request = GenerationRequest(
+            portrait=np.zeros((64, 64, 3), np.uint8), audio=np.zeros(1), sample_rate=16000
+        )
+        run_policy(_FailingPipe(), request, FullPolicy(), blocks=4, warmup_blocks=2, on_block=seen.append)
     assert [row["index"] for row in seen] == [0, 1] and seen[1]["dit_seconds"] == 0.1  # the fixture's timing
 
 
