@@ -26,8 +26,6 @@ from tests.fixtures.distributed_runs import (
     same_chunks,
 )
 
-pytestmark = pytest.mark.slow
-
 ISPA_FRAME_TOLERANCE = 2  # of 255: the largest pixel difference allowed under ISPA
 ISPA = (("k_fraction", 0.5), ("t_warm", 6))
 FULL = Scenario("full")
@@ -43,15 +41,28 @@ def pipe():
     return build_tiny_pipeline(seed=0)
 
 
+class OneProcessRuns(dict):
+    """One-process chunks per scenario, each computed when a test first asks for it (so each test pays for its own
+    scenarios, whatever runs before it)."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__()
+        self.pipe = pipe
+
+    def __missing__(self, scenario: Scenario) -> list[dict]:
+        self[scenario] = run_scenario(self.pipe.stream, scenario)
+        return self[scenario]
+
+
 @pytest.fixture(scope="module")
-def single(pipe):
-    """One-process chunks of every scenario, computed once."""
-    return {s: run_scenario(pipe.stream, s) for s in (FULL, RECALIBRATE, CANCEL, FULL_REFRESH, LIVE)}
+def single(pipe) -> OneProcessRuns:
+    return OneProcessRuns(pipe)
 
 
 @pytest.fixture(scope="module")
 def latents(pipe, single):
-    return dict(pipe.portrait_latents._entries)  # the encodes the single runs made, handed to every rank 0
+    single[FULL]  # every scenario uses the same portrait: its encodes are handed to every rank 0
+    return dict(pipe.portrait_latents._entries)
 
 
 def assert_ispa_close(got: list[dict], want: list[dict]) -> None:
@@ -70,6 +81,7 @@ def assert_ispa_close(got: list[dict], want: list[dict]) -> None:
             )
 
 
+@pytest.mark.slow
 def test_five_processes_four_dit_ranks_and_a_decoder(single, latents, tmp_path: Path):
     full, recalibrate = run_pipeline(5, [FULL, RECALIBRATE], tmp_path, portrait_latents=latents)
     assert same_chunks(full, single[FULL])
@@ -134,10 +146,11 @@ def test_layouts_for_each_process_count():
         RankLayout.for_world(6)
 
 
+@pytest.mark.slow
 def test_a_follower_outlives_an_idle_lead_and_notices_a_silent_one(tmp_path: Path):
-    # The follower waits at most 3 s for anything from upstream; the lead idles 5 s before its run (its
+    # The follower waits at most 2 s for anything from upstream; the lead idles 3 s before its run (its
     # keep-alives carry the follower through), then goes silent: the follower fails within its wait.
-    lead, follower = run_keepalive_pair(tmp_path, wait_s=3.0, idle_s=5.0)
+    lead, follower = run_keepalive_pair(tmp_path, wait_s=2.0, idle_s=3.0)
     assert [c["index"] for c in lead["chunks"]] == [0]  # a 0.5 s clip: one block
-    assert "nothing from upstream within 0:00:03" in follower["failure"]
-    assert 3.0 <= follower["at"] - lead["silent_at"] <= 3.0 + 3.0
+    assert "nothing from upstream within 0:00:02" in follower["failure"]
+    assert 2.0 <= follower["at"] - lead["silent_at"] <= 2.0 + 3.0
