@@ -24,18 +24,19 @@ from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, compare_peak_byt
 from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy
 
 
-def cuda_total_bytes() -> int | None:
-    """Total memory of the first CUDA GPU, or None without one."""
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+def gpu_total_bytes(device: torch.device) -> int | None:
+    """Total memory of `device` when it is a CUDA GPU; None otherwise (nothing to plan for: the tiny model runs on
+    the CPU even on a machine with GPUs)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def sizes_for_gpu(
-    backend: AvatarBackend, *, gpu_bytes: Callable[[], int | None] = cuda_total_bytes
+    backend: AvatarBackend, *, gpu_bytes: Callable[[torch.device], int | None] = gpu_total_bytes
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """(the backend's sizes whose lightest run fits, a reason for each that does not); every size without a GPU
     to plan for."""
     sizes = backend.size_choices()
-    total = gpu_bytes()
+    total = gpu_bytes(backend.device)
     if total is None:
         return sizes, []
     kept, reasons = [], []
@@ -55,10 +56,13 @@ def sizes_for_gpu(
 
 
 def check_run_fits(
-    spec: RunSpec, backend: AvatarBackend, *, gpu_bytes: Callable[[], int | None] = cuda_total_bytes
+    spec: RunSpec,
+    backend: AvatarBackend,
+    *,
+    gpu_bytes: Callable[[torch.device], int | None] = gpu_total_bytes,
 ) -> None:
     """Refuse, in our words, a run whose planned peak (plus the CUDA context) exceeds the GPU; nothing without one."""
-    total = gpu_bytes()
+    total = gpu_bytes(backend.device)
     if total is None:
         return
     height, width = backend.output_size(spec.portrait, spec.max_area)

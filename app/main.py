@@ -208,7 +208,7 @@ def _prepare(
     live: bool,
 ) -> RunSpec:
     pipe = get_pipeline(check_model(choices.model))
-    sizes, too_big = usable_sizes(choices.model, pipe)
+    sizes, too_big = usable_sizes(pipe)
     if not sizes:
         raise ValidationError("No size of this model fits this GPU: " + "; ".join(too_big))
     spec = prepare_run(
@@ -229,8 +229,7 @@ def _prepare(
         speech_dir=temp_root(),
         live=live,
     )
-    if choices.model == REAL_MODEL:
-        check_run_fits(spec, pipe)
+    check_run_fits(spec, pipe)
     for note in spec.warnings:
         gr.Warning(_as_text(note))
     return spec
@@ -337,7 +336,7 @@ def refresh_sizes(model: str) -> Any:
         pipe = get_pipeline(check_model(model))
     except ValidationError:
         return gr.skip()
-    sizes, too_big = usable_sizes(model, pipe)
+    sizes, too_big = usable_sizes(pipe)
     note = "Left out, by the memory plan: " + "; ".join(too_big) if too_big else None
     return gr.Dropdown(choices=[DEFAULT_SIZE, *(label for label, _ in sizes)], value=DEFAULT_SIZE, info=note)
 

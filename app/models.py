@@ -110,10 +110,8 @@ def get_pipeline(name: str) -> AvatarBackend:
     return pipeline_pool().pipeline(check_model(name))
 
 
-def usable_sizes(name: str, pipe: AvatarBackend) -> tuple[list[tuple[str, int]], list[str]]:
-    """The sizes of `pipe` this machine can run (all of them for the test model), and why any others cannot."""
-    if name != REAL_MODEL:
-        return pipe.size_choices(), []
+def usable_sizes(pipe: AvatarBackend) -> tuple[list[tuple[str, int]], list[str]]:
+    """The sizes of `pipe` its device can run (all of them off a GPU), and why any others cannot."""
     return sizes_for_gpu(pipe)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from app.gpu_sizes import check_run_fits, sizes_for_gpu
 from app.inputs import COMPARE, ISPA, RunSpec
@@ -24,6 +25,8 @@ DIVISOR = 64
 class PlannedBackend:
     """The memory side of a LiveAvatar 14B backend (sizes, output size, memory plans), on one GPU or on the ranks
     of `layout`, with the real planner and no model."""
+
+    device = torch.device("cuda", 0)  # never used as a device: the tests hand in what the GPU reports
 
     def __init__(self, weights: str = "fp8", layout: RankLayout | None = None) -> None:
         self.weights, self.layout = weights, layout
@@ -62,14 +65,17 @@ def planned_peak(area: int, weights: str) -> int:
 
 
 def test_without_a_gpu_every_size_is_offered() -> None:
-    assert sizes_for_gpu(PlannedBackend(), gpu_bytes=lambda: None) == (SIZES, [])
+    assert sizes_for_gpu(PlannedBackend(), gpu_bytes=lambda device: None) == (SIZES, [])
+    cpu_backend = PlannedBackend()
+    cpu_backend.device = torch.device("cpu")
+    assert sizes_for_gpu(cpu_backend) == (SIZES, [])  # a backend off the GPUs is not planned for
 
 
 @pytest.mark.parametrize("gpu_gib", [24, 48, 80, 139])
 @pytest.mark.parametrize("fp8", [True, False])
 def test_a_size_is_offered_exactly_when_its_plan_fits(gpu_gib: int, fp8: bool) -> None:
     weights = "fp8" if fp8 else "bf16"
-    kept, reasons = sizes_for_gpu(PlannedBackend(weights), gpu_bytes=lambda: gpu_gib * GIB)
+    kept, reasons = sizes_for_gpu(PlannedBackend(weights), gpu_bytes=lambda device: gpu_gib * GIB)
     expected = [
         (label, area)
         for label, area in SIZES
@@ -92,16 +98,12 @@ def test_the_app_offers_only_the_usable_sizes_and_refuses_when_none_fits(monkeyp
     from app import main
     from app.inputs import EngineChoices
 
-    monkeypatch.setattr(
-        main, "usable_sizes", lambda name, pipe: ([("64×64 area", 4096)], ["128×64 area: peak …"])
-    )
+    monkeypatch.setattr(main, "usable_sizes", lambda pipe: ([("64×64 area", 4096)], ["128×64 area: peak …"]))
     dropdown = main.refresh_sizes("tiny")
     assert [choice[0] for choice in dropdown.choices] == ["default", "64×64 area"]
     assert "Left out, by the memory plan: 128×64 area" in dropdown.info
 
-    monkeypatch.setattr(
-        main, "usable_sizes", lambda name, pipe: ([], ["720×400 area (official): peak 70 GiB"])
-    )
+    monkeypatch.setattr(main, "usable_sizes", lambda pipe: ([], ["720×400 area (official): peak 70 GiB"]))
     choices = EngineChoices(
         policy="ISPA", k_fraction=0.5, t_warm=6, lam=1e-3, seed=0, size="default", model="tiny"
     )
@@ -131,15 +133,15 @@ def test_a_run_is_refused_exactly_when_its_own_plan_does_not_fit() -> None:
         return one_gpu("fp8", kv, ISPAPolicy(k_fraction=0.5, t_warm=12)).peak_bytes
 
     gpu = peak("fp8") + CUDA_CONTEXT_BYTES  # ISPA with fp8 KV just fits
-    check_run_fits(run_spec(ISPA, "fp8"), backend, gpu_bytes=lambda: gpu)
+    check_run_fits(run_spec(ISPA, "fp8"), backend, gpu_bytes=lambda device: gpu)
     assert peak("bf16") + CUDA_CONTEXT_BYTES > gpu
     with pytest.raises(ValidationError) as err:
-        check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda: gpu)
+        check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda device: gpu)
     fitting = [kv for kv in ("bf16", "fp8", "fp8-all", "int4") if peak(kv) + CUDA_CONTEXT_BYTES <= gpu]
     message = str(err.value)
     assert "ISPA at 704×384 with bf16 KV" in message and f"{peak('bf16') / GIB:.2f} GiB" in message
     assert message.endswith(f"it fits with the KV-cache format {' or '.join(fitting)}.")
-    check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda: None)  # no GPU: no plan
+    check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda device: None)  # no GPU: no plan
 
 
 def test_compare_mode_counts_both_runs_caches_once_beside_one_model() -> None:
@@ -150,10 +152,10 @@ def test_compare_mode_counts_both_runs_caches_once_beside_one_model() -> None:
     both = compare_peak_bytes(full, ispa)
     assert max(full.peak_bytes, ispa.peak_bytes) < both < full.peak_bytes + ispa.peak_bytes - shared
     backend = PlannedBackend("fp8")
-    check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda: both + CUDA_CONTEXT_BYTES)
+    check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda device: both + CUDA_CONTEXT_BYTES)
     with pytest.raises(ValidationError, match="Compare at 704×384"):
         gpu = both + CUDA_CONTEXT_BYTES - 1
-        check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda: gpu)
+        check_run_fits(run_spec(COMPARE, "fp8"), backend, gpu_bytes=lambda device: gpu)
 
 
 def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
@@ -171,14 +173,14 @@ def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
     ispa = ISPAPolicy(k_fraction=0.5, t_warm=12)
     gpu = heaviest_rank("fp8", ispa) + CUDA_CONTEXT_BYTES
     assert one_gpu("bf16", "fp8", ispa).peak_bytes + CUDA_CONTEXT_BYTES > gpu
-    check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda: gpu)
+    check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda device: gpu)
     with pytest.raises(ValidationError, match="This run does not fit the GPU: ISPA"):
-        check_run_fits(run_spec(ISPA, "fp8"), alone, gpu_bytes=lambda: gpu)
+        check_run_fits(run_spec(ISPA, "fp8"), alone, gpu_bytes=lambda device: gpu)
     with pytest.raises(ValidationError, match="fit the GPUs of the pipeline: ISPA .* on its heaviest rank"):
-        check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda: gpu - 1)
+        check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda device: gpu - 1)
     # The size chooser: the official size is offered on the ranks' GPUs, not on one such GPU.
     gpu = heaviest_rank("int4", FullPolicy()) + CUDA_CONTEXT_BYTES
     assert planned_peak(SIZES[0][1], "bf16") + CUDA_CONTEXT_BYTES > gpu
-    offered_on_ranks, _ = sizes_for_gpu(on_ranks, gpu_bytes=lambda: gpu)
-    offered_alone, _ = sizes_for_gpu(alone, gpu_bytes=lambda: gpu)
+    offered_on_ranks, _ = sizes_for_gpu(on_ranks, gpu_bytes=lambda device: gpu)
+    offered_alone, _ = sizes_for_gpu(alone, gpu_bytes=lambda device: gpu)
     assert SIZES[0] in offered_on_ranks and SIZES[0] not in offered_alone
