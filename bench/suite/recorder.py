@@ -2,7 +2,8 @@
 
 Every stage is in the file from the start: "skipped" (not reached) until it starts, "failed" while it runs (so a
 process killed mid-stage still leaves a valid contract), then "ok", "failed" with its error, or "skipped" with why.
-Figures that have a target in the issue's table are printed against it the moment they are recorded.
+Figures that have a target in the issue's table are printed against it the moment they are recorded, and figures
+that have a model's estimate (`estimates`, "stage.key" → {"value", "basis"}) beside that estimate.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ class Recorder:
     """Holds the summary and writes it atomically (temp file + rename) to `out_dir/summary.json` on each change."""
 
     def __init__(
-        self, out_dir: Path, header: dict[str, Any], stages: list[str], targets: list[Target]
+        self,
+        out_dir: Path,
+        header: dict[str, Any],
+        stages: list[str],
+        targets: list[Target],
+        estimates: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.path = Path(out_dir) / "summary.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +71,7 @@ class Recorder:
             **header,
             "stages": {name: {"status": "skipped", "reason": NOT_REACHED, "figures": {}} for name in stages},
             "targets": [t.__dict__ for t in targets],
+            "estimates": dict(estimates or {}),
         }
         self._current: str | None = None
         self.write()
@@ -81,15 +88,20 @@ class Recorder:
         self.summary["stages"][stage]["figures"][key] = value
         self.write()
         target = self.targets.get(f"{stage}.{key}")
-        shown = _short(value)
+        estimate = self.summary["estimates"].get(f"{stage}.{key}")
+        line = f"  {stage}.{key} = {_short(value)}"
+        if estimate is not None:
+            line = f"  {stage}.{key}: measured {_short(value)}, estimate {_short(estimate['value'])} ({estimate['basis']})"
         if target is not None:
             number = value if isinstance(value, (int, float)) else None
-            print(
-                f"  {stage}.{key} = {shown}   target {target.describe()}: {target.verdict(number)}",
-                flush=True,
-            )
-        else:
-            print(f"  {stage}.{key} = {shown}", flush=True)
+            line += f"   target {target.describe()}: {target.verdict(number)}"
+        print(line, flush=True)
+
+    def estimate(self, key: str, value: float, basis: str) -> None:
+        """A model's estimate of a figure of the running stage, shown beside the figure once it is measured."""
+        stage = self._require_stage()
+        self.summary["estimates"][f"{stage}.{key}"] = {"value": value, "basis": basis}
+        self.write()
 
     def append(self, key: str, row: Any) -> None:
         """Append one row (e.g. a streamed block) to a list figure of the running stage."""

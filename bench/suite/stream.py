@@ -1,17 +1,23 @@
 """Stage 4: the streaming loop of `bench/streaming.py` (Full, then ISPA, one after the other) per variant -
 precision (the model's own dtype, or FP8 linears) × eager or compiled regions - with each block's row recorded as it
 happens, then the variant's summary: peak memory during and after warmup, KV and statistics bytes, DiT and decode
-seconds, decode hidden by the overlap, FPS after warmup and the ISPA speedup.
+seconds, decode hidden by the overlap, FPS after warmup and the ISPA speedup, the last with the decode overlap on
+(the default) and off (with it on, a block's decode runs during the next block's DiT and its GPU time lands there).
 
 One pipeline is built and changed in place between variants (converted to FP8 once, regions compiled or not), so
-the build is paid once; variants run in the order given and stop at the time budget.
+the build is paid once. Variants run in the order given. Each is isolated: its exception (an OOM, an inductor
+error, a cuDNN refusal) is recorded as its outcome, its memory freed, and the next variant runs. A variant predicted
+to end after the time budget (counted from the suite's start) is skipped with that reason.
+`ISPA_SUITE_FAIL_VARIANT=<name>[,<name>]` makes those variants raise at their start (the isolation, tested on a CPU).
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -21,6 +27,10 @@ from bench.suite.scales import Scale
 
 VARIANTS = ("native-eager", "native-compiled", "fp8-eager", "fp8-compiled")
 DEFAULT_VARIANTS = {"tiny": ("native-eager",), "full": ("native-eager", "fp8-eager", "fp8-compiled")}
+FAIL_VARIANT_ENV = "ISPA_SUITE_FAIL_VARIANT"
+# Why: a cold inductor compile of the DiT's 5 regions, for Full's and ISPA's shapes, is minutes at 14B (≈ 31 s for 3
+# regions of the tiny DiT on 2 CPU cores, docs/performance.md); 3 minutes keeps a compiled variant from starting late.
+COMPILE_ESTIMATE_SECONDS = 180.0
 SUMMARY_KEYS = (
     "peak_allocated_warmup_bytes",
     "peak_allocated_after_warmup_bytes",
@@ -33,18 +43,52 @@ SUMMARY_KEYS = (
     "fps",
     "fps_after_warmup",
 )
+OVERLAP_OFF_KEYS = ("dit_seconds_median_after_warmup", "decode_seconds_median", "fps_after_warmup")
 
 
 def check_variants(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown streaming variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a streaming variant is listed twice: {names}")
     return names
 
 
+def predicted_seconds(variant: str, measured: dict[str, float]) -> float | None:
+    """How long `variant` should take, from the variants already run (`measured`: name → seconds): an eager variant
+    as long as the last eager one (the same precision's if it ran), a compiled one that plus a cold compile. None
+    when nothing comparable ran yet (the first variant always starts)."""
+    precision, mode = variant.split("-")
+    eager = [seconds for name, seconds in measured.items() if name.endswith("-eager")]
+    same = measured.get(f"{precision}-eager")
+    base = same if same is not None else (eager[-1] if eager else None)
+    if mode == "eager":
+        return base
+    return (base or 0.0) + COMPILE_ESTIMATE_SECONDS
+
+
+def error_line(err: BaseException) -> str:
+    """The exception's type and the first line of its message (an OOM message runs to many lines)."""
+    message = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {message[0]}" if message else type(err).__name__
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def streaming(
-    recorder: Recorder, device: torch.device, scale: Scale, variants: list[str], budget_seconds: float | None
+    recorder: Recorder,
+    device: torch.device,
+    scale: Scale,
+    variants: list[str],
+    budget_seconds: float | None,
+    suite_started: float,
 ) -> None:
+    """Every variant in order; `budget_seconds` counts from `suite_started` (a `time.perf_counter()` reading)."""
     # The wheels a bare CUDA machine may lack (diffusers) are needed from here on only.
     from avatars.liveavatar.compiled import set_compiled_regions
     from avatars.liveavatar.weights.fp8 import convert_linears_to_fp8
@@ -54,38 +98,88 @@ def streaming(
     pipe = bench.load(scale.stream_model, fp8=False)
     recorder.record("build_seconds", time.perf_counter() - started)
     recorder.record("dit_parameter_bytes", sum(p.nbytes for p in pipe.dit.parameters()))
+    recorder.record("overlap_decode_by_default", device.type == "cuda")  # None: on CUDA only
     request = bench.make_request(scale.stream_model, scale.stream_blocks, seed=0)
     height, width = pipe.output_size(request.portrait, scale.stream_max_area)
     warmup_blocks = math.ceil(scale.stream_t_warm / 3)
     recorder.record("video", {"height": height, "width": width, "blocks": scale.stream_blocks})
+    recorder.record("primed_attention_shapes", prime_attention_shapes(pipe, height, width))
+    predicted_bytes = bench.predictions(pipe, height, width, k_fraction=0.5)
+    failing = {n.strip() for n in os.environ.get(FAIL_VARIANT_ENV, "").split(",") if n.strip()}
     fp8 = False
-    last_variant_seconds = 0.0
+    measured: dict[str, float] = {}
     for variant in variants:
         precision, mode = variant.split("-")
-        elapsed = time.perf_counter() - started
-        if budget_seconds is not None and elapsed + last_variant_seconds > budget_seconds:
-            recorder.append(
-                "skipped_variants", {"variant": variant, "reason": f"time budget ({elapsed:.0f} s used)"}
+        elapsed = time.perf_counter() - suite_started
+        predicted = predicted_seconds(variant, measured)
+        if budget_seconds is not None and predicted is not None and elapsed + predicted > budget_seconds:
+            reason = (
+                f"time budget: {elapsed:.0f} s since the suite's start + {predicted:.0f} s predicted"
+                f" > {budget_seconds:.0f} s"
             )
+            _outcome(recorder, variant, "skipped", reason=reason, predicted_seconds=predicted)
+            continue
+        if precision == "native" and fp8:
+            _outcome(recorder, variant, "skipped", reason="the model is FP8 by now; list it first")
             continue
         variant_started = time.perf_counter()
-        if precision == "fp8" and not fp8:
-            convert_linears_to_fp8(pipe.dit)
-            fp8 = True
-        elif precision == "native" and fp8:
-            recorder.append(
-                "skipped_variants", {"variant": variant, "reason": "the model is FP8 by now; list it first"}
-            )
-            continue
-        set_compiled_regions(pipe, mode == "compiled")
-        _run_variant(recorder, bench, pipe, request, variant, warmup_blocks, scale, height, width)
-        last_variant_seconds = time.perf_counter() - variant_started
-        _compare_compiled(recorder, precision)
+        try:
+            if variant in failing:
+                raise RuntimeError(
+                    f"{FAIL_VARIANT_ENV}={variant}: a failure asked for at the variant's start"
+                )
+            _memory_model_estimates(recorder, variant, predicted_bytes)
+            if precision == "fp8" and not fp8:
+                fp8 = (
+                    True  # before converting: a conversion that fails half-way leaves no native model either
+                )
+                convert_linears_to_fp8(pipe.dit)
+            set_compiled_regions(pipe, mode == "compiled")
+            _run_variant(recorder, bench, pipe, request, variant, warmup_blocks, scale, height, width)
+        except Exception as err:  # noqa: BLE001 - one variant's failure must not cost the later variants
+            seconds = time.perf_counter() - variant_started
+            _outcome(recorder, variant, "failed", error=error_line(err), seconds=seconds)
+            recorder.append("failed_variants", variant)
+            print(traceback.format_exc(), flush=True)
+        else:
+            measured[variant] = time.perf_counter() - variant_started
+            _outcome(recorder, variant, "ok", seconds=measured[variant], predicted_seconds=predicted)
+            _compare_compiled(recorder, precision)
+        _free(device)  # after the except block, so the exception and its frames' tensors are gone
     set_compiled_regions(pipe, False)
     del pipe
-    gc.collect()
+    _free(device)
+
+
+def _outcome(recorder: Recorder, variant: str, status: str, **details: Any) -> None:
+    recorder.record(f"{variant}.outcome", {"status": status, **details})
+
+
+def _memory_model_estimates(recorder: Recorder, variant: str, predicted: dict[str, int]) -> None:
+    basis = "memory model (avatars.liveavatar.memory_plan.terms)"
+    recorder.estimate(f"{variant}.full_kv_bytes_after_warmup", predicted["kv_bytes_full"], basis)
+    recorder.estimate(f"{variant}.ispa_kv_bytes_after_warmup", predicted["kv_bytes_ispa_after_warmup"], basis)
+    recorder.estimate(f"{variant}.ispa_stats_bytes_peak", predicted["stats_bytes"], basis)
+
+
+def prime_attention_shapes(pipe: Any, height: int, width: int) -> list[list[int]]:
+    """One untimed attention call per (Lq, Lk) the loop will see (local, and 1..3 history blocks), so that cuDNN
+    builds its plan for each new shape here and not inside the first timed blocks of Full's warmup."""
+    from avatars.liveavatar.block_layout import HISTORY_BLOCKS, LATENT_FRAMES_PER_BLOCK
+    from ispa import attention_with_lse
+
+    config, device, dtype = pipe.dit.config, pipe.device, pipe.dit.dtype
+    latent_h, latent_w = height // 8, width // 8
+    block = LATENT_FRAMES_PER_BLOCK * pipe.dit.tokens_per_frame(latent_h, latent_w)
+    local = pipe.dit.sink_token_count(latent_h, latent_w) + block
+    key_lengths = [local] + [h * block for h in range(1, HISTORY_BLOCKS + 1)]
+    q = torch.randn(1, block, config.num_heads, config.head_dim, device=device, dtype=dtype)
+    for keys in key_lengths:
+        k = torch.randn(1, keys, config.num_heads, config.head_dim, device=device, dtype=dtype)
+        attention_with_lse(q, k, k)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+    return [[block, keys] for keys in key_lengths]
 
 
 def _run_variant(
@@ -99,6 +193,36 @@ def _run_variant(
     height: int,
     width: int,
 ) -> None:
+    """Full and ISPA with the decode overlap as the pipeline sets it (every figure), then both with it off (DiT,
+    decode and FPS after warmup, and the ISPA speedup without the decode's GPU time in the DiT's)."""
+    default_overlap = pipe.overlap_decode
+    try:
+        for overlap in ("default", "off"):
+            pipe.overlap_decode = default_overlap if overlap == "default" else False
+            runs = _run_pair(recorder, bench, pipe, request, variant, warmup_blocks, scale, overlap)
+            after_full = runs["full"]["dit_seconds_median_after_warmup"]
+            after_ispa = runs["ispa"]["dit_seconds_median_after_warmup"]
+            suffix = "" if overlap == "default" else "_overlap_off"
+            recorder.record(
+                f"{variant}.dit_speedup_after_warmup{suffix}",
+                after_full / after_ispa if after_full and after_ispa else None,
+            )
+            if overlap == "default":
+                _warmup_figures(recorder, bench, pipe, variant, runs, height, width)
+    finally:
+        pipe.overlap_decode = default_overlap
+
+
+def _run_pair(
+    recorder: Recorder,
+    bench: Any,
+    pipe: Any,
+    request: Any,
+    variant: str,
+    warmup_blocks: int,
+    scale: Scale,
+    overlap: str,
+) -> dict[str, Any]:
     from ispa import FullPolicy, ISPAPolicy
 
     runs = {}
@@ -106,8 +230,11 @@ def _run_variant(
         ("full", FullPolicy()),
         ("ispa", ISPAPolicy(k_fraction=0.5, t_warm=scale.stream_t_warm)),
     ):
-        key = f"{variant}.{policy_name}_blocks"
-        print(f"  {variant} {policy_name}: {scale.stream_blocks} blocks", flush=True)
+        prefix = policy_name if overlap == "default" else f"overlap_off_{policy_name}"
+        key = f"{variant}.{prefix}_blocks"
+        print(
+            f"  {variant} {policy_name}, decode overlap {overlap}: {scale.stream_blocks} blocks", flush=True
+        )
         runs[policy_name] = bench.run_policy(
             pipe,
             request,
@@ -117,18 +244,21 @@ def _run_variant(
             lambda row, key=key, label=policy_name: _block_row(recorder, key, label, row),
             max_area=scale.stream_max_area,
         )
-        for name in SUMMARY_KEYS:
-            recorder.record(f"{variant}.{policy_name}_{name}", runs[policy_name][name])
-        decode = sum(r["decode_seconds"] for r in runs[policy_name]["blocks"][1:])
-        hidden = sum(r["decode_hidden_seconds"] for r in runs[policy_name]["blocks"][1:])
-        recorder.record(
-            f"{variant}.{policy_name}_decode_hidden_share", hidden / decode if decode > 0 else None
-        )
+        for name in SUMMARY_KEYS if overlap == "default" else OVERLAP_OFF_KEYS:
+            recorder.record(f"{variant}.{prefix}_{name}", runs[policy_name][name])
+        if overlap == "default":
+            decode = sum(r["decode_seconds"] for r in runs[policy_name]["blocks"][1:])
+            hidden = sum(r["decode_hidden_seconds"] for r in runs[policy_name]["blocks"][1:])
+            recorder.record(
+                f"{variant}.{policy_name}_decode_hidden_share", hidden / decode if decode > 0 else None
+            )
+    return runs
+
+
+def _warmup_figures(
+    recorder: Recorder, bench: Any, pipe: Any, variant: str, runs: dict[str, Any], height: int, width: int
+) -> None:
     full, ispa = runs["full"], runs["ispa"]
-    after_full, after_ispa = full["dit_seconds_median_after_warmup"], ispa["dit_seconds_median_after_warmup"]
-    recorder.record(
-        f"{variant}.dit_speedup_after_warmup", after_full / after_ispa if after_full and after_ispa else None
-    )
     merge_share, statistics_share = bench.warmup_shares(ispa)
     recorder.record(f"{variant}.statistics_share_of_warmup_dit", statistics_share)
     recorder.record(f"{variant}.merge_share_of_warmup_dit", merge_share)

@@ -27,14 +27,37 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Device: {summary.get('device')}; scale: {summary.get('scale')}; started {summary.get('started')}; "
         f"command: `{summary.get('command')}`"
     )
-    lines = [header, "", "| figure | value | target | verdict |", "|---|---|---|---|"]
+    estimates = summary.get("estimates", {})
+    lines = [header, "", "| figure | measured | estimate | target | verdict |", "|---|---|---|---|---|"]
     for raw in summary.get("targets", []):
         target = Target(**raw)
         value = _value(summary, target.figure)
         number = value if isinstance(value, (int, float)) else None
+        estimate = _shown(estimates[target.figure]["value"]) if target.figure in estimates else ""
         lines.append(
-            f"| {target.label} (`{target.figure}`) | {_shown(value)} | {target.describe()} | {target.verdict(number)} |"
+            f"| {target.label} (`{target.figure}`) | {_shown(value)} | {estimate} | {target.describe()} "
+            f"| {target.verdict(number)} |"
         )
+    if estimates:
+        lines += ["", "| figure | measured | estimate | basis of the estimate |", "|---|---|---|---|"]
+        for figure, estimate in estimates.items():
+            lines.append(
+                f"| `{figure}` | {_shown(_value(summary, figure))} | {_shown(estimate['value'])} "
+                f"| {estimate['basis']} |"
+            )
+    outcomes = {
+        key.removesuffix(".outcome"): value
+        for key, value in summary.get("stages", {}).get("stream", {}).get("figures", {}).items()
+        if key.endswith(".outcome")
+    }
+    if outcomes:
+        lines += ["", "| streaming variant | status | seconds | note |", "|---|---|---|---|"]
+        for variant, outcome in outcomes.items():
+            seconds = outcome.get("seconds")
+            lines.append(
+                f"| {variant} | {outcome['status']} | {'' if seconds is None else f'{seconds:.1f}'} "
+                f"| {outcome.get('error') or outcome.get('reason') or ''} |"
+            )
     lines += ["", "| stage | status | seconds | figures | note |", "|---|---|---|---|---|"]
     for name, stage in summary.get("stages", {}).items():
         note = stage.get("error") or stage.get("reason") or ""
