@@ -386,7 +386,7 @@ class AttentionSession:
             return
         peak = lse.amax().float()
         previous = self._lse_peak[layer]
-        self._lse_peak[layer] = peak if previous is None else torch.maximum(previous, peak.to(previous.device))
+        self._lse_peak[layer] = peak if previous is None else torch.maximum(previous, peak)
 
     def _read_block_values(self) -> tuple[list[float | None] | None, list[int]]:
         """(Per-layer mean history share of the block just finished, layers whose LSE went NaN or +inf), read with

@@ -178,7 +178,7 @@ def test_a_non_finite_lse_raises_at_end_block_naming_block_and_layer(where, bad)
             session.end_block()
     block = session.block_index
     forward(session, 1 - layer, gen, projections[1 - layer])
-    poisoned_forward(session, layer, gen, projections[layer], bad)  # no error yet: nothing is read per forward
+    poisoned_forward(session, layer, gen, projections[layer], bad)  # no error yet: nothing read per forward
     with pytest.raises(RuntimeError, match=rf"block {block}: .*layer\(s\) \[{layer}\] gave a NaN or \+inf"):
         session.end_block()
     with pytest.raises(RuntimeError, match="closed"):
