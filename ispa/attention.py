@@ -65,27 +65,14 @@ def attention_with_lse(
     return chosen.kernel(q, k, v, scale)
 
 
-def _checked_log_weight(label: str, lse: Tensor) -> Tensor:
-    """The LSE as an fp32 log-weight; NaN or +inf (a numeric failure upstream) raises instead of merging as 0.
-
-    Empty key sets never reach a kernel (`attention_with_lse` returns -inf for them), so -inf is the only
-    non-finite value that means "no mass". `_assert_async` checks without a host sync: on the CPU it raises at
-    once, on CUDA it is a device-side assert that stops the run at its next synchronisation.
-    """
-    lse = lse.float()
-    torch._assert_async(
-        ~(torch.isnan(lse) | torch.isposinf(lse)).any(),
-        f"merge_attention: {label} holds NaN or +inf (a numeric failure in the attention that produced it)",
-    )
-    return lse
-
-
 def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Fuse two attentions of the same queries over disjoint key sets into attention over their union.
 
     Each part is weighted by its share of the softmax mass, exp(lse_part - lse_union), computed in fp32. A part
     with no keys (lse -inf) gets weight 0; if both are empty the output is 0 and the lse -inf. An lse of NaN or
-    +inf raises (RuntimeError).
+    +inf (a numeric failure upstream) is never taken for an empty part: that query's output is NaN. Checking for
+    it is the caller's: a check here would either read back to the host or, on CUDA, be a device-side assert that
+    kills the process's CUDA context; `AttentionSession` flags it on the device and raises at `end_block`.
 
     Parameters
     ----------
@@ -105,7 +92,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     for label, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != (batch, heads, length):
             raise ValueError(f"{label} must be [B, H, L] = {(batch, heads, length)}, got {tuple(lse.shape)}")
-    log_a, log_b = _checked_log_weight("lse_a", lse_a), _checked_log_weight("lse_b", lse_b)
+    log_a, log_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(log_a, log_b)
     # Where both parts are empty lse is -inf; shifting by 0 there keeps both weights at exactly 0 instead of NaN.
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)

@@ -12,10 +12,15 @@ Per block, for every self-attention layer and every ring (LiveAvatar: one ring p
 3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
 `end_block()` then advances the policy and returns a `BlockReport`.
 
+A NaN or +inf log-sum-exp (a numeric failure, e.g. NaN keys) is flagged on the device: each layer keeps the
+running maximum of its block's LSEs, read with the block's other values at `end_block()`, which then raises a
+RuntimeError naming the block and the layers. A device-side assert instead would poison the process's CUDA
+context (every later call fails), and a check read per forward would make the host wait for the device.
+
 Costs to budget: each warmup forward with history adds about 2.5 tokens x D x D-sized fp32 matmuls per layer to the
 statistics (G's lower triangle, C and the residual for s), and the statistics hold about 1.5 D^2 fp32 per layer
 until the absorb frees them (see `ispa.absorption.AbsorptionStats`). Nothing in a forward reads a value back to
-the host; `end_block()` does, once per block (history mass, timings), and the absorb once more. The
+the host; `end_block()` does, once per block (history mass, LSE check, timings), and the absorb once more. The
 output projection's `.weight` must be the real-valued weight in Linear convention ([D_out, D]): the statistics and
 the solve read it (a quantized module may offer `dequantized_weight()` instead, see `ispa.projection`).
 """
@@ -95,6 +100,7 @@ class AttentionSession:
         self._epsilon: list[float | None] | None = None
         self._mass_sum: list[Tensor | None] = [None] * num_layers
         self._mass_count = [0] * num_layers
+        self._lse_peak: list[Tensor | None] = [None] * num_layers  # this block's largest LSE per layer
         self._merge_timer = SpanTimer()
         self._statistics_timer = SpanTimer()
         self._absorb_timer = SpanTimer()
@@ -186,16 +192,19 @@ class AttentionSession:
         if projection is not None:
             if out_proj is not self._out_projs[layer]:
                 raise RuntimeError(f"layer {layer} was absorbed against a different output projection module")
-            out, _ = attention_with_lse(q, local_k, local_v, backend=self.backend)
+            out, lse = attention_with_lse(q, local_k, local_v, backend=self.backend)
+            self._note_lse(layer, lse)
             return projection(out.flatten(-2))
 
         self._out_projs[layer] = out_proj
         cache_layer = self.cache.layers[layer]
         out_loc, lse_loc = attention_with_lse(q, local_k, local_v, backend=self.backend)
+        self._note_lse(layer, lse_loc)
         hist_k, hist_v = cache_layer.history(ring)
         out = out_loc
         if hist_k.shape[1] > 0:
             out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v, backend=self.backend)
+            self._note_lse(layer, lse_hist)
             with self._merge_timer.span(q.device):
                 out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
             self._add_history_mass(layer, lse_loc, lse_hist)
@@ -209,8 +218,20 @@ class AttentionSession:
 
     # ---- block boundary ----------------------------------------------------------------------------------------
     def end_block(self) -> BlockReport:
-        """Close the current block: count it, let the policy act (absorb / recalibrate), and report."""
+        """Close the current block: count it, let the policy act (absorb / recalibrate), and report.
+
+        A NaN or +inf LSE in any of the block's forwards raises RuntimeError (naming the block and layers) and
+        closes the session: its history and statistics hold the failure, so the run cannot go on.
+        """
         self._check_open()
+        history_mass, failed_layers = self._read_block_values()
+        if failed_layers:
+            block = self.block_index
+            self.close()
+            raise RuntimeError(
+                f"block {block}: the attention of layer(s) {failed_layers} gave a NaN or +inf log-sum-exp "
+                "(a numeric failure, e.g. NaN or inf in the keys, values or queries); the run was stopped"
+            )
         phase = self.state.phase
         for ring in set().union(*self._rings_used):
             self._blocks_written[ring] += 1
@@ -219,7 +240,6 @@ class AttentionSession:
         stats_bytes = 0 if self._stats is None else self._stats.nbytes()
         merge_seconds = self._merge_timer.pop_seconds()
         statistics_seconds = self._statistics_timer.pop_seconds()
-        history_mass = self._pop_history_mass()
 
         event = None
         action = self.policy.decide(self.state, history_mass)
@@ -273,6 +293,7 @@ class AttentionSession:
         self._local_projections.clear()
         self._out_projs = [None] * self.num_layers
         self._mass_sum = [None] * self.num_layers
+        self._lse_peak = [None] * self.num_layers
         self._local_buffers = None
         self._closed = True
 
@@ -359,21 +380,41 @@ class AttentionSession:
         self._mass_sum[layer] = share if previous is None else previous + share
         self._mass_count[layer] += 1
 
-    def _pop_history_mass(self) -> list[float | None] | None:
-        """Per-layer mean history share of the block just finished, read with one device sync."""
-        measured = [i for i, total in enumerate(self._mass_sum) if total is not None]
-        result: list[float | None] | None = None
-        if measured:
-            device = self._mass_sum[measured[0]].device
-            means = torch.stack(
-                [self._mass_sum[i].to(device) / self._mass_count[i] for i in measured]
+    def _note_lse(self, layer: int, lse: Tensor) -> None:
+        # The running maximum propagates NaN and keeps +inf; -inf (no keys) is the only non-finite value allowed.
+        if lse.numel() == 0:
+            return
+        peak = lse.amax().float()
+        previous = self._lse_peak[layer]
+        self._lse_peak[layer] = peak if previous is None else torch.maximum(previous, peak)
+
+    def _read_block_values(self) -> tuple[list[float | None] | None, list[int]]:
+        """(Per-layer mean history share of the block just finished, layers whose LSE went NaN or +inf), read with
+        one device sync; the block's sums start afresh."""
+        masses = [i for i, total in enumerate(self._mass_sum) if total is not None]
+        peaks = [i for i, peak in enumerate(self._lse_peak) if peak is not None]
+        history_mass: list[float | None] | None = None
+        failed: list[int] = []
+        if masses or peaks:
+            first = self._mass_sum[masses[0]] if masses else self._lse_peak[peaks[0]]
+            device = first.device
+            values = torch.stack(
+                [self._mass_sum[i].to(device) / self._mass_count[i] for i in masses]
+                + [self._lse_peak[i].to(device) for i in peaks]
             ).tolist()
-            result = [None] * self.num_layers
-            for i, mean in zip(measured, means, strict=True):
-                result[i] = mean
+            if masses:
+                history_mass = [None] * self.num_layers
+                for i, mean in zip(masses, values[: len(masses)], strict=True):
+                    history_mass[i] = mean
+            failed = [
+                i
+                for i, peak in zip(peaks, values[len(masses) :], strict=True)
+                if math.isnan(peak) or peak == math.inf
+            ]
         self._mass_sum = [None] * self.num_layers
         self._mass_count = [0] * self.num_layers
-        return result
+        self._lse_peak = [None] * self.num_layers
+        return history_mass, failed
 
     def _report(
         self,

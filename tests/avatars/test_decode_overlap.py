@@ -3,13 +3,18 @@ same chunks as sequential decoding, the same cancel and recalibration behaviour,
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
 import pytest
+import torch
 
-from avatars.base import GenerationRequest, RunControl
+from avatars.base import GenerationRequest, RunControl, RunGroup
+from avatars.liveavatar import pipeline as pipeline_module
+from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.streaming.local import LocalDownstream
 from ispa import ISPAPolicy
 
 AREA = 64 * 64
@@ -95,3 +100,103 @@ def test_closing_the_stream_mid_run_stops_the_decode_thread(pipe):
     finally:
         pipe.overlap_decode = None
     assert not any(t.name.startswith("vae-decode") for t in threading.enumerate())
+
+
+class _FakeStream:
+    """Stands in for a `torch.cuda.Stream`: remembers what it was told to wait for."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waited_for: list[_FakeStream] = []
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.waited_for.append(other)
+
+
+class _CudaLooking:
+    """The run's decoder as `LocalDownstream` sees it on a GPU (it picks a stream by device); it decodes on the
+    CPU."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, decoder) -> None:
+        self._decoder = decoder
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+
+def test_a_restored_decoder_cache_is_recorded_on_the_decode_stream_before_it_is_read(pipe, monkeypatch):
+    """CUDA streams emulated on the CPU, with the overlap on and a RunGroup (compare mode): every tensor of the cache
+    each run starts from (warmed up; restored from the first run's) is `record_stream`ed onto that run's decode
+    stream, which has waited for the loop's stream, before a decode reads it; the frames are unchanged."""
+    request = _request(1.0)
+    alone = _chunks(pipe, False, request)
+    default = _FakeStream("default")
+    current = threading.local()
+    streams: list[_FakeStream] = []
+    recorded: dict[int, list[_FakeStream]] = {}  # id of a tensor → streams it was recorded on
+    restored: list[list[int]] = []  # the tensors of each restored state
+    first_reads: list[tuple[_FakeStream, list[int], list[_FakeStream]]] = []
+
+    def new_stream(device):
+        assert device == _CudaLooking.device
+        streams.append(_FakeStream(f"decode {len(streams)}"))
+        return streams[-1]
+
+    @contextlib.contextmanager
+    def use_stream(stream):
+        previous = getattr(current, "stream", default)
+        current.stream = stream
+        try:
+            yield
+        finally:
+            current.stream = previous
+
+    def record_stream(tensor, stream):
+        recorded.setdefault(id(tensor), []).append(stream)
+
+    original_restore, original_decode = StreamingDecoder.restore, StreamingDecoder.decode_block
+
+    def restore(self, state):
+        restored.append([id(t) for t in state.cache if isinstance(t, torch.Tensor)])
+        return original_restore(self, state)
+
+    def decode_block(self, latents):
+        stream = getattr(current, "stream", default)
+        if stream is not default and self.latent_frames_done == MOTION_LATENT_FRAMES:  # a run's first block
+            cache = [id(t) for t in self._cache if isinstance(t, torch.Tensor)]
+            first_reads.append((stream, cache, list(stream.waited_for)))
+            for tensor in cache:  # recorded on the stream that reads them, before this read
+                assert stream in recorded.get(tensor, []), stream.name
+        return original_decode(self, latents)
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: getattr(current, "stream", default))
+    monkeypatch.setattr(torch.cuda, "stream", use_stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
+    monkeypatch.setattr(StreamingDecoder, "restore", restore)
+    monkeypatch.setattr(StreamingDecoder, "decode_block", decode_block)
+    monkeypatch.setattr(
+        pipeline_module, "LocalDownstream", lambda d, *a, **k: LocalDownstream(_CudaLooking(d), *a, **k)
+    )
+    group = RunGroup()
+    pipe.overlap_decode = True
+    try:
+        first = pipe.stream(request, group=group)
+        head = next(first)  # the first run warms up and offers its state
+        second = list(pipe.stream(request, group=group))
+        first_chunks = [head, *first]
+    finally:
+        pipe.overlap_decode = None
+    assert len(streams) == 2 and len(restored) == 1 and restored[0]
+    assert [stream for stream, _, _ in first_reads] == streams  # each run's first block, on its own stream
+    assert set(first_reads[1][1]) == set(
+        restored[0]
+    )  # the second run's first decode reads the restored cache
+    for _, _, waited in first_reads:
+        assert default in waited  # ordered after the loop's stream (the warm-up, the restore, the DiT)
+    for chunks in (first_chunks, second):
+        assert len(chunks) == len(alone)
+        for a, b in zip(alone, chunks, strict=True):
+            assert np.array_equal(a.frames, b.frames)

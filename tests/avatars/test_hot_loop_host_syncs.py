@@ -122,7 +122,7 @@ def forward_block(model, session, latents, context, audio, block: int, step: int
 def test_forwards_copy_nothing_onto_the_device_and_read_nothing_back(policy, monkeypatch):
     model = make_model("meta")
     session, randn, context, audio = start(model, policy, "meta")
-    monkeypatch.setattr(session, "_pop_history_mass", lambda: None)  # the per-block read; no data on meta
+    monkeypatch.setattr(session, "_read_block_values", lambda: (None, []))  # the per-block read; no meta data
     reports = []
     # Block 0 has no history; block 1 merges history (and ISPA accumulates statistics).
     for block in range(2):

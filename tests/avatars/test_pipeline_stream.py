@@ -20,7 +20,7 @@ from avatars.liveavatar.encoders.audio import (
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
-from ispa import FullPolicy, ISPAPolicy
+from ispa import AttentionSession, FullPolicy, ISPAPolicy
 
 # Per-second mean relative error of live features against the whole-clip ones: this tiny random wav2vec2 showed
 # at most 0.64 on 4-s clips (bench/live_audio_fidelity.py sizes it for a larger random model).
@@ -270,6 +270,32 @@ def test_a_run_group_decodes_the_motion_latents_once_and_changes_no_frame(pipe, 
     assert len(warmups) == 2  # a fresh group: its run warms up on its own
     with pytest.raises(ValueError, match="group"):
         pipe.stream(GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000), group=object())
+
+
+def test_a_non_finite_lse_stops_the_run_with_a_clear_error_and_the_same_pipeline_runs_on(
+    pipe, portrait, monkeypatch
+):
+    """NaN keys in layer 1 (the first run only) raise at the block's end, not as a device-side assert that would
+    leave a CUDA process unable to run anything; the next run on the same pipeline is the clean one exactly."""
+    audio = speech(0.5, 16000)  # 1 block
+    clean = run(pipe, portrait, audio, 16000, FullPolicy())
+    original = AttentionSession.self_attention
+
+    def nan_keys_in_layer_1(self, layer, q, local_k, *args, **kwargs):
+        if layer == 1:
+            local_k = torch.full_like(local_k, float("nan"))
+        return original(self, layer, q, local_k, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionSession, "self_attention", nan_keys_in_layer_1)
+    with pytest.raises(RuntimeError, match=r"block 0: .* layer\(s\) \[.*\] gave a NaN") as caught:
+        run(pipe, portrait, audio, 16000, FullPolicy())
+    named = str(caught.value).split("[")[1].split("]")[0]
+    assert 1 in [int(layer) for layer in named.split(",")]  # NaN spreads to the layers and steps after it
+    monkeypatch.undo()
+    again = run(pipe, portrait, audio, 16000, FullPolicy())
+    assert len(again) == len(clean) == 1
+    for a, b in zip(clean, again, strict=True):
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
 
 
 def test_fp8_all_holds_exactly_the_sink_difference_less_than_fp8(pipe, portrait):

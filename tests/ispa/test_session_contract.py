@@ -151,6 +151,51 @@ def run_to_absorb(projections, num_layers=2):
     return session, gen
 
 
+def poisoned_forward(session, layer, gen, out_proj, bad):
+    """A forward whose current block has one key of value `bad` (a numeric failure upstream), which every query's
+    score with it takes."""
+    q, k, v = tensors(gen, BLOCK), tensors(gen, BLOCK), tensors(gen, BLOCK)
+    q[:, :, 0, 0] = 1.0
+    k[0, 1, 0, 0] = bad
+    sink_k, sink_v = session.sink(layer)
+    with torch.no_grad():
+        session.self_attention(layer, q, torch.cat([sink_k, k], 1), torch.cat([sink_v, v], 1), k, v, out_proj)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["first block", "with history", "absorbed layer"])
+def test_a_non_finite_lse_raises_at_end_block_naming_block_and_layer(where, bad):
+    projections = [nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)]
+    if where == "absorbed layer":
+        session, gen = run_to_absorb(projections)
+        layer = session.local_layers[0]
+    else:
+        session, gen = new_session(ISPAPolicy(k_fraction=0.5, t_warm=2))
+        layer = 1
+        if where == "with history":
+            forward(session, 0, gen, projections[0])
+            forward(session, 1, gen, projections[1])
+            session.end_block()
+    block = session.block_index
+    forward(session, 1 - layer, gen, projections[1 - layer])
+    poisoned_forward(session, layer, gen, projections[layer], bad)  # no error yet: nothing read per forward
+    with pytest.raises(RuntimeError, match=rf"block {block}: .*layer\(s\) \[{layer}\] gave a NaN or \+inf"):
+        session.end_block()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.end_block()
+    assert session.cache.nbytes() == 0
+
+
+def test_neg_inf_lses_of_empty_key_sets_are_not_failures():
+    session, gen = new_session()
+    proj = nn.Linear(DIM, DIM)
+    q = tensors(gen, BLOCK)
+    empty = q[:, :0]
+    with torch.no_grad():
+        session.self_attention(0, q, empty, empty, tensors(gen, BLOCK), tensors(gen, BLOCK), proj)
+    assert session.end_block().index == 0
+
+
 class QuantizedStandIn(nn.Module):
     """Like an FP8 linear: no `.weight`, only a `dequantized_weight()`."""
 

@@ -138,6 +138,17 @@ class StreamingDecoder:
             self.latent_frames_done += 1
         return torch.cat(frames, dim=2).clamp(-1.0, 1.0)
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the CUDA caching allocator that the cache's tensors are now used on `stream`.
+
+        The cache as it stands (the warm-up's, or a restored state's) was made on another stream; decodes on
+        `stream` read it and free it as they replace it, and without this the allocator could hand its memory to
+        the stream that made it (the DiT's) while `stream` still reads it.
+        """
+        for entry in self._cache:
+            if isinstance(entry, torch.Tensor):
+                entry.record_stream(stream)
+
     def snapshot(self) -> DecoderState:
         """A copy of where this decoder stands (its causal cache and frame count), for `restore` on another."""
         cache = [t.clone() if isinstance(t, torch.Tensor) else t for t in self._cache]

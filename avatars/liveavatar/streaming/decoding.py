@@ -33,6 +33,10 @@ class DecoderStage:
         frames = to_uint8_frames(self._decoder.decode_block(latents.to(self.device)))
         return frames, time.perf_counter() - started
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """The causal cache as it stands (made on this thread's stream) is from now on used on `stream`."""
+        self._decoder.record_stream(stream)
+
     def snapshot(self) -> DecoderState:
         """A copy of the causal cache (between decodes)."""
         return self._decoder.snapshot()

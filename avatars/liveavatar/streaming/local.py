@@ -2,7 +2,10 @@
 from this process's report alone.
 
 With `overlap` (default: on CUDA) a worker thread decodes block k, on a CUDA stream of its own, while the loop
-runs the DiT of block k+1; otherwise each decode runs at once in the loop's thread. Either way the same calls run
+runs the DiT of block k+1; otherwise each decode runs at once in the loop's thread. What crosses from the loop's
+stream to the decode stream is ordered and kept safe from the caching allocator: each decode waits for the loop's
+stream; the latents stay referenced until their decode's frames are on the host; the decoder's cache as the run
+starts (warmed up, or restored from another run of a `RunGroup`) is `record_stream`ed onto the decode stream. Either way the same calls run
 in the same order, so the frames are the same; each decode reports the seconds the loop was blocked on it (the
 rest was hidden behind the DiT). On a CPU both would share the same cores, so the overlap is off there.
 """
@@ -43,6 +46,11 @@ class LocalDownstream:
         self.depth = 1 if overlap and not live else 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vae-decode") if overlap else None
         self._stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+        if self._stream is not None:
+            # The decoder's cache (its warm-up, or a state restored from another run) was made on this thread's
+            # stream; the decode stream reads and frees it. Its first decode waits for that work (`hand_on`), and
+            # the allocator must not give its memory back to the DiT's stream while the decode stream reads it.
+            decoder.record_stream(self._stream)
         self._device = device
         self._pending: deque[_Decode] = deque()
 
