@@ -90,6 +90,7 @@ def test_five_processes_four_dit_ranks_and_a_decoder(single, latents, tmp_path: 
     assert events.count("absorbed") == 2 and "recalibration_started" in events
 
 
+@pytest.mark.slow
 def test_three_processes_with_cancel_then_live_speech(single, latents, tmp_path: Path):
     cancelled, live = run_pipeline(3, [CANCEL, LIVE], tmp_path, portrait_latents=latents)
     # One process hands out blocks 0-2; the pipeline (depth 2) had handed out block 0 when the cancel came, and
@@ -100,6 +101,7 @@ def test_three_processes_with_cancel_then_live_speech(single, latents, tmp_path:
     assert same_chunks(live, single[LIVE])
 
 
+@pytest.mark.slow
 def test_two_dit_ranks_the_last_decoding_one_run_then_two_taking_turns(single, latents, tmp_path: Path):
     full, (refreshed, recalibrated) = run_pipeline(
         2,
