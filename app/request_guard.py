@@ -39,6 +39,7 @@ CANCEL_REFUSAL = (
     "A run is stopped with the Stop button (the /stop endpoint, with the run's owner token), "
     "not by Gradio's /cancel."
 )
+CANCEL_INDEX_REFUSAL = "A /cancel request must name its event by a whole number (fn_index)."
 
 
 class OpenHeartbeats:
@@ -181,6 +182,11 @@ class RequestGuard:
             fn_index = json.loads(body).get("fn_index")
         except (ValueError, AttributeError):
             fn_index = None
+        # Gradio coerces what it is sent ("1", 1.0, true all cancel event 1): only a plain integer, or none, is
+        # compared with the protected events; any other form is refused outright.
+        if fn_index is not None and (isinstance(fn_index, bool) or not isinstance(fn_index, int)):
+            await PlainTextResponse(CANCEL_INDEX_REFUSAL, status_code=400)(scope, receive, send)
+            return
         if fn_index in set(self.protected_fns()):
             await PlainTextResponse(CANCEL_REFUSAL, status_code=403)(scope, receive, send)
             return

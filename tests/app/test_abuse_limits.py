@@ -23,7 +23,13 @@ from starlette.testclient import TestClient
 
 from app import main
 from app.media import RunDir
-from app.request_guard import CANCEL_REFUSAL, OpenHeartbeats, RequestGuard, client_address
+from app.request_guard import (
+    CANCEL_INDEX_REFUSAL,
+    CANCEL_REFUSAL,
+    OpenHeartbeats,
+    RequestGuard,
+    client_address,
+)
 from app.upload_budget import MB, ClientBudget, UploadLimits, disk_refusal, folder_bytes, request_refusal
 
 SMALL = "64×64 area"
@@ -117,6 +123,9 @@ def test_gradio_cancel_is_refused_for_the_generation_events_only(tmp_path: Path)
     body = {"session_hash": "someone-elses", "event_id": "e"}
     refused = client.post("/gradio_api/cancel", json=body | {"fn_index": 3})
     assert refused.status_code == 403 and refused.text == CANCEL_REFUSAL
+    for coerced in ("3", 3.0, True, "x", [3]):  # forms Gradio would coerce to an index (or fail on)
+        refused = client.post("/gradio_api/cancel", json=body | {"fn_index": coerced})
+        assert refused.status_code == 400 and refused.text == CANCEL_INDEX_REFUSAL, coerced
     other = json.dumps(body | {"fn_index": 7}).encode()
     passed = client.post("/gradio_api/cancel", content=other, headers={"content-type": "application/json"})
     assert passed.text == f"reached {len(other)}"  # any other event's cancel reaches the app, body whole
@@ -214,12 +223,14 @@ def test_the_served_app_applies_the_budgets(small_limits_url: str) -> None:
         for _ in range(5)
     ]
     assert statuses == [200, 200, 200, 200, 429]
-    cancel = httpx.post(
-        small_limits_url.rstrip("/") + "/gradio_api/cancel",
-        json={"session_hash": "anyone", "fn_index": 1, "event_id": "x"},
-        timeout=60,
-    )
-    assert cancel.status_code == 403 and cancel.text == CANCEL_REFUSAL
+    generate = fn_index(small_limits_url, "generate")
+    for form in (generate, float(generate), str(generate)):  # an int, a float and a string all name event 1
+        cancel = httpx.post(
+            small_limits_url.rstrip("/") + "/gradio_api/cancel",
+            json={"session_hash": "anyone", "fn_index": form, "event_id": "x"},
+            timeout=60,
+        )
+        assert 400 <= cancel.status_code < 500 and "/cancel" in cancel.text, form
 
 
 def fn_index(url: str, api_name: str) -> int:
