@@ -404,6 +404,11 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "lam, size, kv_format, refresh_sink, owner_token. The inputs, in order: portrait, audio, text, prompt, "
         "policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, owner_token."
     )
+    server_file = '{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}'
+    assert error(body(audio=server_file)) == (
+        "The audio field names a file on the server, which is not accepted: upload the file instead "
+        "(gradio_client's handle_file does, or POST it to /gradio_api/upload first)."
+    )
     # The 11 values of a client written before the two optional inputs existed: they take their defaults, and
     # the call reaches the app's own checks (the seed, here).
     assert error(body(seed="-1")).startswith("The seed must be a whole number from 0 to")
