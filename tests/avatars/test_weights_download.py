@@ -10,8 +10,7 @@ import pytest
 from avatars.liveavatar import download
 from avatars.liveavatar.weights import fetch
 from avatars.liveavatar.weights.hub import SOURCES, WeightPaths
-from tests.fixtures.fake_hub import FakeHub, repos_from_folders, serving
-from tests.fixtures.tiny_checkpoints import write_tiny_weights
+from tests.fixtures.fake_hub import FakeHub, serving, tiny_repos
 
 SHARD = "diffusion_pytorch_model-00002-of-00004.safetensors"
 NOT_WANTED = {  # files of the real repos we never fetch
@@ -22,12 +21,7 @@ NOT_WANTED = {  # files of the real repos we never fetch
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    write_tiny_weights(root)
-    found = repos_from_folders(root, {s.repo_id: s.folder_name for s in SOURCES})
-    for repo, extra in NOT_WANTED.items():
-        found[repo] |= extra
-    return found
+    return tiny_repos(tmp_path_factory.mktemp("hub"), NOT_WANTED)
 
 
 @pytest.fixture
