@@ -112,6 +112,20 @@ def test_the_disk_check_refuses_before_any_byte_and_says_what_is_missing(hub, tm
     assert hub.resolve_gets() == []
 
 
+def test_a_full_disk_mid_file_is_said_plainly(hub, tmp_path):
+    """The shard's partial file is /dev/full, where every write fails with "no space left on device"."""
+    plan = fetch.plan_download(tmp_path)
+    (shard,) = [f for f in plan.files if f.path == SHARD]
+    shard.partial(tmp_path).parent.mkdir(parents=True)
+    shard.partial(tmp_path).symlink_to("/dev/full")
+    with pytest.raises(fetch.DownloadError) as err:
+        fetch.download_weights(tmp_path, retry_wait=0)
+    assert str(err.value) == (
+        f"the disk filled up while writing Wan-AI/Wan2.2-S2V-14B/{SHARD}; free some space and start again "
+        "(fetched bytes are kept)"
+    )
+
+
 @pytest.mark.parametrize(
     ("status", "words"),
     [(401, "without a valid token (HTTP 401)"), (403, "is gated"), (404, "was not found")],

@@ -221,8 +221,9 @@ def _get_rest(
             offset = 0
         written = offset
         with partial.open("r+b" if offset else "wb") as out:
-            out.seek(offset)
-            out.truncate()
+            if offset:
+                out.seek(offset)
+                out.truncate()
             for chunk in response.iter_bytes():  # as received: a chunk buffer would lose bytes on a cut
                 out.write(chunk)
                 written += len(chunk)
