@@ -12,6 +12,7 @@ import logging
 import sys
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from avatars.liveavatar.loading import weights_dir
 from avatars.liveavatar.weights.fetch import DownloadError, DownloadPlan, download_weights
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     try:
-        paths = download_weights(args.root, on_plan=show_plan, on_bytes=lambda n: bar[0].update(n))
+        with logging_redirect_tqdm():  # a retry's warning is printed above the bar, not through it
+            paths = download_weights(args.root, on_plan=show_plan, on_bytes=lambda n: bar[0].update(n))
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

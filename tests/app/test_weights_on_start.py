@@ -9,8 +9,8 @@ import pytest
 
 from app import main, models, weights_on_start
 from avatars.liveavatar.weights.background import BackgroundDownload
-from avatars.liveavatar.weights.fetch import PARTIAL_FOLDER
-from avatars.liveavatar.weights.hub import WeightPaths
+from avatars.liveavatar.weights.fetch import PARTIAL_FOLDER, DownloadPlan, RemoteFile
+from avatars.liveavatar.weights.hub import SOURCES, WeightPaths
 from tests.fixtures.fake_hub import FakeHub, serving, tiny_repos
 from tests.fixtures.tiny_checkpoints import write_tiny_weights
 
@@ -62,13 +62,18 @@ def test_the_weights_arrive_and_the_14b_model_becomes_selectable(space, tmp_path
 
 
 def test_a_refused_download_is_said_in_the_banner_and_the_tiny_model_serves_on(space):
-    space.refuse["Wan-AI/Wan2.2-S2V-14B"] = 401
+    space.refuse["Wan-AI/Wan2.2-S2V-14B"] = 403
     download = weights_on_start.start_weight_download(retry_wait=0)
     assert download.wait(30) and download.status().state == "failed"
     banner, model, timer = _news()
-    assert "without a valid token (HTTP 401)" in banner.value and "Restart the app" in banner.value
+    host = space.endpoint.removeprefix("http://")
+    assert (
+        f"Wan-AI/Wan2.2-S2V-14B is gated or your token may not read it (HTTP 403): accept its terms on its page at {host}"
+        in banner.value
+    )
+    assert "Restart the app" in banner.value
     assert "Repository Not Found" not in banner.value
-    assert model.interactive is False and "HTTP 401" in model.info
+    assert model.interactive is False and "HTTP 403" in model.info
     assert timer.active is False
     assert models.default_model() == "tiny"
 
@@ -100,9 +105,8 @@ def test_progress_in_the_banner_while_the_weights_come(space, monkeypatch):
     clock = iter([0.0, 100.0])
 
     def held_download(root, *, on_plan, on_bytes, **options):
-        on_plan(
-            type("Plan", (), {"done_bytes": 10 * 10**9, "total_bytes": 60 * 10**9, "left_bytes": 50 * 10**9})
-        )
+        whole = RemoteFile(SOURCES[0], "commit", "model.safetensors", 60 * 10**9, "blob")
+        on_plan(DownloadPlan(root, (whole,), done_bytes=10 * 10**9))
         on_bytes(20 * 10**9)  # 20 GB in 100 s: 200 MB/s, 30 GB left: 150 s
         halfway.set()
         release.wait(10)

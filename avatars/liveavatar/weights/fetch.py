@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_session, hf_hub_url
@@ -179,7 +180,7 @@ def fetch_file(
             failures = 0 if after > before else failures + 1
             if failures >= attempts:
                 raise DownloadError(
-                    f"the connection to {endpoint} kept failing while fetching {file.source.repo_id}/{file.path} "
+                    f"the connection to {_host(endpoint)} kept failing while fetching {file.source.repo_id}/{file.path} "
                     f"({_reason(err)}); {_gb(after)} of {_gb(file.size)} of it are kept, run again to continue"
                 ) from None
             logger.warning("%s: %s; continuing from byte %d", file.path, _reason(err), after)
@@ -253,7 +254,7 @@ def download_weights(
     check_disk(plan, free_bytes)
     on_plan(plan)
     for file in plan.files:
-        logger.info("fetching %s/%s (%s)", file.source.repo_id, file.path, _gb(file.size))
+        logger.debug("fetching %s/%s (%s)", file.source.repo_id, file.path, _gb(file.size))
         fetch_file(
             file, root, on_bytes, endpoint=endpoint, token=token, attempts=attempts, retry_wait=retry_wait
         )
@@ -267,7 +268,9 @@ def explain(err: Exception, repo_id: str, endpoint: str, path: str | None = None
     """A Hub failure in our words. A 401 is said as what it is (the client calls it "Repository Not Found")."""
     what = f"{repo_id}/{path}" if path else repo_id
     if isinstance(err, httpx2.TransportError):
-        return f"cannot reach the Hub at {endpoint} ({_reason(err)}); check the network and start again"
+        return (
+            f"cannot reach the Hub at {_host(endpoint)} ({_reason(err)}); check the network and start again"
+        )
     status = (
         err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
     )
@@ -278,11 +281,11 @@ def explain(err: Exception, repo_id: str, endpoint: str, path: str | None = None
         )
     if status == 403:
         return (
-            f"{repo_id} is gated or your token may not read it (HTTP 403): accept its terms at "
-            f"{endpoint}/{repo_id} with the account of your token, then start again"
+            f"{repo_id} is gated or your token may not read it (HTTP 403): accept its terms on its page at "
+            f"{_host(endpoint)} with the account of your token, then start again"
         )
     if status == 404:
-        return f"{what} was not found on {endpoint} (HTTP 404): the repository or file may have moved"
+        return f"{what} was not found on {_host(endpoint)} (HTTP 404): the repository or file may have moved"
     if status is not None:
         return f"the Hub answered HTTP {status} for {what}; try again later (the download continues where it stopped)"
     return f"the Hub request for {what} failed ({_reason(err)})"
@@ -293,6 +296,11 @@ def _disk_message(err: OSError, file: RemoteFile) -> str:
     if err.errno == errno.ENOSPC:
         return f"the disk filled up while writing {what}; free some space and start again (fetched bytes are kept)"
     return f"cannot write {what}: {err.strerror or err}"
+
+
+def _host(endpoint: str) -> str:
+    """The endpoint's host: messages reach the browser, where URLs and paths are blanked out."""
+    return urlsplit(endpoint).netloc or endpoint
 
 
 def _reason(err: BaseException) -> str:
