@@ -19,6 +19,9 @@ from avatars.liveavatar.weights.fetch import DownloadError, DownloadPlan, downlo
 
 logger = logging.getLogger(__name__)
 
+RATE_AFTER_SECONDS = (
+    2.0  # no rate (nor time left) before this much of the run: the first chunks say nothing yet
+)
 State = Literal["starting", "downloading", "checking", "ready", "failed"]
 
 
@@ -127,7 +130,7 @@ class BackgroundDownload:
             self._fetched += count
             done = self._status.done_bytes + count
             elapsed = self._clock() - self._started_at
-            rate = self._fetched / elapsed if elapsed > 0 else 0.0
+            rate = self._fetched / elapsed if elapsed >= RATE_AFTER_SECONDS else 0.0
             state: State = "checking" if done >= self._status.total_bytes else "downloading"
             self._status = DownloadStatus(state, done, self._status.total_bytes, rate)
 
