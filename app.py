@@ -12,6 +12,7 @@ with contextlib.suppress(ImportError):
     import spaces  # noqa: F401  (before torch, which `app.main` imports)
 
 from app.main import build_demo, serve  # noqa: E402
+from app.weights_on_start import start_weight_download  # noqa: E402
 from avatars.liveavatar.distributed import launched_by_torchrun  # noqa: E402
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -22,6 +23,7 @@ if launched_by_torchrun():  # every rank runs this file: rank 0 serves, the othe
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     raise SystemExit(serve_on_ranks())
 
+start_weight_download()  # on a Space or with ISPA_DOWNLOAD=1, with a GPU and weights missing: in the background
 demo = build_demo()
 
 if __name__ == "__main__":

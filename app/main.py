@@ -46,6 +46,7 @@ from app.sessions import SESSIONS, ActiveRun, start_sweeper
 from app.tts import TextToSpeechError
 from app.upload_budget import MAX_FILE_MB, ClientBudget, UploadLimits, disk_refusal
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
+from app.weights_on_start import current_download, download_running
 from avatars.base import BackendFailure
 from ispa import ISPAPolicy
 
@@ -58,6 +59,7 @@ RUN_DISK_RESERVE_BYTES = 64 * 1024 * 1024
 STALE_RUN_DIR_SECONDS = 3600
 STOP_WAIT_SECONDS = 30.0
 MIC_STREAM_EVERY_SECONDS = 0.25
+WEIGHTS_NEWS_EVERY_SECONDS = 2.0  # how often the banner shows a background download's progress
 MIC_SESSIONS = 8
 # A streamed video sizes itself to the column's width; a tall portrait video would push everything down.
 CSS = (
@@ -383,7 +385,7 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="ispa-avatar", delete_cache=(STALE_RUN_DIR_SECONDS, STALE_RUN_DIR_SECONDS)) as demo:
         gr.Markdown(INTRO)
         banner = banner_markdown(availability, media.can_stream, media.message)
-        gr.Markdown(banner, visible=bool(banner), elem_id="banner")
+        banner_box = gr.Markdown(banner, visible=bool(banner), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=4):
                 controls = input_column(availability, default_model(), not ON_ZERO_GPU, _example_rows())
@@ -392,7 +394,26 @@ def build_demo() -> gr.Blocks:
         pass_raw(controls.k_fraction, controls.t_warm, controls.lam, controls.seed)
         name_missing_inputs(demo)
         _wire_events(demo, controls, outputs)
+        if current_download() is not None:
+            timer = gr.Timer(WEIGHTS_NEWS_EVERY_SECONDS, active=download_running())
+            timer.tick(
+                weights_news, None, [banner_box, controls.model, timer], api_visibility="private", queue=False
+            )
     return demo
+
+
+def weights_news() -> tuple[Any, Any, Any]:
+    """The banner and the model choice as a background download of the 14B weights goes on (the 14B model
+    selectable once they are complete and checked), and whether to ask again."""
+    availability = model_availability()
+    media = ffmpeg_status()
+    banner = banner_markdown(availability, media.can_stream, media.message)
+    reason = availability.get(REAL_MODEL)
+    return (
+        gr.Markdown(banner, visible=bool(banner)),
+        gr.Radio(interactive=reason is None, info=f"14B unavailable: {reason}" if reason else None),
+        gr.Timer(active=download_running()),
+    )
 
 
 def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[Any]) -> None:

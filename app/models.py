@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from app import weights_on_start
 from app.gpu import ON_ZERO_GPU
 from app.gpu_sizes import sizes_for_gpu
 from app.validation import ValidationError
@@ -35,8 +36,15 @@ _only: tuple[str, str] | None = (
 
 
 def model_availability() -> dict[str, str | None]:
-    """Model name -> None when it can run here, else the reason it cannot."""
+    """Model name -> None when it can run here, else the reason it cannot (a background download's progress
+    while the 14B weights are fetched)."""
     found = _models_found()
+    status = weights_on_start.download_status()
+    if status is not None and status.state == "ready" and found.get(REAL_MODEL) is not None:
+        _models_found.cache_clear()  # the weights arrived: ask again, once
+        found = _models_found()
+    if (note := weights_on_start.download_note()) is not None:
+        found = {**found, REAL_MODEL: hide_paths(note)}
     if _only is None:
         return found
     served, elsewhere = _only
@@ -48,7 +56,8 @@ def model_availability() -> dict[str, str | None]:
 @lru_cache(maxsize=1)
 def _models_found() -> dict[str, str | None]:
     """What this machine can run, asked once per process."""
-    return {name: hide_paths(reason) if reason else None for name, reason in available_models().items()}
+    found = available_models(gpu=weights_on_start.gpu_present())
+    return {name: hide_paths(reason) if reason else None for name, reason in found.items()}
 
 
 def hide_paths(text: str) -> str:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 
 from avatars.liveavatar.compiled import COMPILE_ENV, set_compiled_dit, set_compiled_regions
 from avatars.liveavatar.config import PRESETS
@@ -33,18 +34,39 @@ logger = logging.getLogger(__name__)
 MODEL_NAMES = ("tiny", "14b")
 WEIGHTS_ENV = "ISPA_WEIGHTS"  # where `python -m avatars.liveavatar.download` put the weights
 DEFAULT_WEIGHTS_DIR = Path("weights")
+DOWNLOAD_ENV = "ISPA_DOWNLOAD"  # "1": the app fetches missing weights in the background (always on a Space)
+PERSISTENT_STORAGE = Path("/data")  # a Space's persistent storage, when it has some
 TINY_LABEL = "tiny untrained test model (random weights): shows the engine working, not a real face"
 LIVEAVATAR_LABEL = "LiveAvatar (Wan2.2-S2V-14B + LiveAvatar LoRA)"
 
 
 def weights_dir() -> Path:
-    return Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS_DIR))
+    """$ISPA_WEIGHTS; else, where weights are fetched on start (`downloads_on_start`), `download_home()`;
+    else ./weights."""
+    if WEIGHTS_ENV in os.environ:
+        return Path(os.environ[WEIGHTS_ENV])
+    return download_home() if downloads_on_start() else DEFAULT_WEIGHTS_DIR
 
 
-def available_models() -> dict[str, str | None]:
-    """Each model name → None when it can run here, else the reason it cannot (for the UI to show)."""
+def downloads_on_start() -> bool:
+    """Whether the app should fetch missing weights itself: on a Hugging Face Space, or with ISPA_DOWNLOAD=1."""
+    return bool(os.environ.get("SPACE_ID")) or os.environ.get(DOWNLOAD_ENV, "") == "1"
+
+
+def download_home(persistent: Path = PERSISTENT_STORAGE) -> Path:
+    """Persistent storage (`/data`) when it is there and writable, else the Hugging Face cache folder (HF_HOME),
+    which a Space without persistent storage loses on restart."""
+    if persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent / "ispa-weights"
+    return Path(constants.HF_HOME) / "ispa-weights"
+
+
+def available_models(gpu: bool | None = None) -> dict[str, str | None]:
+    """Each model name → None when it can run here, else the reason it cannot (for the UI to show).
+
+    `gpu` says whether a GPU is present (asked of torch when None)."""
     reasons: dict[str, str | None] = {"tiny": None}
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if gpu is None else gpu):
         reasons["14b"] = "needs an NVIDIA GPU (none found); the tiny test model runs instead"
     else:
         try:

@@ -1,4 +1,5 @@
-"""Resolving weights from a local folder, the download calls (no network), and incomplete-download errors."""
+"""Resolving weights from a local folder, and incomplete-download errors (the download itself:
+test_weights_download.py)."""
 
 import json
 import shutil
@@ -31,39 +32,6 @@ def test_local_folder_resolves_to_the_repo_layout(tiny_root):
     assert paths.text_encoder_dir == tiny_root / "Wan2.1-T2V-1.3B-Diffusers" / "text_encoder"
     assert paths.tokenizer_dir == tiny_root / "Wan2.1-T2V-1.3B-Diffusers" / "tokenizer"
     assert paths.vae_dir == tiny_root / "Wan2.1-T2V-1.3B-Diffusers" / "vae"
-
-
-def test_download_asks_each_repo_for_its_files_only(tiny_root, tmp_path):
-    calls = []
-
-    def fake_snapshot_download(**kwargs):
-        calls.append(kwargs)
-        source = tiny_root / kwargs["repo_id"].split("/")[-1]
-        shutil.copytree(source, kwargs["local_dir"], dirs_exist_ok=True)
-        return kwargs["local_dir"]
-
-    paths = hub.download_weights(tmp_path, download=fake_snapshot_download)
-    assert [c["repo_id"] for c in calls] == [
-        "Wan-AI/Wan2.2-S2V-14B",
-        "Quark-Vision/Live-Avatar",
-        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    ]
-    base, lora, diffusers = (c["allow_patterns"] for c in calls)
-    assert "config.json" in base and "diffusion_pytorch_model.safetensors.index.json" in base
-    assert "diffusion_pytorch_model-*-of-*.safetensors" in base
-    assert any(p.startswith("wav2vec2-large-xlsr-53-english/") for p in base)
-    assert not any(
-        ".pth" in p or "google/" in p for p in base
-    )  # the .pth T5/VAE and their tokenizer are not fetched
-    assert lora == ["liveavatar.safetensors"]
-    assert diffusers == ["text_encoder/*", "tokenizer/*", "vae/*"]
-    assert [c["local_dir"] for c in calls] == [
-        str(tmp_path / "Wan2.2-S2V-14B"),
-        str(tmp_path / "Live-Avatar"),
-        str(tmp_path / "Wan2.1-T2V-1.3B-Diffusers"),
-    ]
-    assert all(c["tqdm_class"] is not None for c in calls)
-    assert paths == hub.WeightPaths.under(tmp_path)
 
 
 def test_partial_download_lists_every_missing_file(tiny_root, tmp_path):

@@ -1,4 +1,4 @@
-"""Where LiveAvatar's weights come from, downloading them, and checking a folder holds all of them.
+"""Where LiveAvatar's weights come from (`fetch` downloads them), and checking a folder holds all of them.
 
 Three Hugging Face repositories, each downloaded (only the files we use) into `<root>/<repo name>/` with the repo's
 own layout, so a folder prepared by hand with `huggingface-cli download <repo> --local-dir <root>/<repo name>` is
@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from avatars.liveavatar.weights.errors import CheckpointError
 
@@ -173,23 +170,6 @@ def check_weights(paths: WeightPaths) -> None:
     if missing or damaged:
         lines = [f"  missing: {m}" for m in missing] + [f"  damaged: {d}" for d in damaged]
         raise CheckpointError("LiveAvatar weights are incomplete; download them again:\n" + "\n".join(lines))
-
-
-def download_weights(root: str | Path, download: Callable[..., str] = snapshot_download) -> WeightPaths:
-    """Download what is missing from the three repositories into `root` (resumable), then check everything.
-
-    `download` is `huggingface_hub.snapshot_download`, replaceable in tests.
-    """
-    root = Path(root)
-    for source in SOURCES:
-        logger.info("fetching %s (%s)", source.repo_id, ", ".join(source.allow_patterns))
-        download(
-            repo_id=source.repo_id,
-            allow_patterns=list(source.allow_patterns),
-            local_dir=str(root / source.folder_name),
-            tqdm_class=tqdm,
-        )
-    return resolve_weights(root)
 
 
 def resolve_weights(root: str | Path) -> WeightPaths:
