@@ -118,6 +118,7 @@ def generate(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    steps: int = 4,
     owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
@@ -133,6 +134,7 @@ def generate(
         model=model,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
     )
     yield from _generate(
         request, choices, owner_token, portrait=portrait, prompt=prompt, audio=audio, text=text
@@ -151,6 +153,7 @@ def generate_live(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    steps: int = 4,
     owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
@@ -165,6 +168,7 @@ def generate_live(
         model=model,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
     )
     yield from _generate(request, choices, owner_token, portrait=portrait, prompt=prompt, live=True)
 
@@ -224,6 +228,7 @@ def _prepare(
         size=choices.size,
         kv_format=choices.kv_format,
         refresh_sink=choices.refresh_sink,
+        steps=choices.steps,
         size_choices=sizes,
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),

@@ -63,6 +63,7 @@ from bench.suite.recorder import Recorder, Target, exit_on_sigterm
 from bench.suite.scales import SCALES, Scale
 from bench.suite.stream import DEFAULT_VARIANTS, VARIANTS, check_variants, streaming
 from bench.suite.table import write_table
+from bench.suite.variants import LEVERS
 
 STAGES = ("environment", "attention", "engine", "stream", "table")
 # No streaming variant predicted to end later than 8 minutes after the suite's start (of its 9; the table needs none).
@@ -117,6 +118,14 @@ def targets(variants: list[str]) -> list[Target]:
                 0.80,
             ),
         ]
+        if "+" in variant:
+            found.append(
+                Target(
+                    f"stream.{variant}.dit_speedup_vs_base",
+                    f"DiT ISPA after warmup, {variant} vs {variant.split('+')[0]}",
+                    "measured",
+                )
+            )
     for precision in sorted({v.split("-")[0] for v in variants if v.endswith("compiled")}):
         found.append(
             Target(
@@ -143,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"streaming variants in order, from {','.join(VARIANTS)} (default per scale)",
+        help=f"streaming variants in order, from {','.join(VARIANTS)}, each optionally with levers after '+' "
+        f"({', '.join(LEVERS)}; e.g. fp8-compiled+steps3; default per scale)",
     )
     parser.add_argument(
         "--budget-s",

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from bench.gpu_suite import STAGES, main
+from bench.suite import stream
 from bench.suite.recorder import Recorder, StageSkipped, Target
 from bench.suite.scales import TINY
 from bench.suite.stream import COMPILE_ESTIMATE_SECONDS, FAIL_VARIANT_ENV, predicted_seconds, streaming
+from bench.suite.variants import parse_variant
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "failed", "skipped"}
@@ -175,3 +177,32 @@ def test_the_streaming_budget_counts_from_the_suite_start(tmp_path):
     )
     assert outcome["predicted_seconds"] == COMPILE_ESTIMATE_SECONDS
     assert "native-compiled.ispa_blocks" not in stage["figures"]
+
+
+# ---- issue 20's levers as variants: `<base>+<lever>...`
+def test_lever_variants_are_parsed_and_bad_ones_refused_in_words():
+    variant = parse_variant("fp8-compiled+steps3")
+    assert (variant.base, variant.levers, variant.steps) == ("fp8-compiled", ("steps3",), 3)
+    assert parse_variant("native-eager").steps == 4
+    with pytest.raises(ValueError, match="unknown levers"):
+        parse_variant("native-eager+warp-drive")
+    with pytest.raises(ValueError, match="two step counts"):
+        parse_variant("native-eager+steps3+steps2")
+    with pytest.raises(ValueError, match="its base must be one of"):
+        parse_variant("fp16-eager+steps3")
+
+
+def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_twice():
+    measured = {"fp8-eager": 80.0, "fp8-compiled": 300.0}
+    assert predicted_seconds("fp8-eager+steps2", measured) == 40.0
+    assert predicted_seconds("fp8-compiled+steps3", measured) == 225.0  # the regions are compiled by now
+
+
+def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_without_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(stream, "_run_variant", lambda recorder, bench, pipe, request, variant, *a: seen.append(
+        (variant, request.steps)))  # fmt: skip
+    recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
+    with recorder.stage("stream"):
+        streaming(recorder, torch.device("cpu"), TINY, ["native-eager+steps2", "native-eager"], None, 0.0)
+    assert seen == [("native-eager+steps2", 2), ("native-eager", 4)]

@@ -31,6 +31,7 @@ class RunSpec:
     motion_latents: torch.Tensor  # [1, C, T, h, w]
     latent_h: int
     latent_w: int
+    steps: int = 4  # denoising steps (avatars.liveavatar.schedule.STEP_CHOICES); 4 is the official schedule
 
 
 @dataclass
