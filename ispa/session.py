@@ -58,8 +58,9 @@ class AttentionSession:
     layout : how history is stored (block size, ring length, rings, frames per block).
     backend : attention backend name for every call (see `ispa.attention_backends`); None follows its rule.
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
-    statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
-        "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).
+    statistics_precision : "exact" (fp32 GEMMs), "fast" (TF32 on CUDA for 16-bit models) or "bf16" (bf16 GEMMs
+        with fp32 output for bf16 models, opt-in); None: "fast" on CUDA, "exact" elsewhere (see
+        `ispa.statistics_precision` for the bounds on ΔW and ε).
     statistics_reducer : where one run's forwards are split between processes (each with its own session, e.g.
         one per denoising step), sums the statistics over them before each absorb so that every process solves
         the same ΔW (see `AbsorptionStats.sum_across`); None for a run in one process.

@@ -82,6 +82,9 @@ class LiveAvatarPipeline:
         # Decode block k while the DiT runs block k+1 (`LocalDownstream`); None: on CUDA only (on a CPU both would
         # share the same cores). Chunks are the same either way.
         self.overlap_decode: bool | None = None
+        # How the warmup statistics' GEMMs run (`ispa.statistics_precision`): None is the device's default; "bf16"
+        # is issue 20's opt-in lever. Every stage of a run gets it with the run's spec.
+        self.statistics_precision: str | None = None
         self._run_numbers = itertools.count()
 
     @property
@@ -175,6 +178,7 @@ class LiveAvatarPipeline:
             height // 8,
             width // 8,
             request.steps,
+            self.statistics_precision,
         )
         return spec, latents
 

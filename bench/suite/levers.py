@@ -17,4 +17,10 @@ from bench.suite.variants import Variant
 @contextmanager
 def levers_on(pipe: Any, request: Any, variant: Variant) -> Iterator[Any]:
     """The request the variant's runs take, with every one of its levers on until the block exits."""
-    yield replace(request, steps=variant.steps)
+    saved_precision = pipe.statistics_precision
+    if "stats-bf16" in variant.levers:
+        pipe.statistics_precision = "bf16"
+    try:
+        yield replace(request, steps=variant.steps)
+    finally:
+        pipe.statistics_precision = saved_precision

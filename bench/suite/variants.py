@@ -13,6 +13,7 @@ BASES = ("native-eager", "native-compiled", "fp8-eager", "fp8-compiled")
 LEVERS = {
     "steps3": "3 denoising steps (a deviation from the official 4; avatars.liveavatar.schedule)",
     "steps2": "2 denoising steps (a deviation from the official 4)",
+    "stats-bf16": "warmup statistics as bf16 GEMMs with fp32 output (ispa.statistics_precision; bf16 models)",
 }
 OFFICIAL_STEPS = 4
 

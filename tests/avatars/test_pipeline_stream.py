@@ -19,7 +19,9 @@ from avatars.liveavatar.encoders.audio import (
 )
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
+from avatars.liveavatar.streaming.stage import DenoisingStage
 from ispa import AttentionSession, FullPolicy, ISPAPolicy
 
 # Per-second mean relative error of live features against the whole-clip ones: this tiny random wav2vec2 showed
@@ -386,3 +388,20 @@ def test_compare_runs_share_one_portrait_encode(pipe):
     for _ in zip(*streams, strict=True):
         pass
     assert pipe.portrait_latents.encodes == before + 1
+
+
+def test_the_pipelines_statistics_precision_reaches_every_stage_session(pipe, portrait):
+    request = GenerationRequest(portrait=portrait, audio=speech(0.5, 16000), sample_rate=16000, steps=2)
+    height, width = pipe.check_run(request)
+    for precision in (None, "bf16"):
+        pipe.statistics_precision = precision
+        try:
+            spec, _ = pipe.run_spec(request, height, width)
+        finally:
+            pipe.statistics_precision = None
+        stage = DenoisingStage(pipe.dit, DenoisingSchedule.liveavatar(spec.steps), spec)
+        try:
+            assert spec.steps == 2 and stage.steps == range(2)
+            assert stage.session.statistics_precision == precision
+        finally:
+            stage.close()

@@ -201,8 +201,9 @@ def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_tw
 def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_without_it(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(stream, "_run_variant", lambda recorder, bench, pipe, request, variant, *a: seen.append(
-        (variant, request.steps)))  # fmt: skip
+        (variant, request.steps, pipe.statistics_precision)))  # fmt: skip
     recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
+    variants = ["native-eager+steps2+stats-bf16", "native-eager"]
     with recorder.stage("stream"):
-        streaming(recorder, torch.device("cpu"), TINY, ["native-eager+steps2", "native-eager"], None, 0.0)
-    assert seen == [("native-eager+steps2", 2), ("native-eager", 4)]
+        streaming(recorder, torch.device("cpu"), TINY, variants, None, 0.0)
+    assert seen == [(variants[0], 2, "bf16"), ("native-eager", 4, None)]

@@ -32,6 +32,9 @@ class RunSpec:
     latent_h: int
     latent_w: int
     steps: int = 4  # denoising steps (avatars.liveavatar.schedule.STEP_CHOICES); 4 is the official schedule
+    statistics_precision: str | None = (
+        None  # the sessions' (ispa.statistics_precision); None: the device's default
+    )
 
 
 @dataclass

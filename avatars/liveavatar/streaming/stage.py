@@ -68,6 +68,7 @@ class DenoisingStage:
             num_layers=dit.config.num_layers,
             layout=layout,
             kv_layer=kv_layer_factory(spec.kv_format),
+            statistics_precision=spec.statistics_precision,
             statistics_reducer=statistics_reducer,
         )
         motion = spec.motion_latents.to(device)
