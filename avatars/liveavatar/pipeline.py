@@ -85,6 +85,9 @@ class LiveAvatarPipeline:
         # How the warmup statistics' GEMMs run (`ispa.statistics_precision`): None is the device's default; "bf16"
         # is issue 20's opt-in lever. Every stage of a run gets it with the run's spec.
         self.statistics_precision: str | None = None
+        self.fused_merge = (
+            False  # the LSE merge as one compiled function (`ispa.fused_merge`), issue 20's lever
+        )
         self._run_numbers = itertools.count()
 
     @property
@@ -179,6 +182,7 @@ class LiveAvatarPipeline:
             width // 8,
             request.steps,
             self.statistics_precision,
+            self.fused_merge,
         )
         return spec, latents
 

@@ -17,10 +17,11 @@ from bench.suite.variants import Variant
 @contextmanager
 def levers_on(pipe: Any, request: Any, variant: Variant) -> Iterator[Any]:
     """The request the variant's runs take, with every one of its levers on until the block exits."""
-    saved_precision = pipe.statistics_precision
+    saved = pipe.statistics_precision, pipe.fused_merge
     if "stats-bf16" in variant.levers:
         pipe.statistics_precision = "bf16"
+    pipe.fused_merge = "merge-fused" in variant.levers or pipe.fused_merge
     try:
         yield replace(request, steps=variant.steps)
     finally:
-        pipe.statistics_precision = saved_precision
+        pipe.statistics_precision, pipe.fused_merge = saved

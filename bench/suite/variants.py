@@ -14,6 +14,7 @@ LEVERS = {
     "steps3": "3 denoising steps (a deviation from the official 4; avatars.liveavatar.schedule)",
     "steps2": "2 denoising steps (a deviation from the official 4)",
     "stats-bf16": "warmup statistics as bf16 GEMMs with fp32 output (ispa.statistics_precision; bf16 models)",
+    "merge-fused": "the LSE merge and its two LSE figures as one compiled function (ispa.fused_merge)",
 }
 OFFICIAL_STEPS = 4
 

@@ -201,9 +201,13 @@ def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_tw
 def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_without_it(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(stream, "_run_variant", lambda recorder, bench, pipe, request, variant, *a: seen.append(
-        (variant, request.steps, pipe.statistics_precision)))  # fmt: skip
+        (variant, request.steps, pipe.statistics_precision, pipe.fused_merge)))  # fmt: skip
     recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
-    variants = ["native-eager+steps2+stats-bf16", "native-eager"]
+    variants = ["native-eager+steps2+stats-bf16", "native-eager+merge-fused", "native-eager"]
     with recorder.stage("stream"):
         streaming(recorder, torch.device("cpu"), TINY, variants, None, 0.0)
-    assert seen == [(variants[0], 2, "bf16"), ("native-eager", 4, None)]
+    assert seen == [
+        (variants[0], 2, "bf16", False),
+        (variants[1], 4, None, True),
+        ("native-eager", 4, None, False),
+    ]

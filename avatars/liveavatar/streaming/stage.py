@@ -69,6 +69,7 @@ class DenoisingStage:
             layout=layout,
             kv_layer=kv_layer_factory(spec.kv_format),
             statistics_precision=spec.statistics_precision,
+            fused_merge=spec.fused_merge,
             statistics_reducer=statistics_reducer,
         )
         motion = spec.motion_latents.to(device)
