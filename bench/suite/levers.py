@@ -17,11 +17,16 @@ from bench.suite.variants import Variant
 @contextmanager
 def levers_on(pipe: Any, request: Any, variant: Variant) -> Iterator[Any]:
     """The request the variant's runs take, with every one of its levers on until the block exits."""
-    saved = pipe.statistics_precision, pipe.fused_merge
+    from avatars.liveavatar.fp8_linear import fused_quantization, set_fused_quantization
+
+    saved = pipe.statistics_precision, pipe.fused_merge, fused_quantization()
     if "stats-bf16" in variant.levers:
         pipe.statistics_precision = "bf16"
     pipe.fused_merge = "merge-fused" in variant.levers or pipe.fused_merge
+    if "quant-fused" in variant.levers:
+        set_fused_quantization(True)
     try:
         yield replace(request, steps=variant.steps)
     finally:
-        pipe.statistics_precision, pipe.fused_merge = saved
+        pipe.statistics_precision, pipe.fused_merge = saved[:2]
+        set_fused_quantization(saved[2])

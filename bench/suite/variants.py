@@ -15,6 +15,7 @@ LEVERS = {
     "steps2": "2 denoising steps (a deviation from the official 4)",
     "stats-bf16": "warmup statistics as bf16 GEMMs with fp32 output (ispa.statistics_precision; bf16 models)",
     "merge-fused": "the LSE merge and its two LSE figures as one compiled function (ispa.fused_merge)",
+    "quant-fused": "FP8 activation quantization as one compiled function (avatars.liveavatar.fp8_linear); fp8 bases",
 }
 OFFICIAL_STEPS = 4
 
@@ -50,4 +51,8 @@ def parse_variant(name: str) -> Variant:
     if len(set(levers)) != len(levers) or sum(lever.startswith("steps") for lever in levers) > 1:
         raise ValueError(f"variant {name!r}: a lever is listed twice, or two step counts are")
     precision, mode = base.split("-")
+    if "quant-fused" in levers and precision != "fp8":
+        raise ValueError(
+            f"variant {name!r}: quant-fused quantizes the inputs of FP8 linears; use an fp8 base"
+        )
     return Variant(name, precision, mode, tuple(levers))

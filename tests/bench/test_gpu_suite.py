@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from avatars.liveavatar.fp8_linear import fused_quantization
+from avatars.liveavatar.weights import fp8
 from bench.gpu_suite import STAGES, main
 from bench.suite import stream
 from bench.suite.recorder import Recorder, StageSkipped, Target
@@ -190,6 +192,8 @@ def test_lever_variants_are_parsed_and_bad_ones_refused_in_words():
         parse_variant("native-eager+steps3+steps2")
     with pytest.raises(ValueError, match="its base must be one of"):
         parse_variant("fp16-eager+steps3")
+    with pytest.raises(ValueError, match="use an fp8 base"):
+        parse_variant("native-compiled+quant-fused")
 
 
 def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_twice():
@@ -201,13 +205,22 @@ def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_tw
 def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_without_it(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(stream, "_run_variant", lambda recorder, bench, pipe, request, variant, *a: seen.append(
-        (variant, request.steps, pipe.statistics_precision, pipe.fused_merge)))  # fmt: skip
+        (variant, request.steps, pipe.statistics_precision, pipe.fused_merge, fused_quantization())))  # fmt: skip
+    monkeypatch.setattr(
+        fp8, "convert_linears_to_fp8", lambda dit: None
+    )  # the switches are what is checked here
     recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
-    variants = ["native-eager+steps2+stats-bf16", "native-eager+merge-fused", "native-eager"]
+    variants = [
+        "native-eager+steps2+stats-bf16",
+        "native-eager+merge-fused",
+        "fp8-eager+quant-fused",
+        "fp8-eager",
+    ]
     with recorder.stage("stream"):
         streaming(recorder, torch.device("cpu"), TINY, variants, None, 0.0)
     assert seen == [
-        (variants[0], 2, "bf16", False),
-        (variants[1], 4, None, True),
-        ("native-eager", 4, None, False),
+        (variants[0], 2, "bf16", False, False),
+        (variants[1], 4, None, True, False),
+        (variants[2], 4, None, False, True),
+        ("fp8-eager", 4, None, False, False),
     ]
