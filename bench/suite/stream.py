@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench.suite.levers import levers_on
+from bench.suite.levers import LeverUnavailable, check_available, levers_on
 from bench.suite.recorder import Recorder
 from bench.suite.scales import Scale
 from bench.suite.variants import BASES, OFFICIAL_STEPS, Variant, parse_variant
@@ -127,6 +127,11 @@ def streaming(
             continue
         if precision == "native" and fp8:
             _outcome(recorder, variant, "skipped", reason="the model is FP8 by now; list it first")
+            continue
+        try:
+            check_available(parsed, torch.cuda.device_count() if device.type == "cuda" else 0)
+        except LeverUnavailable as err:
+            _outcome(recorder, variant, "skipped", reason=str(err))
             continue
         variant_started = time.perf_counter()
         try:

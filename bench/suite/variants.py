@@ -16,6 +16,7 @@ LEVERS = {
     "stats-bf16": "warmup statistics as bf16 GEMMs with fp32 output (ispa.statistics_precision; bf16 models)",
     "merge-fused": "the LSE merge and its two LSE figures as one compiled function (ispa.fused_merge)",
     "quant-fused": "FP8 activation quantization as one compiled function (avatars.liveavatar.fp8_linear); fp8 bases",
+    "decode-gpu1": "the VAE (encode and the streaming decode) on cuda:1, the DiT on cuda:0; needs 2 GPUs",
 }
 OFFICIAL_STEPS = 4
 

@@ -218,9 +218,20 @@ def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_with
     ]
     with recorder.stage("stream"):
         streaming(recorder, torch.device("cpu"), TINY, variants, None, 0.0)
+    assert [k for k in recorder.summary["stages"]["stream"]["figures"] if k.endswith(".outcome")] == [
+        f"{v}.outcome" for v in variants
+    ]
     assert seen == [
         (variants[0], 2, "bf16", False, False),
         (variants[1], 4, None, True, False),
         (variants[2], 4, None, False, True),
         ("fp8-eager", 4, None, False, False),
     ]
+
+
+def test_decoding_on_a_second_gpu_is_skipped_with_its_reason_without_one(tmp_path):
+    recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
+    with recorder.stage("stream"):
+        streaming(recorder, torch.device("cpu"), TINY, ["native-eager+steps2+decode-gpu1"], None, 0.0)
+    outcome = recorder.summary["stages"]["stream"]["figures"]["native-eager+steps2+decode-gpu1.outcome"]
+    assert outcome == {"status": "skipped", "reason": "decode-gpu1 needs a second GPU; this machine has 0"}
