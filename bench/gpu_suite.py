@@ -18,6 +18,8 @@ Stages (each records its figures as it measures them; a failing stage is recorde
                off), compiled vs eager. A variant's error is recorded as its outcome and the next variant runs
                (ISPA_SUITE_FAIL_VARIANT=<name> fails one at its start); a variant predicted to end past --budget-s,
                counted from the suite's start (compiled: its eager twin's time + a compile estimate), is skipped.
+               Issue 20's levers ride on a base after '+' (fp8-compiled+steps3, +stats-bf16, +merge-fused,
+               +quant-fused, +decode-gpu1; bench/suite/variants.py), each row with its speedup over the base.
   table        OUT/table.md from whatever OUT/summary.json holds.
 
 OUT/summary.json is rewritten after every measurement and on SIGTERM (what `timeout` sends), so a timeout or a crash

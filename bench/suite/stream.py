@@ -109,7 +109,6 @@ def streaming(
     warmup_blocks = math.ceil(scale.stream_t_warm / 3)
     recorder.record("video", {"height": height, "width": width, "blocks": scale.stream_blocks})
     recorder.record("primed_attention_shapes", prime_attention_shapes(pipe, height, width))
-    predicted_bytes = bench.predictions(pipe, height, width, k_fraction=0.5)
     failing = {n.strip() for n in os.environ.get(FAIL_VARIANT_ENV, "").split(",") if n.strip()}
     fp8 = False
     measured: dict[str, float] = {}
@@ -139,6 +138,7 @@ def streaming(
                 raise RuntimeError(
                     f"{FAIL_VARIANT_ENV}={variant}: a failure asked for at the variant's start"
                 )
+            predicted_bytes = bench.predictions(pipe, height, width, k_fraction=0.5, rings=parsed.steps)
             _memory_model_estimates(recorder, variant, predicted_bytes)
             if precision == "fp8" and not fp8:
                 fp8 = (
