@@ -19,6 +19,7 @@ from avatars.liveavatar.encoders.audio import (
 )
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.portrait_latents import PortraitLatents
 from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.liveavatar.streaming.stage import DenoisingStage
@@ -390,18 +391,27 @@ def test_compare_runs_share_one_portrait_encode(pipe):
     assert pipe.portrait_latents.encodes == before + 1
 
 
-def test_the_pipelines_statistics_precision_reaches_every_stage_session(pipe, portrait):
+def test_the_pipelines_engine_switches_reach_every_stage_session(pipe, portrait, monkeypatch):
     request = GenerationRequest(portrait=portrait, audio=speech(0.5, 16000), sample_rate=16000, steps=2)
     height, width = pipe.check_run(request)
-    for precision in (None, "bf16"):
-        pipe.statistics_precision = precision
+    z, h, w = (
+        pipe.vae.vae.config.z_dim,
+        height // 8,
+        width // 8,
+    )  # zero latents: the switches are checked here
+    latents = PortraitLatents(torch.zeros(1, z, 1, h, w), torch.zeros(1, z, 92, h, w))
+    monkeypatch.setattr(pipe.portrait_latents, "get", lambda fitted: latents)
+    pipe.statistics_precision, pipe.fused_merge = "bf16", True
+    try:
+        spec, _ = pipe.run_spec(request, height, width)
+    finally:
+        pipe.statistics_precision, pipe.fused_merge = None, False
+    assert (spec.steps, spec.statistics_precision, spec.fused_merge) == (2, "bf16", True)
+    for each in (spec, replace(spec, statistics_precision=None, fused_merge=False)):
+        stage = DenoisingStage(pipe.dit, DenoisingSchedule.liveavatar(each.steps), each)
         try:
-            spec, _ = pipe.run_spec(request, height, width)
-        finally:
-            pipe.statistics_precision = None
-        stage = DenoisingStage(pipe.dit, DenoisingSchedule.liveavatar(spec.steps), spec)
-        try:
-            assert spec.steps == 2 and stage.steps == range(2)
-            assert stage.session.statistics_precision == precision
+            assert stage.steps == range(2)
+            assert stage.session.statistics_precision == each.statistics_precision
+            assert stage.session.fused_merge == each.fused_merge
         finally:
             stage.close()
