@@ -1,7 +1,8 @@
 """Stage 4: the streaming loop of `bench/streaming.py` (Full, then ISPA, one after the other) per variant -
 precision (the model's own dtype, or FP8 linears) × eager or compiled regions, with issue 20's levers after a `+`
-(`bench/suite/variants.py`: `fp8-compiled+steps3`) - with each block's row recorded as it happens, then the variant's summary: peak memory during and after warmup, KV and statistics bytes, DiT and decode
-seconds, decode hidden by the overlap, FPS after warmup and the ISPA speedup, the last with the decode overlap on
+(`bench/suite/variants.py`: `fp8-compiled+steps3`) - with each block's row recorded as it happens, then the
+variant's summary: peak memory during and after warmup, KV and statistics bytes, DiT and decode seconds, decode
+hidden by the overlap, FPS after warmup and the ISPA speedup, the last with the decode overlap on
 (the default) and off (with it on, a block's decode runs during the next block's DiT and its GPU time lands there).
 
 One pipeline is built and changed in place between variants (converted to FP8 once, regions compiled or not), so

@@ -2,9 +2,9 @@
 
 A stage holds the run's session (the sink, replicated on every stage, and the history rings of its own steps).
 Every stage replays the run's `random.Random(seed)` and draws all the `ref_shift`s of each block (one per step of
-the schedule), using its own steps' ones, so each forward gets the offset it gets when one process runs them all. With the sink refresh, the
-stage of the last step keeps block 0's first denoised latent frame and shares it with the others
-(`ReferenceExchange`); at clip 1 every stage prefills its sink again from it.
+the schedule), using its own steps' ones, so each forward gets the offset it gets when one process runs them all.
+With the sink refresh, the stage of the last step keeps block 0's first denoised latent frame and shares it with
+the others (`ReferenceExchange`); at clip 1 every stage prefills its sink again from it.
 """
 
 from __future__ import annotations
