@@ -86,6 +86,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
                 max_area=spec.max_area,
                 kv_format=spec.kv_format,
                 refresh_sink=spec.refresh_sink,
+                steps=spec.steps,
             )
             chunks = pipe.stream(request, controls[name], group)
             streams[name] = on_device(pipe.device, chunks)

@@ -23,6 +23,7 @@ from app.validation import (
     validate_settings,
     validate_tts_text,
 )
+from avatars.liveavatar.schedule import STEP_CHOICES
 from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy, make_policy
 
 ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
@@ -48,6 +49,7 @@ class EngineChoices:
     model: Any
     kv_format: Any = "bf16"
     refresh_sink: Any = False
+    steps: Any = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class RunSpec:
     max_area: int
     kv_format: str = "bf16"  # one of ispa.KV_FORMATS: how the KV history is stored
     refresh_sink: bool = False  # prefill the sink again at clip 1 (the official 5-GPU pipeline's behaviour)
+    steps: int = 4  # denoising steps: 4 official, 3 or 2 a deviation for speed
     warnings: list[str] = field(default_factory=list)
 
     def policies(self) -> list[tuple[str, Policy]]:
@@ -102,6 +105,16 @@ def check_refresh_sink(refresh_sink: Any) -> bool:
     return refresh_sink
 
 
+def check_steps(steps: Any) -> int:
+    """4 (the official schedule), 3 or 2; the page's dropdown may send the number as a string."""
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    if isinstance(steps, bool) or steps not in STEP_CHOICES:
+        choices = ", ".join(str(n) for n in STEP_CHOICES)
+        raise ValidationError(f"The denoising steps must be one of: {choices} (4 is the official schedule).")
+    return int(steps)
+
+
 def choose_size(size: Any, size_choices: Sequence[tuple[str, int]]) -> tuple[str, int]:
     """(label, max_area) for a size label from the dropdown; "default" is the model's first choice."""
     if not size_choices:
@@ -132,6 +145,7 @@ def prepare_run(
     speech_dir: Path,
     kv_format: Any = "bf16",
     refresh_sink: Any = False,
+    steps: Any = 4,
     live: bool = False,
 ) -> RunSpec:
     """Check every input; speech comes from the audio file, else from `text` (synthesised into `speech_dir`),
@@ -142,6 +156,7 @@ def prepare_run(
     size_label, max_area = choose_size(size, size_choices)
     kv_format = check_kv_format(kv_format)
     refresh_sink = check_refresh_sink(refresh_sink)
+    steps = check_steps(steps)
     portrait_check = validate_portrait(portrait)
     notes = [*prompt_check.warnings, *settings.warnings, *portrait_check.warnings]
     samples, source = None, "live"
@@ -160,6 +175,7 @@ def prepare_run(
         max_area=max_area,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
         warnings=notes,
     )
 

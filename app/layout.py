@@ -78,6 +78,7 @@ class InputControls:
     model: gr.Radio
     kv_format: gr.Dropdown
     refresh_sink: gr.Checkbox
+    steps: gr.Dropdown
     generate: gr.Button
     stop: gr.Button
     recalibrate: gr.Button
@@ -164,6 +165,14 @@ def input_column(
             label="Refresh the sink at clip 1",
             info="Prefill the sink again with the first generated frame, as the official 5-GPU pipeline does.",
         )
+        steps = gr.Dropdown(
+            [("4 (official)", 4), ("3 (deviation: faster, lower quality)", 3), ("2 (deviation: fastest)", 2)],
+            value=4,
+            label="Denoising steps",
+            allow_custom_value=True,  # so that the app's own check answers an unknown value, in its words
+            info="LiveAvatar is distilled for 4 steps; 3 and 2 keep 3 or 2 of its timesteps, a deviation from "
+            "the official pipeline.",
+        )
     with gr.Accordion("Live mode (microphone)", open=False, visible=live_mode):
         gr.Markdown(LIVE_HELP)
         live_mic = gr.Audio(
@@ -188,6 +197,7 @@ def input_column(
         model=model,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
         generate=generate,
         stop=stop,
         recalibrate=recalibrate,

@@ -120,6 +120,7 @@ def generate(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    steps: int = 4,
     owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
@@ -135,6 +136,7 @@ def generate(
         model=model,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
     )
     yield from _generate(
         request, choices, owner_token, portrait=portrait, prompt=prompt, audio=audio, text=text
@@ -153,6 +155,7 @@ def generate_live(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
+    steps: int = 4,
     owner_token: str | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
@@ -167,6 +170,7 @@ def generate_live(
         model=model,
         kv_format=kv_format,
         refresh_sink=refresh_sink,
+        steps=steps,
     )
     yield from _generate(request, choices, owner_token, portrait=portrait, prompt=prompt, live=True)
 
@@ -226,6 +230,7 @@ def _prepare(
         size=choices.size,
         kv_format=choices.kv_format,
         refresh_sink=choices.refresh_sink,
+        steps=choices.steps,
         size_choices=sizes,
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),

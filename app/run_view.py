@@ -229,6 +229,7 @@ def run_report(
             "max_area": spec.max_area,
             "kv_format": spec.kv_format,
             "refresh_sink": spec.refresh_sink,
+            "steps": spec.steps,
         },
         "stopped_early": stopped_early,
         "first_video_after_s": first_video_s,

@@ -37,6 +37,7 @@ class GenerationRequest:
     max_area: int | None = None  # the size choice (pixel budget); None: the backend's first choice
     kv_format: str = "bf16"  # how the KV history is stored: one of `ispa.KV_FORMATS`
     refresh_sink: bool = False  # prefill the sink again at clip 1 (LiveAvatar's 5-GPU behaviour)
+    steps: int = 4  # denoising steps; fewer than the model's official count is a deviation, for speed
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ Stages (each records its figures as it measures them; a failing stage is recorde
                off), compiled vs eager. A variant's error is recorded as its outcome and the next variant runs
                (ISPA_SUITE_FAIL_VARIANT=<name> fails one at its start); a variant predicted to end past --budget-s,
                counted from the suite's start (compiled: its eager twin's time + a compile estimate), is skipped.
+               Issue 20's levers ride on a base after '+' (fp8-compiled+steps3, +stats-bf16, +merge-fused,
+               +quant-fused, +decode-gpu1; bench/suite/variants.py), each row with its speedup over the base.
   table        OUT/table.md from whatever OUT/summary.json holds.
 
 OUT/summary.json is rewritten after every measurement and on SIGTERM (what `timeout` sends), so a timeout or a crash
@@ -63,6 +65,7 @@ from bench.suite.recorder import Recorder, Target, exit_on_sigterm
 from bench.suite.scales import SCALES, Scale
 from bench.suite.stream import DEFAULT_VARIANTS, VARIANTS, check_variants, streaming
 from bench.suite.table import write_table
+from bench.suite.variants import LEVERS
 
 STAGES = ("environment", "attention", "engine", "stream", "table")
 # No streaming variant predicted to end later than 8 minutes after the suite's start (of its 9; the table needs none).
@@ -117,6 +120,14 @@ def targets(variants: list[str]) -> list[Target]:
                 0.80,
             ),
         ]
+        if "+" in variant:
+            found.append(
+                Target(
+                    f"stream.{variant}.dit_speedup_vs_base",
+                    f"DiT ISPA after warmup, {variant} vs {variant.split('+')[0]}",
+                    "measured",
+                )
+            )
     for precision in sorted({v.split("-")[0] for v in variants if v.endswith("compiled")}):
         found.append(
             Target(
@@ -143,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"streaming variants in order, from {','.join(VARIANTS)} (default per scale)",
+        help=f"streaming variants in order, from {','.join(VARIANTS)}, each optionally with levers after '+' "
+        f"({', '.join(LEVERS)}; e.g. fp8-compiled+steps3; default per scale)",
     )
     parser.add_argument(
         "--budget-s",

@@ -288,8 +288,14 @@ def decomposition_seconds(pipe: LiveAvatarPipeline, height: int, width: int) -> 
 
 
 def predictions(
-    pipe: LiveAvatarPipeline, height: int, width: int, k_fraction: float, kv_format: str = "bf16"
+    pipe: LiveAvatarPipeline,
+    height: int,
+    width: int,
+    k_fraction: float,
+    kv_format: str = "bf16",
+    rings: int = DENOISING_STEPS,
 ) -> dict[str, int]:
+    """The memory model's KV and statistics bytes of a run (`rings`: one history ring per denoising step)."""
     config = pipe.dit.config
     latent_h, latent_w = height // 8, width // 8
     sizes = {
@@ -300,6 +306,7 @@ def predictions(
         "bytes_per_value": pipe.dit.dtype.itemsize,
         "kv_format": kv_format,
         "heads": config.num_heads,
+        "rings": rings,
     }
     return {
         "kv_bytes_full": kv_cache_bytes(**sizes),

@@ -21,8 +21,10 @@ from torch import Tensor
 
 from ispa.statistics_precision import (
     StatisticsPrecision,
+    bf16_gemm,
     check_statistics_precision,
     default_statistics_precision,
+    split_bf16,
     statistics_gemms,
 )
 
@@ -114,6 +116,9 @@ class AbsorptionStats:
             raise ValueError(f"weight must be [D_out, {self.dim}], got {tuple(weight.shape)}")
         if self._C[layer] is None:
             self._start(layer)
+        if self.precision == "bf16" and a_loc.dtype == torch.bfloat16 and self.dtype == torch.float32:
+            self._update_bf16(layer, a_loc, a_full, weight)
+            return
         local = a_loc.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         gap = a_full.detach().reshape(-1, self.dim).to(device=self.device, dtype=self.dtype) - local
         with statistics_gemms(self.precision, self.device, a_loc.dtype):
@@ -125,8 +130,26 @@ class AbsorptionStats:
         self._s[layer].add_(residual.square().sum())
         self._count[layer] += local.shape[0]
 
-    def _add_gram(self, layer: int, local: Tensor) -> None:
-        """Add the lower triangle of local^T local to the layer's half of its pair buffer, one row panel at a time."""
+    def _update_bf16(self, layer: int, a_loc: Tensor, a_full: Tensor, weight: Tensor) -> None:
+        """`update` as bf16 GEMMs with fp32 output: G exact products, C and s through the gap's hi/lo split
+        (`ispa.statistics_precision`)."""
+        local = a_loc.detach().reshape(-1, self.dim).to(self.device)
+        full = a_full.detach().reshape(-1, self.dim).to(self.device)
+        hi, lo = split_bf16(full.float() - local.float())
+        self._add_gram(layer, local, bf16_gemm)
+        self._C[layer].add_(bf16_gemm(local.T, hi)).add_(bf16_gemm(local.T, lo))
+        w = weight.detach().to(device=self.device, dtype=torch.bfloat16).T
+        residual = bf16_gemm(
+            hi, w
+        )  # s only ranks the layers: hi's 8 bits, like the weight's, do (the bound holds)
+        self._s[layer].add_(residual.square().sum())
+        self._count[layer] += local.shape[0]
+
+    def _add_gram(
+        self, layer: int, local: Tensor, gemm: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> None:
+        """Add the lower triangle of local^T local to the layer's half of its pair buffer, one row panel at a time
+        (with `gemm`, each product is `gemm`'s, added; without, the buffer's own dtype's, accumulated in place)."""
         buffer = self._G_pairs[layer // 2]
         upper = layer % 2 == 1
         for start in range(0, self.dim, _GRAM_PANEL_ROWS):
@@ -135,11 +158,11 @@ class AbsorptionStats:
             # Off-diagonal panel G[start:stop, :start], accumulated in place (transposed for the upper layer).
             if start > 0:
                 if upper:
-                    buffer[:start, start:stop].addmm_(local[:, :start].T, rows)
+                    _accumulate(buffer[:start, start:stop], local[:, :start].T, rows, gemm)
                 else:
-                    buffer[start:stop, :start].addmm_(rows.T, local[:, :start])
+                    _accumulate(buffer[start:stop, :start], rows.T, local[:, :start], gemm)
             # Diagonal block: only its lower triangle belongs to this layer.
-            block = rows.T @ rows
+            block = rows.T @ rows if gemm is None else gemm(rows.T, rows)
             if upper:
                 buffer[start:stop, start:stop].add_(block.tril(-1).T)
                 self._G_diagonal[layer][start:stop].add_(block.diagonal())
@@ -212,6 +235,15 @@ class AbsorptionStats:
             self._G_pairs[pair] = None
         self._G_diagonal[layer] = self._C[layer] = self._s[layer] = None
         self._count[layer] = 0
+
+
+def _accumulate(
+    target: Tensor, a: Tensor, b: Tensor, gemm: Callable[[Tensor, Tensor], Tensor] | None
+) -> None:
+    if gemm is None:
+        target.addmm_(a, b)
+    else:
+        target.add_(gemm(a, b))
 
 
 def statistics_nbytes(num_layers: int, dim: int, dtype: torch.dtype = torch.float32) -> int:

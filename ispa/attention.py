@@ -84,6 +84,12 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     out : [B, L, H, D] in out_a's dtype.
     lse : [B, H, L] fp32.
     """
+    check_merge_inputs(out_a, lse_a, out_b, lse_b)
+    return merge_math(out_a, lse_a, out_b, lse_b)
+
+
+def check_merge_inputs(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
+    """`merge_attention`'s shape checks: ValueError naming the argument."""
     if out_a.shape != out_b.shape or out_a.ndim != 4:
         raise ValueError(
             f"outputs must both be [B, L, H, D], got {tuple(out_a.shape)} and {tuple(out_b.shape)}"
@@ -92,6 +98,10 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     for label, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != (batch, heads, length):
             raise ValueError(f"{label} must be [B, H, L] = {(batch, heads, length)}, got {tuple(lse.shape)}")
+
+
+def merge_math(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """`merge_attention` without its checks (also what `ispa.fused_merge` compiles)."""
     log_a, log_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(log_a, log_b)
     # Where both parts are empty lse is -inf; shifting by 0 there keeps both weights at exactly 0 instead of NaN.

@@ -37,6 +37,7 @@ from ispa.absorption import AbsorptionStats, StatisticsReducer, select_local_lay
 from ispa.attention import attention_with_lse, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.checks import is_int
+from ispa.fused_merge import merge_and_measure
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
@@ -58,11 +59,14 @@ class AttentionSession:
     layout : how history is stored (block size, ring length, rings, frames per block).
     backend : attention backend name for every call (see `ispa.attention_backends`); None follows its rule.
     kv_layer : builds each layer's KV storage from the layout (any `KVLayer`; default `SinkRingLayer`).
-    statistics_precision : "exact" (fp32 GEMMs) or "fast" (TF32 on CUDA for 16-bit models); None: "fast" on CUDA,
-        "exact" elsewhere (see `ispa.statistics_precision` for the bound on ΔW and ε).
+    statistics_precision : "exact" (fp32 GEMMs), "fast" (TF32 on CUDA for 16-bit models) or "bf16" (bf16 GEMMs
+        with fp32 output for bf16 models, opt-in); None: "fast" on CUDA, "exact" elsewhere (see
+        `ispa.statistics_precision` for the bounds on ΔW and ε).
     statistics_reducer : where one run's forwards are split between processes (each with its own session, e.g.
         one per denoising step), sums the statistics over them before each absorb so that every process solves
         the same ΔW (see `AbsorptionStats.sum_across`); None for a run in one process.
+    fused_merge : merge local and history attention (and take the two LSE figures the session keeps) in one
+        compiled function, `ispa.fused_merge` (opt-in; the eager merge is the reference and the fallback).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class AttentionSession:
         kv_layer: KVLayerFactory = SinkRingLayer,
         statistics_precision: StatisticsPrecision | None = None,
         statistics_reducer: StatisticsReducer | None = None,
+        fused_merge: bool = False,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a Policy (e.g. FullPolicy() or ISPAPolicy()), got {policy!r}")
@@ -89,6 +94,9 @@ class AttentionSession:
         self.statistics_precision = (
             None if statistics_precision is None else check_statistics_precision(statistics_precision)
         )
+        if not isinstance(fused_merge, bool):
+            raise ValueError(f"fused_merge must be True or False, got {fused_merge!r}")
+        self.fused_merge = fused_merge
         self.state: PolicyState = policy.new_state()
         self.block_index = 0
         self._rings_used: list[set[int]] = [set() for _ in range(num_layers)]
@@ -204,10 +212,16 @@ class AttentionSession:
         out = out_loc
         if hist_k.shape[1] > 0:
             out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v, backend=self.backend)
-            self._note_lse(layer, lse_hist)
-            with self._merge_timer.span(q.device):
-                out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
-            self._add_history_mass(layer, lse_loc, lse_hist)
+            if self.fused_merge:
+                with self._merge_timer.span(q.device):
+                    out, peak, share = merge_and_measure(out_loc, lse_loc, out_hist, lse_hist)
+                self._note_peak(layer, peak)
+                self._add_share(layer, share)
+            else:
+                self._note_lse(layer, lse_hist)
+                with self._merge_timer.span(q.device):
+                    out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
+                self._add_history_mass(layer, lse_loc, lse_hist)
             if self.policy.collects_statistics(self.state):
                 with self._statistics_timer.span(q.device):
                     self._statistics(out).update(
@@ -375,7 +389,9 @@ class AttentionSession:
 
     def _add_history_mass(self, layer: int, lse_loc: Tensor, lse_hist: Tensor) -> None:
         # Share of each query's softmax mass on history: exp(lse_hist - lse_full) = sigmoid(lse_hist - lse_loc).
-        share = torch.sigmoid(lse_hist - lse_loc).mean()
+        self._add_share(layer, torch.sigmoid(lse_hist - lse_loc).mean())
+
+    def _add_share(self, layer: int, share: Tensor) -> None:
         previous = self._mass_sum[layer]
         self._mass_sum[layer] = share if previous is None else previous + share
         self._mass_count[layer] += 1
@@ -384,7 +400,9 @@ class AttentionSession:
         # The running maximum propagates NaN and keeps +inf; -inf (no keys) is the only non-finite value allowed.
         if lse.numel() == 0:
             return
-        peak = lse.amax().float()
+        self._note_peak(layer, lse.amax().float())
+
+    def _note_peak(self, layer: int, peak: Tensor) -> None:
         previous = self._lse_peak[layer]
         self._lse_peak[layer] = peak if previous is None else torch.maximum(previous, peak)
 

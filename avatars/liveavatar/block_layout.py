@@ -17,11 +17,12 @@ DENOISING_STEPS = 4  # one KV ring per denoising step, as the official single-GP
 DROPPED_FIRST_FRAMES = 3  # the official pipeline cuts the first 3 frames of the video
 
 
-def cache_layout(tokens_per_frame: int) -> CacheLayout:
-    """The engine's KV layout for latent frames of `tokens_per_frame` tokens (1,056 at 704×384)."""
+def cache_layout(tokens_per_frame: int, steps: int = DENOISING_STEPS) -> CacheLayout:
+    """The engine's KV layout for latent frames of `tokens_per_frame` tokens (1,056 at 704×384), one history ring
+    per denoising step."""
     return CacheLayout(
         block_tokens=LATENT_FRAMES_PER_BLOCK * tokens_per_frame,
         history_blocks=HISTORY_BLOCKS,
-        num_rings=DENOISING_STEPS,
+        num_rings=steps,
         frames_per_block=LATENT_FRAMES_PER_BLOCK,
     )

@@ -8,13 +8,19 @@ dequantized weight instead, which is exact with respect to the stored FP8 weight
 The ISPA engine reads `dequantized_weight()` to learn its update and applies the update as a product of its own
 (`ispa.projection.DeltaProjection`): re-quantizing `W + ΔW` to e4m3 would erase most of a small change.
 
+The activations' quantization (amax, scale, scaled cast: several eager kernels per FP8 layer and forward) can run as
+one compiled function instead, `set_fused_quantization(True)` (issue 20 §3c, off by default; a compile failure is
+logged once and the eager quantization serves from then on). Its values and scale are the eager ones, tested on CPU.
+
 This module sits below both `dit/` (whose attention runs these layers) and `weights/` (whose `fp8.py` converts a
 loaded model's linear layers into them), so that neither folder has to import the other for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +30,9 @@ from torch import nn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 SCALED_MM_CAPABILITY = (8, 9)  # Ada/Hopper and later: the GPUs with an e4m3 `_scaled_mm`
+
+logger = logging.getLogger(__name__)
+_fused_quantization = {"enabled": False, "failed": None}  # process-wide, like the compiled regions' functions
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +45,37 @@ def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     multiplier = (FP8_MAX / amax.clamp(min=1e-12)).clamp(max=FP8_MAX)
     x_fp8 = (x.detach() * multiplier).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_fp8, multiplier.reciprocal()
+
+
+@functools.cache
+def _compiled_quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return torch.compile(quantize_per_tensor)  # static shapes first; a new shape makes the graph dynamic
+
+
+def set_fused_quantization(enabled: bool) -> None:
+    """Quantize FP8 layers' activations with one compiled function (True) or eagerly (False, the default)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"fused quantization must be True or False, got {enabled!r}")
+    _fused_quantization["enabled"] = enabled
+
+
+def fused_quantization() -> bool:
+    """Whether activations are quantized by the compiled function (on, and it has not failed to compile)."""
+    return bool(_fused_quantization["enabled"]) and _fused_quantization["failed"] is None
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_tensor(x)`, compiled when `set_fused_quantization(True)`; the same values and scale."""
+    if fused_quantization():
+        try:
+            return _compiled_quantize()(x)
+        except Exception as err:  # noqa: BLE001 - any compile failure: the eager quantization takes over
+            _fused_quantization["failed"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            logger.warning(
+                "the fused FP8 quantization failed to compile (%s); quantizing eagerly from now on",
+                _fused_quantization["failed"],
+            )
+    return quantize_per_tensor(x)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -70,7 +110,7 @@ class QuantizedInput:
 
     @classmethod
     def of(cls, x: torch.Tensor) -> QuantizedInput:
-        values, scale = quantize_per_tensor(x.reshape(-1, x.shape[-1]))
+        values, scale = quantize_activation(x.reshape(-1, x.shape[-1]))
         return cls(values, scale, tuple(x.shape[:-1]), x.dtype)
 
 

@@ -1,7 +1,7 @@
 """LiveAvatar streaming generation on one process: a portrait and speech in, one chunk of video per 12-frame block
 out (`AvatarBackend`).
 
-A run is the block loop (`avatars.liveavatar.streaming.block_loop`) with one stage owning all four denoising steps
+A run is the block loop (`avatars.liveavatar.streaming.block_loop`) with one stage owning all the denoising steps
 and the decode here (`LocalDownstream`). With `refresh_sink`, the sink is prefilled again before block 4 with
 block 0's first latent frame as reference.
 
@@ -30,7 +30,7 @@ from avatars.liveavatar.encoders.vae import WanVAE
 from avatars.liveavatar.memory_plan import plan_roles
 from avatars.liveavatar.portrait_latents import PortraitLatentCache, PortraitLatents
 from avatars.liveavatar.rank_layout import RankLayout
-from avatars.liveavatar.schedule import DenoisingSchedule
+from avatars.liveavatar.schedule import DenoisingSchedule, check_steps
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait, planned_size
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.liveavatar.streaming.block_loop import BlockNoise, stream_blocks
@@ -78,11 +78,16 @@ class LiveAvatarPipeline:
         self.weights = weights  # how the DiT's linear layers are stored: "bf16" or "fp8"
         self.sample_rate = SAMPLE_RATE
         self.fps = FPS
-        self.schedule = DenoisingSchedule.liveavatar()
         self.portrait_latents = PortraitLatentCache(vae)
         # Decode block k while the DiT runs block k+1 (`LocalDownstream`); None: on CUDA only (on a CPU both would
         # share the same cores). Chunks are the same either way.
         self.overlap_decode: bool | None = None
+        # How the warmup statistics' GEMMs run (`ispa.statistics_precision`): None is the device's default; "bf16"
+        # is issue 20's opt-in lever. Every stage of a run gets it with the run's spec.
+        self.statistics_precision: str | None = None
+        self.fused_merge = (
+            False  # the LSE merge as one compiled function (`ispa.fused_merge`), issue 20's lever
+        )
         self._run_numbers = itertools.count()
 
     @property
@@ -153,6 +158,7 @@ class LiveAvatarPipeline:
         kv_layer_factory(request.kv_format)  # `kv_format`: one of ispa.quantized_cache.KV_FORMATS
         if not isinstance(request.refresh_sink, bool):
             raise ValueError(f"refresh_sink must be True or False, got {request.refresh_sink!r}")
+        check_steps(request.steps)
         return self.output_size(portrait, request.max_area)
 
     def run_spec(
@@ -174,6 +180,9 @@ class LiveAvatarPipeline:
             latents.motion,
             height // 8,
             width // 8,
+            request.steps,
+            self.statistics_precision,
+            self.fused_merge,
         )
         return spec, latents
 
@@ -182,7 +191,7 @@ class LiveAvatarPipeline:
     ) -> Iterator[AvatarChunk]:
         audio = AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
         spec, portrait = self.run_spec(request, height, width)
-        stage = DenoisingStage(self.dit, self.schedule, spec)
+        stage = DenoisingStage(self.dit, DenoisingSchedule.liveavatar(spec.steps), spec)
         try:
             warm = group.take(portrait) if group is not None else None
             decoder = DecoderStage(self.vae, spec.motion_latents, warm)

@@ -1,4 +1,5 @@
-"""Which rank does what in the timestep pipeline: N DiT ranks with 4/N denoising steps each, then the decoder.
+"""Which rank does what in the timestep pipeline: N DiT ranks with S/N denoising steps each (S = 4, the official
+schedule, or 3 or 2: every DiT rank owns as many steps, so N must divide S), then the decoder.
 
 Block k's latents go DiT rank 0 (steps 0..) → 1 → … → N-1 → the decoder, so at steady state every stage works on
 a different block and a block leaves the pipeline once per stage time instead of once per 4 forwards.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from avatars.liveavatar.block_layout import DENOISING_STEPS
+from avatars.liveavatar.schedule import STEP_CHOICES
 
 __all__ = ["RankLayout"]
 
@@ -88,9 +90,20 @@ class RankLayout:
             return self.decoder_rank
         return None
 
-    def steps(self, rank: int) -> range:
-        """The denoising steps (= history rings) DiT rank `rank` owns."""
+    def check_steps(self, steps: int) -> None:
+        """ValueError, in the user's terms, when `steps` denoising steps cannot be shared equally by the DiT ranks."""
+        if steps % self.dit_ranks:
+            here = " or ".join(str(n) for n in STEP_CHOICES if n % self.dit_ranks == 0)
+            ranks = " or ".join(str(n) for n in _DIT_RANKS if steps % n == 0)
+            raise ValueError(
+                f"steps: {steps} denoising steps cannot be split over {self.dit_ranks} DiT ranks (each owns the same "
+                f"number of steps); choose {here} steps on this layout, or run {steps} steps on {ranks} DiT rank(s)"
+            )
+
+    def steps(self, rank: int, total: int = DENOISING_STEPS) -> range:
+        """The denoising steps (= history rings) DiT rank `rank` owns, of a schedule of `total` steps."""
         if not 0 <= rank < self.dit_ranks:
             raise ValueError(f"rank {rank} is not a DiT rank (0..{self.last_dit})")
-        per_rank = DENOISING_STEPS // self.dit_ranks
+        self.check_steps(total)
+        per_rank = total // self.dit_ranks
         return range(rank * per_rank, (rank + 1) * per_rank)

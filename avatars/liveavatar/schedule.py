@@ -2,6 +2,12 @@
 
 This reproduces diffusers' `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3).set_timesteps(4)`
 (timesteps ≈ [1000, 857.7, 602.2, 8.9]) without keeping a stateful scheduler object per run.
+
+Fewer steps (a deviation from the official pipeline, off by default) keep only timesteps the model was distilled
+at and end the last Euler step at σ = 0: 3 steps drop 8.9 (its Euler update is 0.0089 × the flow, under 1 % of it),
+2 steps drop 857.7 too (the shortest of the remaining σ intervals, 1 → 0.858). No re-tuned shift of diffusers' grid
+does this: that grid always ends near σ = shift² / 1000, so its last forward is a near no-op at any shift and
+2 steps would leave one real step (docs/performance.md, "Fewer denoising steps").
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import torch
 from avatars.liveavatar.block_layout import DENOISING_STEPS
 
 SCHEDULE_SHIFT = 3.0
+STEP_CHOICES = (4, 3, 2)  # 4: the official schedule; 3 and 2: deviations, for speed
+# Which of the official 4 steps each shorter schedule keeps (the DiT's timestep and the σ it starts from).
+KEPT_STEPS = {4: (0, 1, 2, 3), 3: (0, 1, 2), 2: (0, 2)}
 
 
 def _shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -51,8 +60,24 @@ class DenoisingSchedule:
     timesteps: tuple[float, ...]
     sigmas: tuple[float, ...]
 
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
     @classmethod
-    def liveavatar(cls) -> DenoisingSchedule:
-        """LiveAvatar's 4 steps at shift 3 (every process of a pipeline builds the same)."""
+    def liveavatar(cls, steps: int = DENOISING_STEPS) -> DenoisingSchedule:
+        """LiveAvatar's 4 steps at shift 3, or the 3 or 2 of them `KEPT_STEPS` names, the last Euler step ending
+        at σ = 0 (every process of a pipeline builds the same)."""
+        check_steps(steps)
         sigmas = flow_match_sigmas(DENOISING_STEPS, SCHEDULE_SHIFT)
-        return cls(tuple(timesteps_from_sigmas(sigmas).tolist()), tuple(sigmas.tolist()))
+        timesteps = timesteps_from_sigmas(sigmas).tolist()
+        kept = KEPT_STEPS[steps]
+        return cls(tuple(timesteps[i] for i in kept), (*(float(sigmas[i]) for i in kept), 0.0))
+
+
+def check_steps(steps: object) -> int:
+    """`steps` if it is one of `STEP_CHOICES`, else ValueError naming the field."""
+    if isinstance(steps, bool) or steps not in STEP_CHOICES:
+        choices = ", ".join(str(n) for n in STEP_CHOICES)
+        raise ValueError(f"steps (denoising steps) must be one of {choices}, got {steps!r}")
+    return int(steps)

@@ -1,7 +1,8 @@
 """Stage 4: the streaming loop of `bench/streaming.py` (Full, then ISPA, one after the other) per variant -
-precision (the model's own dtype, or FP8 linears) × eager or compiled regions - with each block's row recorded as it
-happens, then the variant's summary: peak memory during and after warmup, KV and statistics bytes, DiT and decode
-seconds, decode hidden by the overlap, FPS after warmup and the ISPA speedup, the last with the decode overlap on
+precision (the model's own dtype, or FP8 linears) × eager or compiled regions, with issue 20's levers after a `+`
+(`bench/suite/variants.py`: `fp8-compiled+steps3`) - with each block's row recorded as it happens, then the
+variant's summary: peak memory during and after warmup, KV and statistics bytes, DiT and decode seconds, decode
+hidden by the overlap, FPS after warmup and the ISPA speedup, the last with the decode overlap on
 (the default) and off (with it on, a block's decode runs during the next block's DiT and its GPU time lands there).
 
 One pipeline is built and changed in place between variants (converted to FP8 once, regions compiled or not), so
@@ -22,10 +23,12 @@ from typing import Any
 
 import torch
 
+from bench.suite.levers import LeverUnavailable, check_available, levers_on
 from bench.suite.recorder import Recorder
 from bench.suite.scales import Scale
+from bench.suite.variants import BASES, OFFICIAL_STEPS, Variant, parse_variant
 
-VARIANTS = ("native-eager", "native-compiled", "fp8-eager", "fp8-compiled")
+VARIANTS = BASES  # and any of them with levers: bench/suite/variants.py
 DEFAULT_VARIANTS = {"tiny": ("native-eager",), "full": ("native-eager", "fp8-eager", "fp8-compiled")}
 FAIL_VARIANT_ENV = "ISPA_SUITE_FAIL_VARIANT"
 # Why: a cold inductor compile of the DiT's 5 regions, for Full's and ISPA's shapes, is minutes at 14B (≈ 31 s for 3
@@ -47,9 +50,8 @@ OVERLAP_OFF_KEYS = ("dit_seconds_median_after_warmup", "decode_seconds_median", 
 
 
 def check_variants(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown streaming variants {unknown}; choose from {', '.join(VARIANTS)}")
+    for name in names:
+        parse_variant(name)
     if len(set(names)) != len(names):
         raise ValueError(f"a streaming variant is listed twice: {names}")
     return names
@@ -57,15 +59,19 @@ def check_variants(names: list[str]) -> list[str]:
 
 def predicted_seconds(variant: str, measured: dict[str, float]) -> float | None:
     """How long `variant` should take, from the variants already run (`measured`: name → seconds): an eager variant
-    as long as the last eager one (the same precision's if it ran), a compiled one that plus a cold compile. None
-    when nothing comparable ran yet (the first variant always starts)."""
-    precision, mode = variant.split("-")
-    eager = [seconds for name, seconds in measured.items() if name.endswith("-eager")]
-    same = measured.get(f"{precision}-eager")
-    base = same if same is not None else (eager[-1] if eager else None)
-    if mode == "eager":
-        return base
-    return (base or 0.0) + COMPILE_ESTIMATE_SECONDS
+    as long as the last eager one (the same precision's if it ran), a compiled one that plus a cold compile, or as
+    long as the last compiled run of its precision once one has paid that compile. Levers count as free (they
+    only shorten a run, but for a step count: scaled by its steps). None when nothing comparable ran yet (the
+    first variant always starts)."""
+    wanted = parse_variant(variant)
+    runs = [(parse_variant(name), seconds) for name, seconds in measured.items()]
+    eager = [seconds for v, seconds in runs if v.mode == "eager"]
+    same = [seconds for v, seconds in runs if v.base == f"{wanted.precision}-eager"]
+    compiled = [seconds for v, seconds in runs if v.base == wanted.base and v.mode == "compiled"]
+    base = same[-1] if same else (eager[-1] if eager else None)
+    if wanted.mode == "compiled":
+        base = compiled[-1] if compiled else (base or 0.0) + COMPILE_ESTIMATE_SECONDS
+    return None if base is None else base * wanted.steps / OFFICIAL_STEPS
 
 
 def error_line(err: BaseException) -> str:
@@ -104,12 +110,12 @@ def streaming(
     warmup_blocks = math.ceil(scale.stream_t_warm / 3)
     recorder.record("video", {"height": height, "width": width, "blocks": scale.stream_blocks})
     recorder.record("primed_attention_shapes", prime_attention_shapes(pipe, height, width))
-    predicted_bytes = bench.predictions(pipe, height, width, k_fraction=0.5)
     failing = {n.strip() for n in os.environ.get(FAIL_VARIANT_ENV, "").split(",") if n.strip()}
     fp8 = False
     measured: dict[str, float] = {}
     for variant in variants:
-        precision, mode = variant.split("-")
+        parsed = parse_variant(variant)
+        precision, mode = parsed.precision, parsed.mode
         elapsed = time.perf_counter() - suite_started
         predicted = predicted_seconds(variant, measured)
         if budget_seconds is not None and predicted is not None and elapsed + predicted > budget_seconds:
@@ -122,12 +128,18 @@ def streaming(
         if precision == "native" and fp8:
             _outcome(recorder, variant, "skipped", reason="the model is FP8 by now; list it first")
             continue
+        try:
+            check_available(parsed, torch.cuda.device_count() if device.type == "cuda" else 0)
+        except LeverUnavailable as err:
+            _outcome(recorder, variant, "skipped", reason=str(err))
+            continue
         variant_started = time.perf_counter()
         try:
             if variant in failing:
                 raise RuntimeError(
                     f"{FAIL_VARIANT_ENV}={variant}: a failure asked for at the variant's start"
                 )
+            predicted_bytes = bench.predictions(pipe, height, width, k_fraction=0.5, rings=parsed.steps)
             _memory_model_estimates(recorder, variant, predicted_bytes)
             if precision == "fp8" and not fp8:
                 fp8 = (
@@ -135,7 +147,10 @@ def streaming(
                 )
                 convert_linears_to_fp8(pipe.dit)
             set_compiled_regions(pipe, mode == "compiled")
-            _run_variant(recorder, bench, pipe, request, variant, warmup_blocks, scale, height, width)
+            with levers_on(pipe, request, parsed) as variant_request:
+                _run_variant(
+                    recorder, bench, pipe, variant_request, variant, warmup_blocks, scale, height, width
+                )
         except Exception as err:  # noqa: BLE001 - one variant's failure must not cost the later variants
             seconds = time.perf_counter() - variant_started
             _outcome(recorder, variant, "failed", error=error_line(err), seconds=seconds)
@@ -145,6 +160,7 @@ def streaming(
             measured[variant] = time.perf_counter() - variant_started
             _outcome(recorder, variant, "ok", seconds=measured[variant], predicted_seconds=predicted)
             _compare_compiled(recorder, precision)
+            _compare_with_base(recorder, parsed)
         _free(device)  # after the except block, so the exception and its frames' tensors are gone
     set_compiled_regions(pipe, False)
     del pipe
@@ -263,7 +279,7 @@ def _warmup_figures(
     recorder.record(f"{variant}.statistics_share_of_warmup_dit", statistics_share)
     recorder.record(f"{variant}.merge_share_of_warmup_dit", merge_share)
     attention = bench.decomposition_seconds(pipe, height, width)
-    layers_steps = pipe.dit.config.num_layers * 4
+    layers_steps = pipe.dit.config.num_layers * parse_variant(variant).steps
     extra = (attention["decomposed_seconds"] - attention["plain_seconds"]) * layers_steps
     recorder.record(f"{variant}.decomposition_overhead_per_block", extra / full["dit_seconds_median"])
     recorder.record(f"{variant}.absorb_seconds", ispa["absorb_seconds"])
@@ -287,3 +303,14 @@ def _compare_compiled(recorder: Recorder, precision: str) -> None:
     key = f"{precision}.compiled_vs_eager_dit_speedup"
     if eager and compiled and key not in figures:
         recorder.record(key, eager / compiled)
+
+
+def _compare_with_base(recorder: Recorder, variant: Variant) -> None:
+    """A variant with levers, once its base ran too: base / variant ISPA DiT seconds per block after warmup, and
+    the FPS after warmup it reaches."""
+    if not variant.levers:
+        return
+    figures = recorder.summary["stages"]["stream"]["figures"]
+    base = figures.get(f"{variant.base}.ispa_dit_seconds_median_after_warmup")
+    mine = figures.get(f"{variant.name}.ispa_dit_seconds_median_after_warmup")
+    recorder.record(f"{variant.name}.dit_speedup_vs_base", base / mine if base and mine else None)

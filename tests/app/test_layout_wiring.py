@@ -78,6 +78,7 @@ def check_wiring(demo, handler, dep) -> None:
         "size": "Size",
         "kv_format": "KV-cache format",
         "refresh_sink": "Refresh the sink at clip 1",
+        "steps": "Denoising steps",
         "owner_token": "Owner token",
     }
     assert [label(demo, i) for i in dep["inputs"]] == [by_label[name] for name in parameters]

@@ -56,6 +56,7 @@ def submit(
     size=SMALL,
     kv_format="bf16",
     refresh_sink=False,
+    steps=4,
     owner_token="",
 ):
     return client.submit(
@@ -72,6 +73,7 @@ def submit(
         size,
         kv_format,
         refresh_sink,
+        steps,
         owner_token,
         api_name="/generate",
     )
@@ -202,15 +204,18 @@ def test_full_run_never_turns_a_layer_local(client, examples_dir: Path, tmp_path
     check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
 
 
-def test_the_kv_format_and_the_sink_refresh_reach_the_engine(
+def test_the_kv_format_the_sink_refresh_and_the_steps_reach_the_engine(
     client, examples_dir: Path, tmp_path: Path
 ) -> None:
     speech = speech_clip(examples_dir, tmp_path, 1.0)
     portrait = examples_dir / "fashion_blogger.jpg"
     bf16 = run(client, portrait, speech, policy="Full")[-1][REPORT]
-    fp8 = run(client, portrait, speech, policy="Full", kv_format="fp8", refresh_sink=True)[-1][REPORT]
+    fp8 = run(client, portrait, speech, policy="Full", kv_format="fp8", refresh_sink=True, steps=3)[-1][
+        REPORT
+    ]
     assert (bf16["settings"]["kv_format"], bf16["settings"]["refresh_sink"]) == ("bf16", False)
     assert (fp8["settings"]["kv_format"], fp8["settings"]["refresh_sink"]) == ("fp8", True)
+    assert (bf16["settings"]["steps"], fp8["settings"]["steps"]) == (4, 3)
     bf16_kv = [c["kv_bytes"] for c in bf16["runs"]["Full"]["chunks"]]
     fp8_kv = [c["kv_bytes"] for c in fp8["runs"]["Full"]["chunks"]]
     assert len(bf16_kv) == len(fp8_kv) >= 2
@@ -305,6 +310,7 @@ def bad_requests(examples_dir: Path, tmp_path: Path) -> list[tuple[dict, str]]:
         ({"portrait": portrait, "audio": one_sample}, "The audio is too short (1 sample(s)"),
         ({"portrait": portrait, "audio": speech, "size": "huge"}, "The size must be 'default' or one of"),
         ({"portrait": portrait, "audio": speech, "kv_format": "int3"}, "The KV-cache format must be one of"),
+        ({"portrait": portrait, "audio": speech, "steps": 5}, "The denoising steps must be one of: 4, 3, 2"),
     ]
     # The engine settings: the app's own message naming the field and what it allows, never Gradio's
     # "Value -1 is less than minimum value 0.05." and never a rounded seed.
@@ -400,9 +406,9 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 14 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size, kv_format, refresh_sink, owner_token. The inputs, in order: portrait, audio, text, prompt, "
-        "policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, owner_token."
+        "/generate takes 15 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink, steps, owner_token. The inputs, in order: portrait, audio, text, "
+        "prompt, policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, steps, owner_token."
     )
     server_file = '{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}'
     assert error(body(audio=server_file)) == (

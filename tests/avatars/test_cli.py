@@ -12,9 +12,12 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from avatars.liveavatar.cli import main
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.portrait_latents import PortraitLatents
+from avatars.liveavatar.schedule import DenoisingSchedule
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT.parent / "shared" / "examples"
@@ -86,10 +89,39 @@ def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe, monke
     assert main(argv, pipeline=pipe) == 0
     report = json.loads(report_path.read_text())
     assert report["settings"]["refresh_sink"] is True
+    assert report["settings"]["steps"] == 4  # the official schedule unless asked otherwise
     assert len(report["blocks"]) > 4 and len(prefills) == 2  # the flag reached the run: refreshed at clip 1
     assert {block["phase"] for block in report["blocks"]} == {"full"}
     assert all(block["l_layers"] == [] for block in report["blocks"])
     assert report["blocks"][-1]["kv_bytes"] == report["blocks"][-1]["kv_bytes_full_ring"]
+
+
+def test_three_steps_run_three_official_timesteps_on_three_rings_and_are_recorded(
+    tmp_path, pipe, monkeypatch
+):
+    samples, rate = sf.read(EXAMPLES / "fashion_blogger.wav", dtype="float32")
+    speech, report_path = tmp_path / "speech.wav", tmp_path / "r.json"
+    sf.write(speech, samples[: int(0.5 * rate)], rate)  # 2 blocks
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(speech), "--policy", "full",
+            "--steps", "3", "--out", str(tmp_path / "v.mp4"), "--report", str(report_path)]  # fmt: skip
+    forwards = []
+    forward_block = pipe.dit.forward_block
+
+    def recorded(session, latents, timestep, *args, ring, **kwargs):
+        forwards.append((timestep, ring, session.cache.layers[0].layout.num_rings))
+        return forward_block(session, latents, timestep, *args, ring=ring, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "forward_block", recorded)
+    z = (
+        pipe.vae.vae.config.z_dim
+    )  # zero portrait latents: no 365-frame motion encode (only the steps matter here)
+    monkeypatch.setattr(pipe.portrait_latents, "get", lambda fitted: PortraitLatents(*(
+        torch.zeros(1, z, frames, fitted.shape[0] // 8, fitted.shape[1] // 8) for frames in (1, 92))))  # fmt: skip
+    assert main(argv, pipeline=pipe) == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["steps"] == 3
+    expected = [(t, ring, 3) for ring, t in enumerate(DenoisingSchedule.liveavatar(3).timesteps)]
+    assert forwards == expected * len(report["blocks"])
 
 
 def test_kv_format_is_passed_to_the_session_and_recorded(tmp_path, short_speech, pipe):

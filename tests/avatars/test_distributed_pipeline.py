@@ -10,12 +10,15 @@ process. Two runs open at once (as compare mode runs them) each give their lone 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from avatars.liveavatar.distributed import RankFailure
+from avatars.base import GenerationRequest
+from avatars.liveavatar.distributed import PipelineLead, PipelineWorld, RankFailure
+from avatars.liveavatar.distributed.channel import PeerChannel
 from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.liveavatar.rank_layout import RankLayout
 from tests.fixtures.distributed_runs import (
@@ -156,3 +159,23 @@ def test_a_follower_outlives_an_idle_lead_and_notices_a_silent_one(tmp_path: Pat
     assert [c["index"] for c in lead["chunks"]] == [0]  # a 0.5 s clip: one block
     assert "nothing from upstream within 0:00:02" in follower["failure"]
     assert 2.0 <= follower["at"] - lead["silent_at"] <= 2.0 + 3.0
+
+
+def test_the_step_count_must_split_equally_over_the_dit_ranks():
+    assert RankLayout.for_world(3).steps(1, 2) == range(1, 2)  # 2 steps on 2 DiT ranks: one each
+    assert RankLayout.for_world(2).steps(0, 3) == range(0, 3)  # 1 DiT rank runs any count
+    with pytest.raises(ValueError, match=r"^steps: 3 denoising steps cannot be split over 2 DiT ranks .*"
+                       r"choose 4 or 2 steps on this layout, or run 3 steps on 1 DiT rank"):  # fmt: skip
+        RankLayout.for_world(3).steps(0, 3)
+    with pytest.raises(ValueError, match=r"over 4 DiT ranks .* choose 4 steps .* run 2 steps on 1 or 2 DiT"):
+        RankLayout.for_world(5).check_steps(2)
+
+
+def test_the_lead_refuses_a_step_count_its_layout_cannot_split_before_anything_runs():
+    world = PipelineWorld(0, RankLayout.for_world(5), PeerChannel(0), None, timedelta(seconds=5))
+    lead = PipelineLead(
+        build_tiny_pipeline(seed=0), world, keep_alive=False
+    )  # no process group: nothing sent
+    request = GenerationRequest(np.zeros((64, 64, 3), np.uint8), np.zeros(16000, np.float32), 16000, steps=3)
+    with pytest.raises(ValueError, match="^steps: 3 denoising steps cannot be split over 4 DiT ranks"):
+        lead.stream(request)

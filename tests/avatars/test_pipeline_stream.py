@@ -19,7 +19,10 @@ from avatars.liveavatar.encoders.audio import (
 )
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.portrait_latents import PortraitLatents
+from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
+from avatars.liveavatar.streaming.stage import DenoisingStage
 from ispa import AttentionSession, FullPolicy, ISPAPolicy
 
 # Per-second mean relative error of live features against the whole-clip ones: this tiny random wav2vec2 showed
@@ -386,3 +389,29 @@ def test_compare_runs_share_one_portrait_encode(pipe):
     for _ in zip(*streams, strict=True):
         pass
     assert pipe.portrait_latents.encodes == before + 1
+
+
+def test_the_pipelines_engine_switches_reach_every_stage_session(pipe, portrait, monkeypatch):
+    request = GenerationRequest(portrait=portrait, audio=speech(0.5, 16000), sample_rate=16000, steps=2)
+    height, width = pipe.check_run(request)
+    z, h, w = (
+        pipe.vae.vae.config.z_dim,
+        height // 8,
+        width // 8,
+    )  # zero latents: the switches are checked here
+    latents = PortraitLatents(torch.zeros(1, z, 1, h, w), torch.zeros(1, z, 92, h, w))
+    monkeypatch.setattr(pipe.portrait_latents, "get", lambda fitted: latents)
+    pipe.statistics_precision, pipe.fused_merge = "bf16", True
+    try:
+        spec, _ = pipe.run_spec(request, height, width)
+    finally:
+        pipe.statistics_precision, pipe.fused_merge = None, False
+    assert (spec.steps, spec.statistics_precision, spec.fused_merge) == (2, "bf16", True)
+    for each in (spec, replace(spec, statistics_precision=None, fused_merge=False)):
+        stage = DenoisingStage(pipe.dit, DenoisingSchedule.liveavatar(each.steps), each)
+        try:
+            assert stage.steps == range(2)
+            assert stage.session.statistics_precision == each.statistics_precision
+            assert stage.session.fused_merge == each.fused_merge
+        finally:
+            stage.close()

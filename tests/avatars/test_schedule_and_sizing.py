@@ -3,7 +3,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from avatars.liveavatar.schedule import euler_step, flow_match_sigmas, timesteps_from_sigmas
+from avatars.liveavatar.schedule import (
+    SCHEDULE_SHIFT,
+    DenoisingSchedule,
+    euler_step,
+    flow_match_sigmas,
+    timesteps_from_sigmas,
+)
 from avatars.liveavatar.sizing import choose_size, fit_portrait
 
 
@@ -59,3 +65,45 @@ def test_fit_portrait_crops_centre():
     assert out.mean() > 250
     with pytest.raises(ValueError, match="RGB"):
         fit_portrait(np.zeros((10, 10), np.uint8), 8, 8)
+
+
+# ---- fewer denoising steps (a deviation, off by default)
+OFFICIAL_TIMESTEPS = (1000.0, 857.69, 602.15, 8.93)  # docs/shared reference, computed with diffusers 0.31
+
+
+def test_four_steps_are_todays_official_schedule_exactly():
+    schedule = DenoisingSchedule.liveavatar(4)
+    sigmas = flow_match_sigmas(4, SCHEDULE_SHIFT)
+    assert schedule == DenoisingSchedule.liveavatar()
+    assert schedule.sigmas == tuple(sigmas.tolist())  # bit for bit the 4-step shift-3 grid
+    assert schedule.timesteps == tuple(timesteps_from_sigmas(sigmas).tolist())
+    np.testing.assert_allclose(schedule.timesteps, OFFICIAL_TIMESTEPS, atol=5e-3)
+    reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULE_SHIFT)
+    reference.set_timesteps(4)
+    np.testing.assert_allclose(schedule.sigmas, reference.sigmas.double().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps,kept", [(3, (1000.0, 857.69, 602.15)), (2, (1000.0, 602.15))])
+def test_shorter_schedules_keep_official_timesteps_and_end_at_zero(steps, kept):
+    official = DenoisingSchedule.liveavatar(4)
+    schedule = DenoisingSchedule.liveavatar(steps)
+    assert schedule.steps == steps and len(schedule.sigmas) == steps + 1
+    np.testing.assert_allclose(schedule.timesteps, kept, atol=5e-3)  # the values docs/performance.md names
+    assert set(schedule.timesteps) <= set(official.timesteps)  # only timesteps the model was distilled at
+    assert schedule.sigmas[:-1] == tuple(
+        official.sigmas[official.timesteps.index(t)] for t in schedule.timesteps
+    )
+    assert schedule.sigmas[-1] == 0.0  # the last Euler step lands on clean latents
+
+
+def test_a_diffusers_grid_at_any_shift_ends_near_zero():
+    """Why the shorter schedules are not re-shifted grids: the last forward of such a grid is a near no-op."""
+    for shift in (1.0, 1.5, 3.0, 6.0, 10.0):
+        last = float(flow_match_sigmas(2, shift)[-2])
+        assert last < shift**2 / 1000 * 1.01
+
+
+@pytest.mark.parametrize("steps", [5, 1, 0, "3", 3.5, True])
+def test_other_step_counts_are_refused_naming_the_field(steps):
+    with pytest.raises(ValueError, match=r"^steps \(denoising steps\) must be one of 4, 3, 2"):
+        DenoisingSchedule.liveavatar(steps)

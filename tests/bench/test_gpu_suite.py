@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from avatars.liveavatar.fp8_linear import fused_quantization
+from avatars.liveavatar.weights import fp8
 from bench.gpu_suite import STAGES, main
+from bench.suite import stream
 from bench.suite.recorder import Recorder, StageSkipped, Target
 from bench.suite.scales import TINY
 from bench.suite.stream import COMPILE_ESTIMATE_SECONDS, FAIL_VARIANT_ENV, predicted_seconds, streaming
+from bench.suite.variants import parse_variant
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "failed", "skipped"}
@@ -175,3 +179,59 @@ def test_the_streaming_budget_counts_from_the_suite_start(tmp_path):
     )
     assert outcome["predicted_seconds"] == COMPILE_ESTIMATE_SECONDS
     assert "native-compiled.ispa_blocks" not in stage["figures"]
+
+
+# ---- issue 20's levers as variants: `<base>+<lever>...`
+def test_lever_variants_are_parsed_and_bad_ones_refused_in_words():
+    variant = parse_variant("fp8-compiled+steps3")
+    assert (variant.base, variant.levers, variant.steps) == ("fp8-compiled", ("steps3",), 3)
+    assert parse_variant("native-eager").steps == 4
+    with pytest.raises(ValueError, match="unknown levers"):
+        parse_variant("native-eager+warp-drive")
+    with pytest.raises(ValueError, match="two step counts"):
+        parse_variant("native-eager+steps3+steps2")
+    with pytest.raises(ValueError, match="its base must be one of"):
+        parse_variant("fp16-eager+steps3")
+    with pytest.raises(ValueError, match="use an fp8 base"):
+        parse_variant("native-compiled+quant-fused")
+
+
+def test_a_step_lever_is_budgeted_by_its_steps_and_a_warm_compile_is_not_paid_twice():
+    measured = {"fp8-eager": 80.0, "fp8-compiled": 300.0}
+    assert predicted_seconds("fp8-eager+steps2", measured) == 40.0
+    assert predicted_seconds("fp8-compiled+steps3", measured) == 225.0  # the regions are compiled by now
+
+
+def test_a_lever_variant_runs_with_its_lever_on_and_leaves_the_next_variant_without_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(stream, "_run_variant", lambda recorder, bench, pipe, request, variant, *a: seen.append(
+        (variant, request.steps, pipe.statistics_precision, pipe.fused_merge, fused_quantization())))  # fmt: skip
+    monkeypatch.setattr(
+        fp8, "convert_linears_to_fp8", lambda dit: None
+    )  # the switches are what is checked here
+    recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
+    variants = [
+        "native-eager+steps2+stats-bf16",
+        "native-eager+merge-fused",
+        "fp8-eager+quant-fused",
+        "fp8-eager",
+    ]
+    with recorder.stage("stream"):
+        streaming(recorder, torch.device("cpu"), TINY, variants, None, 0.0)
+    assert [k for k in recorder.summary["stages"]["stream"]["figures"] if k.endswith(".outcome")] == [
+        f"{v}.outcome" for v in variants
+    ]
+    assert seen == [
+        (variants[0], 2, "bf16", False, False),
+        (variants[1], 4, None, True, False),
+        (variants[2], 4, None, False, True),
+        ("fp8-eager", 4, None, False, False),
+    ]
+
+
+def test_decoding_on_a_second_gpu_is_skipped_with_its_reason_without_one(tmp_path):
+    recorder = Recorder(tmp_path, {"device": "test"}, ["stream"], [])
+    with recorder.stage("stream"):
+        streaming(recorder, torch.device("cpu"), TINY, ["native-eager+steps2+decode-gpu1"], None, 0.0)
+    outcome = recorder.summary["stages"]["stream"]["figures"]["native-eager+steps2+decode-gpu1.outcome"]
+    assert outcome == {"status": "skipped", "reason": "decode-gpu1 needs a second GPU; this machine has 0"}

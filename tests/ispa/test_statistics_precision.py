@@ -14,7 +14,7 @@ import torch
 
 from ispa import AttentionSession, CacheLayout, ISPAPolicy, absorption
 from ispa.absorption import AbsorptionStats, solve_layer
-from ispa.statistics_precision import default_statistics_precision, statistics_gemms
+from ispa.statistics_precision import default_statistics_precision, split_bf16, statistics_gemms
 
 DIM, TOKENS, LAM = 128, 2048, 1e-3
 TF32_MANTISSA_BITS = 10
@@ -81,7 +81,7 @@ def test_a_bad_setting_names_the_field():
     with pytest.raises(ValueError, match="statistics_precision"):
         AttentionSession(ISPAPolicy(), 2, layout, statistics_precision="tf32")
     with pytest.raises(ValueError, match="statistics_precision"):
-        AbsorptionStats(1, 4, "cpu", precision="bf16")
+        AbsorptionStats(1, 4, "cpu", precision="half")
 
 
 @pytest.fixture
@@ -129,3 +129,53 @@ def test_update_runs_its_gemms_under_the_stats_precision(monkeypatch):
     a_loc, a_full = torch.randn(5, 8).bfloat16(), torch.randn(5, 8).bfloat16()
     stats.update(0, a_loc, a_full, torch.randn(8, 8))
     assert calls == [("fast", torch.device("cpu"), torch.bfloat16)]
+
+
+# ---- "bf16": bf16 GEMMs with fp32 output, the gap split hi/lo (issue 20 §3a)
+BF16_DELTA_W_BOUND, BF16_EPSILON_BOUND = 2.0**-14, 2.0**-7  # stated in ispa/statistics_precision.py
+
+
+@pytest.mark.parametrize("history", [0.3, 0.03])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])  # fp32: a dequantized FP8 weight
+def test_bf16_statistics_stay_within_the_stated_bound_of_the_exact_solve(history, weight_dtype):
+    a_loc, a_full = bf16_activations(history, seed=int(history * 100) + 1)
+    weight = (torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(6)) / DIM**0.5).to(weight_dtype)
+    G, C, s = exact_statistics(a_loc, a_full.float() - a_loc.float(), weight)
+    delta, eps = solve_layer(G, C, s, weight.double(), LAM)
+    stats = AbsorptionStats(1, DIM, "cpu", precision="bf16")
+    for rows in torch.arange(TOKENS).chunk(4):  # several forwards
+        stats.update(0, a_loc[rows], a_full[rows], weight)
+    delta_bf16, eps_bf16 = solve_layer(
+        stats.G(0).double(), stats.C(0).double(), stats.s(0), weight.double(), LAM
+    )
+    assert float((delta_bf16.double() - delta.double()).norm()) <= BF16_DELTA_W_BOUND * float(delta.norm())
+    assert abs(float(eps_bf16 - eps)) <= BF16_EPSILON_BOUND * float(s)
+    torch.testing.assert_close(stats.G(0).double(), G, rtol=1e-5, atol=1e-3)  # exact products, fp32 sums
+    assert stats.count(0) == TOKENS
+
+
+def test_the_hi_lo_split_keeps_16_bits_where_bf16_alone_keeps_8():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(7))
+    hi, lo = split_bf16(x)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    relative = ((hi.float() + lo.float()) - x).abs() / x.abs()
+    assert float(relative.max()) <= 2.0**-16
+    assert float(((hi.float() - x).abs() / x.abs()).max()) > 2.0**-10  # hi alone would not do
+
+
+def test_bf16_mode_with_other_activations_takes_the_fast_path(monkeypatch):
+    calls = []
+
+    @contextlib.contextmanager
+    def recording(precision, device, activations):
+        calls.append((precision, activations))
+        yield
+
+    monkeypatch.setattr(absorption, "statistics_gemms", recording)
+    stats = AbsorptionStats(1, 8, "cpu", precision="bf16")
+    stats.update(0, torch.randn(5, 8), torch.randn(5, 8), torch.randn(8, 8))  # fp32: the fp32 path
+    stats.update(
+        0, torch.randn(5, 8).bfloat16(), torch.randn(5, 8).bfloat16(), torch.randn(8, 8)
+    )  # bf16 GEMMs
+    assert calls == [("bf16", torch.float32)]
+    assert stats.count(0) == 10

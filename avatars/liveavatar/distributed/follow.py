@@ -18,6 +18,7 @@ from avatars.liveavatar.distributed.channel import RankFailure, Tag
 from avatars.liveavatar.distributed.messages import KeepAlive
 from avatars.liveavatar.distributed.stage_models import StageModels
 from avatars.liveavatar.distributed.world import PipelineWorld
+from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.streaming.decoding import DecoderStage
 from avatars.liveavatar.streaming.messages import BlockWork, DecodedBlock, Reference, RunSpec
 from avatars.liveavatar.streaming.stage import DenoisingStage
@@ -48,9 +49,9 @@ def dit_stage(models: StageModels, world: PipelineWorld, spec: RunSpec) -> Denoi
     layout = world.layout
     return DenoisingStage(
         models.dit,
-        models.schedule,
+        DenoisingSchedule.liveavatar(spec.steps),
         spec,
-        layout.steps(world.rank),
+        layout.steps(world.rank, spec.steps),
         statistics_reducer=world.sum_statistics if layout.dit_ranks > 1 else None,
         reference_exchange=RankReferences(world, spec.run),
     )

@@ -90,6 +90,7 @@ class PipelineLead:
         while the DiT ranks work on the first block."""
         self._check_up()
         height, width = self.pipeline.check_run(request)
+        self.world.layout.check_steps(request.steps)
         if isinstance(request.policy, ISPAPolicy) and request.policy.auto_recalibrate:
             raise ValueError(
                 "auto_recalibrate is not available on several GPUs: its decision needs every step's history "

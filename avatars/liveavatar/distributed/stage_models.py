@@ -18,7 +18,6 @@ from avatars.liveavatar.loading import load_parts
 from avatars.liveavatar.memory_plan import check_fits_free_memory, lightest_plan, role_of_rank
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.rank_layout import RankLayout
-from avatars.liveavatar.schedule import DenoisingSchedule
 
 __all__ = ["StageModels", "load_stage_models"]
 
@@ -30,11 +29,10 @@ class StageModels:
     device: torch.device
     dit: LiveAvatarDiT | None
     vae: WanVAE | None
-    schedule: DenoisingSchedule
 
     @classmethod
     def of_pipeline(cls, pipeline: LiveAvatarPipeline) -> StageModels:
-        return cls(pipeline.device, pipeline.dit, pipeline.vae, pipeline.schedule)
+        return cls(pipeline.device, pipeline.dit, pipeline.vae)
 
 
 def load_stage_models(name: str, layout: RankLayout, rank: int, *, fp8: bool) -> StageModels:
@@ -52,4 +50,4 @@ def load_stage_models(name: str, layout: RankLayout, rank: int, *, fp8: bool) ->
             plan, free, f"{torch.cuda.get_device_name(device)} ({role_of_rank(layout, rank).value})"
         )
     dit, vae = load_parts(name, fp8=fp8, device=device, dit=holds_dit, vae=holds_vae)
-    return StageModels(device, dit, vae, DenoisingSchedule.liveavatar())
+    return StageModels(device, dit, vae)

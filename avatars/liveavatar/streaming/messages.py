@@ -31,6 +31,9 @@ class RunSpec:
     motion_latents: torch.Tensor  # [1, C, T, h, w]
     latent_h: int
     latent_w: int
+    steps: int = 4  # denoising steps (avatars.liveavatar.schedule.STEP_CHOICES); 4 is the official schedule
+    statistics_precision: str | None = None  # ispa.statistics_precision; None: the device's default
+    fused_merge: bool = False  # the sessions' LSE merge compiled (ispa.fused_merge)
 
 
 @dataclass

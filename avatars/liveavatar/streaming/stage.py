@@ -1,10 +1,10 @@
 """The denoising steps one process owns, for every block of one run.
 
 A stage holds the run's session (the sink, replicated on every stage, and the history rings of its own steps).
-Every stage replays the run's `random.Random(seed)` and draws all four `ref_shift`s of each block, using its own
-steps' ones, so each forward gets the offset it gets when one process runs all four. With the sink refresh, the
-stage of the last step keeps block 0's first denoised latent frame and shares it with the others
-(`ReferenceExchange`); at clip 1 every stage prefills its sink again from it.
+Every stage replays the run's `random.Random(seed)` and draws all the `ref_shift`s of each block (one per step of
+the schedule), using its own steps' ones, so each forward gets the offset it gets when one process runs them all.
+With the sink refresh, the stage of the last step keeps block 0's first denoised latent frame and shares it with
+the others (`ReferenceExchange`); at clip 1 every stage prefills its sink again from it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from avatars.liveavatar.block_layout import (
     BLOCKS_PER_CLIP,
-    DENOISING_STEPS,
     LATENT_FRAMES_PER_BLOCK,
     cache_layout,
 )
@@ -43,14 +42,14 @@ class ReferenceExchange(Protocol):
 
 
 class DenoisingStage:
-    """Steps `steps` of every block of the run `spec`, with their session."""
+    """Steps `steps` (default: all of the schedule's) of every block of the run `spec`, with their session."""
 
     def __init__(
         self,
         dit: LiveAvatarDiT,
         schedule: DenoisingSchedule,
         spec: RunSpec,
-        steps: range = range(DENOISING_STEPS),
+        steps: range | None = None,
         *,
         statistics_reducer: Callable[[list[torch.Tensor]], None] | None = None,
         reference_exchange: ReferenceExchange | None = None,
@@ -58,15 +57,19 @@ class DenoisingStage:
         self.dit = dit
         self.schedule = schedule
         self.run = spec.run
-        self.steps = steps
+        self.steps = range(schedule.steps) if steps is None else steps
+        if not 0 <= self.steps.start < self.steps.stop <= schedule.steps:
+            raise ValueError(f"steps {self.steps} are not within the schedule's {schedule.steps} steps")
         device = dit.device
         self.context = TextContext(spec.context_states.to(device))
-        layout = cache_layout(dit.tokens_per_frame(spec.latent_h, spec.latent_w))
+        layout = cache_layout(dit.tokens_per_frame(spec.latent_h, spec.latent_w), schedule.steps)
         self.session = AttentionSession(
             spec.policy,
             num_layers=dit.config.num_layers,
             layout=layout,
             kv_layer=kv_layer_factory(spec.kv_format),
+            statistics_precision=spec.statistics_precision,
+            fused_merge=spec.fused_merge,
             statistics_reducer=statistics_reducer,
         )
         motion = spec.motion_latents.to(device)
@@ -80,14 +83,14 @@ class DenoisingStage:
     @property
     def owns_last_step(self) -> bool:
         """Whether a block leaves this stage fully denoised."""
-        return self.steps.stop == DENOISING_STEPS
+        return self.steps.stop == self.schedule.steps
 
     def denoise(self, work: BlockWork) -> Iterator[torch.Tensor]:
         """Run this stage's steps of `work`'s block, yielding the latents after each step (the caller may do other
         work in between: that time is not this stage's); the last value yielded is what the stage hands on."""
         started = time.perf_counter()
         dit, device = self.dit, self.dit.device
-        ref_shifts = [self._ref_shifts.randint(*REF_SHIFT_RANGE) for _ in range(DENOISING_STEPS)]
+        ref_shifts = [self._ref_shifts.randint(*REF_SHIFT_RANGE) for _ in range(self.schedule.steps)]
         if self._motion_latents is not None and work.block == BLOCKS_PER_CLIP:
             self._refresh_sink()
         if work.mass_sums is not None:
