@@ -400,9 +400,10 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 14 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size, kv_format, refresh_sink, owner_token. The inputs, in order: portrait, audio, text, prompt, "
-        "policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, owner_token."
+        "/generate takes 16 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink, owner_token, compare_a, compare_b. The inputs, in order: portrait, "
+        "audio, text, prompt, policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, "
+        "owner_token, compare_a, compare_b."
     )
     server_file = '{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}'
     assert error(body(audio=server_file)) == (
