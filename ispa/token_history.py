@@ -31,13 +31,13 @@ def key_attention_mass(q: Tensor, k: Tensor, lse: Tensor, scale: float | None = 
     mass = torch.zeros((batch, heads, k.shape[1]), dtype=torch.float32, device=q.device)
     if k.shape[1] == 0 or num_queries == 0:
         return mass.transpose(1, 2)
-    keys = k.float().transpose(1, 2)  # [B, H, Lk, D]
+    keys = k.float().transpose(1, 2).transpose(-1, -2)  # [B, H, D, Lk]
     chunk = max(1, _LOGITS_PER_CHUNK // max(1, batch * heads * k.shape[1]))
     for start in range(0, num_queries, chunk):
-        queries = q[:, start : start + chunk].float().transpose(1, 2)  # [B, H, c, D]
-        logits = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # [B, H, c, Lk]
-        norm = lse[:, :, start : start + chunk].float().unsqueeze(-1)
-        mass += torch.exp(logits - norm).sum(dim=2)
+        queries = q[:, start : start + chunk].float().transpose(1, 2) * scale  # [B, H, c, D]
+        logits = torch.matmul(queries, keys)  # [B, H, c, Lk]
+        logits.sub_(lse[:, :, start : start + chunk].float().unsqueeze(-1)).exp_()  # in place: memory-bound
+        mass += logits.sum(dim=2)
     return mass.transpose(1, 2)
 
 
