@@ -343,6 +343,11 @@ def show_mode(policy: str, compare_a: str = DEFAULT_COMPARE[0], compare_b: str =
     )
 
 
+def name_players(policy: str, compare_a: str, compare_b: str) -> tuple:
+    """In compare mode the players carry the names of the runs they show."""
+    return show_mode(policy, compare_a, compare_b)[2:4]
+
+
 def refresh_sizes(model: str) -> Any:
     """The size choices of the chosen model (loading it on first use)."""
     try:
@@ -449,11 +454,19 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         stop_run, token, [outputs.downloads, outputs.report], api_name="stop", concurrency_limit=None
     )
     controls.recalibrate.click(recalibrate, token, None, api_name="recalibrate", concurrency_limit=None)
-    for choice in (controls.policy, controls.compare_a, controls.compare_b):
+    compare_choices = [controls.policy, controls.compare_a, controls.compare_b]
+    controls.policy.change(
+        show_mode,
+        compare_choices,
+        [controls.compare_a, controls.compare_b, outputs.player_a, outputs.player_b, outputs.drift_table],
+        queue=False,
+        api_visibility="private",
+    )
+    for choice in (controls.compare_a, controls.compare_b):  # they do not update themselves: no change loop
         choice.change(
-            show_mode,
-            [controls.policy, controls.compare_a, controls.compare_b],
-            [controls.compare_a, controls.compare_b, outputs.player_a, outputs.player_b, outputs.drift_table],
+            name_players,
+            compare_choices,
+            [outputs.player_a, outputs.player_b],
             queue=False,
             api_visibility="private",
         )

@@ -142,3 +142,15 @@ def test_compare_choices_are_checked_and_make_their_runs(examples_dir: Path, tmp
         spec(COMPARE, WINDOW, WINDOW)
     with pytest.raises(ValidationError, match="Compare B must be one of: Full, ISPA, Evict"):
         spec(COMPARE, FULL, "Turbo")
+
+
+def test_compare_mode_shows_its_choices_and_names_the_players() -> None:
+    from app.main import name_players, show_mode
+
+    choice_a, choice_b, player_a, player_b, drift = show_mode(COMPARE, WINDOW, SALIENCE)
+    assert choice_a.visible and choice_b.visible and player_b.visible and drift.visible
+    assert (player_a.label, player_b.label) == (WINDOW, SALIENCE)
+    assert [p.label for p in name_players(COMPARE, EVICT, FULL)] == [EVICT, FULL]
+    choice_a, choice_b, player_a, player_b, drift = show_mode(ISPA, WINDOW, SALIENCE)
+    assert not (choice_a.visible or choice_b.visible or player_b.visible or drift.visible)
+    assert player_a.label == "Video"
