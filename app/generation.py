@@ -2,9 +2,10 @@
 panel and the status out, and at the end the final mp4(s) and the report.
 
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
-opens a Full and an ISPA stream on the same pipeline: the Full run goes first, alone, until its first video
-segment is out (so the first player starts about when a lone run's would, and the ISPA run's own set-up waits
-until then), then the two take turns chunk by chunk. Each chunk is handed out as soon as it exists; each step
+opens a stream per policy on the same pipeline (A and B, Full vs ISPA by default, plus a Full run when neither
+is Full, to measure their drift against): the first run goes first, alone, until its first video segment is out
+(so the first player starts about when a lone run's would, and the others' set-up waits until then), then they
+take turns chunk by chunk. Each chunk is handed out as soon as it exists; each step
 yields an `app.layout.RunOutputs` of values, by name.
 """
 
@@ -69,7 +70,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     recorders = {name: RunRecorder(run_dir, f"avatar-{name.lower()}.mp4", streaming) for name, _ in runs}
     panels = RunPanels(spec, recorders)
     meter = DelayMeter(feed) if feed is not None else None
-    timed_run = runs[-1][0]  # in compare mode the ISPA run, which follows the Full one
+    timed_run = spec.shown_runs()[-1]  # in compare mode run B, which follows run A
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
@@ -106,7 +107,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
-            yield _outputs(runs, segments, panels, status)
+            yield _outputs(spec.shown_runs(), segments, panels, status)
             _remove(segments)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
         last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
@@ -128,7 +129,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
         last = {name: recorder.final_video for name, recorder in recorders.items()}
     state = "stopped" if active.stop_requested else "finished"
     status = status_markdown(pipe.label, spec, recorders, first_video_s, meter and meter.summary(), state)
-    yield _outputs(runs, last, panels, status, final)
+    yield _outputs(spec.shown_runs(), last, panels, status, final)
     if streaming:
         _remove(last)
 
@@ -213,15 +214,14 @@ def _finish(
 
 
 def _outputs(
-    runs: list[tuple[str, Any]],
+    shown: tuple[str, ...],
     videos: Mapping[str, Path | None],
     panels: RunPanels,
     status: str,
     final: FinalOutputs | None = None,
 ) -> RunOutputs[Any]:
     """The values of one step; a player without a new segment is skipped, which leaves its stream as it is."""
-    names = [name for name, _ in runs]
-    players = [videos.get(names[i]) if i < len(names) else None for i in range(2)]
+    players = [videos.get(shown[i]) if i < len(shown) else None for i in range(2)]
     player_a, player_b = (str(p) if p is not None else gr.skip() for p in players)
     plot = panels.plot()
     return RunOutputs(

@@ -84,8 +84,8 @@ def check_run_fits(
 
 
 def _peak(spec: RunSpec, backend: AvatarBackend, height: int, width: int, kv_format: str) -> tuple[int, bool]:
-    """(the run's peak on its heaviest GPU, whether the backend uses several kinds of GPU); compare mode's two runs
-    share each GPU's model."""
+    """(the run's peak on its heaviest GPU, whether the backend uses several kinds of GPU); compare mode's runs (two,
+    or three with a Full run to measure drift against) share each GPU's model."""
     runs = [backend.memory_plans(height, width, policy, kv_format) for _, policy in spec.policies()]
     several = len(runs[0]) > 1
     if len(runs) == 1:

@@ -24,12 +24,30 @@ from app.validation import (
     validate_tts_text,
 )
 from avatars.liveavatar.schedule import STEP_CHOICES
-from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy, make_policy
+from ispa import (
+    KV_FORMATS,
+    EvictPolicy,
+    FullPolicy,
+    ISPAPolicy,
+    Policy,
+    SaliencePolicy,
+    WindowPolicy,
+    make_policy,
+)
 
 ISPA, FULL, COMPARE = "ISPA", "Full", "Compare"
+EVICT, WINDOW, SALIENCE = "Evict", "Window", "Salience"
 POLICY_CHOICES = (ISPA, FULL, COMPARE)
-MODE_RUNS = {ISPA: (ISPA,), FULL: (FULL,), COMPARE: (FULL, ISPA)}  # compare mode: Full first, then ISPA
-ENGINE_POLICY = {ISPA: ISPAPolicy.name, FULL: FullPolicy.name}  # run name -> the engine's policy name
+MODE_RUNS = {ISPA: (ISPA,), FULL: (FULL,)}  # compare mode runs the two policies chosen (`RunSpec.compare`)
+DEFAULT_COMPARE = (FULL, ISPA)  # compare mode's default pair: Full first, then ISPA
+ENGINE_POLICY = {  # run name -> the engine's policy name
+    FULL: FullPolicy.name,
+    ISPA: ISPAPolicy.name,
+    EVICT: EvictPolicy.name,
+    WINDOW: WindowPolicy.name,
+    SALIENCE: SaliencePolicy.name,
+}
+COMPARE_CHOICES = tuple(ENGINE_POLICY)  # what compare mode's "A" and "B" offer
 DEFAULT_SIZE = "default"
 
 
@@ -50,6 +68,8 @@ class EngineChoices:
     kv_format: Any = "bf16"
     refresh_sink: Any = False
     steps: Any = 4
+    compare_a: Any = DEFAULT_COMPARE[0]
+    compare_b: Any = DEFAULT_COMPARE[1]
 
 
 @dataclass(frozen=True)
@@ -69,10 +89,19 @@ class RunSpec:
     refresh_sink: bool = False  # prefill the sink again at clip 1 (the official 5-GPU pipeline's behaviour)
     steps: int = 4  # denoising steps: 4 official, 3 or 2 a deviation for speed
     warnings: list[str] = field(default_factory=list)
+    compare: tuple[str, str] = DEFAULT_COMPARE  # compare mode's two runs, "A vs B" (names in COMPARE_CHOICES)
+
+    def shown_runs(self) -> tuple[str, ...]:
+        """The runs the user sees (players, KV plot): the mode's one, or compare mode's A and B."""
+        return self.compare if self.mode == COMPARE else MODE_RUNS[self.mode]
 
     def policies(self) -> list[tuple[str, Policy]]:
-        """(run name, policy) for each run this request makes: two, Full then ISPA, in compare mode."""
+        """(run name, policy) for each run this request makes: the shown ones, and in compare mode a Full run
+        after them when neither is Full (each compared run's drift is measured against Full)."""
         settings = self.settings
+        runs = self.shown_runs()
+        if self.mode == COMPARE and FULL not in runs:
+            runs = (*runs, FULL)
         return [
             (
                 run,
@@ -83,7 +112,7 @@ class RunSpec:
                     lam=settings.lam,
                 ),
             )
-            for run in MODE_RUNS[self.mode]
+            for run in runs
         ]
 
 
@@ -91,6 +120,18 @@ def check_mode(policy: Any) -> str:
     if not isinstance(policy, str) or policy not in POLICY_CHOICES:
         raise ValidationError(f"The policy must be one of: {', '.join(POLICY_CHOICES)}.")
     return policy
+
+
+def check_compare(compare_a: Any, compare_b: Any) -> tuple[str, str]:
+    """Compare mode's pair: two different names of COMPARE_CHOICES."""
+    for label, name in (("A", compare_a), ("B", compare_b)):
+        if not isinstance(name, str) or name not in COMPARE_CHOICES:
+            raise ValidationError(f"Compare {label} must be one of: {', '.join(COMPARE_CHOICES)}.")
+    if compare_a == compare_b:
+        raise ValidationError(
+            f"Compare A and Compare B must be two different policies (both are {compare_a})."
+        )
+    return compare_a, compare_b
 
 
 def check_kv_format(kv_format: Any) -> str:
@@ -147,10 +188,13 @@ def prepare_run(
     refresh_sink: Any = False,
     steps: Any = 4,
     live: bool = False,
+    compare_a: Any = DEFAULT_COMPARE[0],
+    compare_b: Any = DEFAULT_COMPARE[1],
 ) -> RunSpec:
     """Check every input; speech comes from the audio file, else from `text` (synthesised into `speech_dir`),
     and in `live` mode from the microphone later on."""
     mode = check_mode(policy)
+    compare = check_compare(compare_a, compare_b) if mode == COMPARE else DEFAULT_COMPARE
     prompt_check = validate_prompt(prompt)
     settings = validate_settings(k_fraction=k_fraction, t_warm=t_warm, lam=lam, seed=seed)
     size_label, max_area = choose_size(size, size_choices)
@@ -177,6 +221,7 @@ def prepare_run(
         refresh_sink=refresh_sink,
         steps=steps,
         warnings=notes,
+        compare=compare,
     )
 
 

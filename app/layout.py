@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import gradio as gr
 
-from app.inputs import DEFAULT_SIZE, ISPA, POLICY_CHOICES
+from app.inputs import COMPARE_CHOICES, DEFAULT_COMPARE, DEFAULT_SIZE, ISPA, POLICY_CHOICES
 from app.models import MODEL_LABELS, REAL_MODEL
 from app.panels import LAYER_MAP_PLACEHOLDER, SUMMARY_PLACEHOLDER
 from app.portrait_input import portrait_image
@@ -79,6 +79,8 @@ class InputControls:
     kv_format: gr.Dropdown
     refresh_sink: gr.Checkbox
     steps: gr.Dropdown
+    compare_a: gr.Dropdown
+    compare_b: gr.Dropdown
     generate: gr.Button
     stop: gr.Button
     recalibrate: gr.Button
@@ -120,9 +122,25 @@ def input_column(
         list(POLICY_CHOICES),
         value=ISPA,
         label="Policy",
-        info="ISPA turns layers local after warmup; Full keeps every layer's history; Compare runs both.",
+        info="ISPA turns layers local after warmup; Full keeps every layer's history; Compare runs two side by side.",
         elem_id="policy",
     )
+    with gr.Row():  # compare mode's "A vs B", shown by `app.main.show_mode`
+        compare_a, compare_b = (
+            gr.Dropdown(
+                list(COMPARE_CHOICES),
+                value=value,
+                label=f"Compare: {side}",
+                info=info,
+                visible=False,
+                allow_custom_value=True,  # the app's own check answers an unknown value, in its words
+                elem_id=f"compare_{side.lower()}",
+            )
+            for side, value, info in (
+                ("A", DEFAULT_COMPARE[0], "Evict, Window and Salience hold ISPA's KV bytes after warmup."),
+                ("B", DEFAULT_COMPARE[1], "Each run's drift against Full is shown per chunk."),
+            )
+        )
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", min_width=BUTTON_WIDTH, elem_id="generate")
         stop = gr.Button("Stop", variant="stop", min_width=BUTTON_WIDTH, elem_id="stop")
@@ -198,6 +216,8 @@ def input_column(
         kv_format=kv_format,
         refresh_sink=refresh_sink,
         steps=steps,
+        compare_a=compare_a,
+        compare_b=compare_b,
         generate=generate,
         stop=stop,
         recalibrate=recalibrate,
@@ -242,7 +262,7 @@ def output_columns(can_stream: bool) -> RunOutputs[Any]:
         )
         layer_map = gr.HTML(LAYER_MAP_PLACEHOLDER, label="Layers", elem_id="layer_map")
         run_summary = gr.HTML(SUMMARY_PLACEHOLDER, label="Memory and timings", elem_id="run_summary")
-        drift_table = gr.HTML(label="Drift Full vs ISPA", visible=False, elem_id="drift")
+        drift_table = gr.HTML(label="Drift against Full", visible=False, elem_id="drift")
     return RunOutputs(
         player_a=player_a,
         player_b=player_b,

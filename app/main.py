@@ -25,7 +25,7 @@ from app.examples import bundled_example
 from app.generation import run_generation
 from app.gpu import ON_ZERO_GPU
 from app.gpu_sizes import check_run_fits
-from app.inputs import COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_run
+from app.inputs import COMPARE, DEFAULT_COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_run
 from app.layout import PLAYER_HEIGHT, InputControls, RunOutputs, input_column, output_columns
 from app.live_audio import decode_mic_piece
 from app.media import ffmpeg_status, remove_stale_run_dirs, temp_root
@@ -120,8 +120,10 @@ def generate(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
-    steps: int = 4,
     owner_token: str | None = None,
+    compare_a: str = DEFAULT_COMPARE[0],
+    compare_b: str = DEFAULT_COMPARE[1],
+    steps: int = 4,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Generate from a portrait and speech (an audio file, or text spoken offline), streaming the video. Only a
@@ -137,6 +139,8 @@ def generate(
         kv_format=kv_format,
         refresh_sink=refresh_sink,
         steps=steps,
+        compare_a=compare_a,
+        compare_b=compare_b,
     )
     yield from _generate(
         request, choices, owner_token, portrait=portrait, prompt=prompt, audio=audio, text=text
@@ -155,8 +159,10 @@ def generate_live(
     size: str = DEFAULT_SIZE,
     kv_format: str = "bf16",
     refresh_sink: bool = False,
-    steps: int = 4,
     owner_token: str | None = None,
+    compare_a: str = DEFAULT_COMPARE[0],
+    compare_b: str = DEFAULT_COMPARE[1],
+    steps: int = 4,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Live mode: generate while the microphone streams into this owner's feed."""
@@ -171,6 +177,8 @@ def generate_live(
         kv_format=kv_format,
         refresh_sink=refresh_sink,
         steps=steps,
+        compare_a=compare_a,
+        compare_b=compare_b,
     )
     yield from _generate(request, choices, owner_token, portrait=portrait, prompt=prompt, live=True)
 
@@ -231,6 +239,8 @@ def _prepare(
         kv_format=choices.kv_format,
         refresh_sink=choices.refresh_sink,
         steps=choices.steps,
+        compare_a=choices.compare_a,
+        compare_b=choices.compare_b,
         size_choices=sizes,
         sample_rate=pipe.sample_rate,
         speech_dir=temp_root(),
@@ -327,14 +337,22 @@ def end_session(request: gr.Request = None) -> None:
 
 
 # -------------------------------------------------------------------------------------------- small updates
-def show_mode(policy: str) -> tuple:
-    """Compare mode shows a second player and the drift table."""
+def show_mode(policy: str, compare_a: str = DEFAULT_COMPARE[0], compare_b: str = DEFAULT_COMPARE[1]) -> tuple:
+    """Compare mode shows its A and B choices, a second player and the drift table; the players are named after
+    the runs they show."""
     compare = policy == COMPARE
     return (
-        gr.Video(label="Full" if compare else "Video"),
-        gr.Video(visible=compare),
+        gr.Dropdown(visible=compare),
+        gr.Dropdown(visible=compare),
+        gr.Video(label=str(compare_a) if compare else "Video"),
+        gr.Video(visible=compare, label=str(compare_b)),
         gr.HTML(visible=compare),
     )
+
+
+def name_players(policy: str, compare_a: str, compare_b: str) -> tuple:
+    """In compare mode the players carry the names of the runs they show."""
+    return show_mode(policy, compare_a, compare_b)[2:4]
 
 
 def refresh_sizes(model: str) -> Any:
@@ -462,13 +480,22 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         stop_run, token, [outputs.downloads, outputs.report], api_name="stop", concurrency_limit=None
     )
     controls.recalibrate.click(recalibrate, token, None, api_name="recalibrate", concurrency_limit=None)
+    compare_choices = [controls.policy, controls.compare_a, controls.compare_b]
     controls.policy.change(
         show_mode,
-        [controls.policy],
-        [outputs.player_a, outputs.player_b, outputs.drift_table],
+        compare_choices,
+        [controls.compare_a, controls.compare_b, outputs.player_a, outputs.player_b, outputs.drift_table],
         queue=False,
         api_visibility="private",
     )
+    for choice in (controls.compare_a, controls.compare_b):  # they do not update themselves: no change loop
+        choice.change(
+            name_players,
+            compare_choices,
+            [outputs.player_a, outputs.player_b],
+            queue=False,
+            api_visibility="private",
+        )
     controls.model.change(
         refresh_sizes, [controls.model], [controls.size], api_visibility="private", concurrency_limit=None
     )

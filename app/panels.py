@@ -22,8 +22,15 @@ FULL_RING = "Full (ring)"
 FULL_UNBOUNDED = "Full (no bound)"
 FULL_RUN = "Full run"
 ISPA_RUN = "ISPA run"
-EVENT_LABELS = {"absorbed": "absorbed", "recalibration_started": "recalibration"}
-PHASE_AFTER_EVENT = {"absorbed": "absorbed", "recalibration_started": "recalibrating"}
+EVENT_LABELS = {"absorbed": "absorbed", "evicted": "evicted", "recalibration_started": "recalibration"}
+PHASE_AFTER_EVENT = {"absorbed": "absorbed", "evicted": "evicted", "recalibration_started": "recalibrating"}
+
+
+def run_label(name: str) -> str:
+    """A compare-mode run's series in the KV plot: "Full run", "ISPA run", "Window run", …"""
+    return f"{name} run"
+
+
 # What the panels say before the first chunk, so a new user sees what will appear there.
 LAYER_MAP_PLACEHOLDER = (
     "<div class='layer-map'><b>Layers</b>: one cell per self-attention layer appears here with the first chunk, "
@@ -51,15 +58,16 @@ class KVTimeline:
     at 0 and at the plot's top). Bytes are shown in the unit that fits the largest value (`unit()`).
     """
 
-    def __init__(self, compare: bool = False) -> None:
+    def __init__(self, compare: bool = False, runs: Sequence[str] = (FULL_RUN, ISPA_RUN)) -> None:
         self.compare = compare
+        self.runs = tuple(runs)  # compare mode's series, A then B
         self._rows: list[tuple[float, int, str]] = []  # (t_seconds at the chunk's end, bytes, series)
         self._clock: dict[str, float] = {}
         self.events: list[tuple[float, str]] = []  # (t_seconds, label), in arrival order
 
     def add(self, report: BlockReport, seconds: float, run: str = THIS_RUN) -> None:
         """Add one chunk's engine report; `seconds` is the chunk's video duration (its frames / fps)."""
-        allowed = (FULL_RUN, ISPA_RUN) if self.compare else (THIS_RUN,)
+        allowed = self.runs if self.compare else (THIS_RUN,)
         if run not in allowed:
             raise ValueError(f"run must be one of {allowed} in this mode, got {run!r}")
         if not (math.isfinite(seconds) and seconds > 0):
@@ -102,7 +110,7 @@ class KVTimeline:
     def legend(self) -> str:
         """What each curve means, in one line."""
         if self.compare:
-            return f"{FULL_RUN} / {ISPA_RUN}: the KV bytes each run holds after each chunk."
+            return f"{' / '.join(self.runs)}: the KV bytes each run holds after each chunk."
         return (
             f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run would hold now, its "
             f"history bounded by the ring (equal to this run until ISPA absorbs) · {FULL_UNBOUNDED}: the sink plus "
@@ -221,14 +229,24 @@ def run_summary_html(
     return f'<div class="run-summary">{summary}{_table(head, [*rows, totals])}</div>'
 
 
-def drift_table_html(drifts: Sequence[ChunkDrift]) -> str:
-    """Per-chunk PSNR/SSIM between the Full and ISPA runs; identical chunks say so instead of 'inf dB'."""
-    rows = [
-        [
-            str(d.index),
-            "identical" if math.isinf(d.psnr_db) else f"{d.psnr_db:.2f}",
-            f"{d.ssim:.4f}",
-        ]
-        for d in drifts
-    ]
-    return _table(["chunk", "PSNR dB", "SSIM"], rows)
+def drift_table_html(drifts: Sequence[ChunkDrift] | Mapping[str, Sequence[ChunkDrift]]) -> str:
+    """Per-chunk PSNR/SSIM of each compared run against the Full run (a list: one run, e.g. ISPA; a mapping: by
+    run name, a column pair each); identical chunks say so instead of 'inf dB'."""
+    by_run = drifts if isinstance(drifts, Mapping) else {"": drifts}
+    indices = sorted({d.index for run_drifts in by_run.values() for d in run_drifts})
+    cells = {(run, d.index): d for run, run_drifts in by_run.items() for d in run_drifts}
+    rows = []
+    for index in indices:
+        row = [str(index)]
+        for run in by_run:
+            d = cells.get((run, index))
+            if d is None:
+                row += ["…", "…"]  # still being computed
+            else:
+                row += ["identical" if math.isinf(d.psnr_db) else f"{d.psnr_db:.2f}", f"{d.ssim:.4f}"]
+        rows.append(row)
+    head = ["chunk"]
+    for run in by_run:
+        prefix = f"{run} vs Full " if run else ""
+        head += [f"{prefix}PSNR dB", f"{prefix}SSIM"]
+    return _table(head, rows)

@@ -24,20 +24,24 @@ from app.panels import (
     KVTimeline,
     drift_table_html,
     layer_map_html,
+    run_label,
     run_summary_html,
 )
 from app.run_recorder import RunRecorder
 from avatars.base import AvatarChunk
 
-_TIMELINE_RUNS = {FULL: FULL_RUN, ISPA: ISPA_RUN}
 SERIES_COLORS = {
     THIS_RUN: "#4f46e5",
     ISPA_RUN: "#4f46e5",
     FULL_RUN: "#dc2626",
     FULL_RING: "#dc2626",
     FULL_UNBOUNDED: "#9ca3af",
+    run_label("Evict"): "#0891b2",
+    run_label("Window"): "#7c3aed",
+    run_label("Salience"): "#db2777",
 }
-EVENT_COLORS = {"absorbed": "#15803d", "recalibration": "#d97706"}  # by prefix: "absorbed 2" is green too
+# by prefix: "absorbed 2" is green too
+EVENT_COLORS = {"absorbed": "#15803d", "evicted": "#15803d", "recalibration": "#d97706"}
 
 
 class DelayMeter:
@@ -81,55 +85,69 @@ class DelayMeter:
 class RunPanels:
     """The side panel's contents for the run(s) of one request, updated chunk by chunk.
 
-    Compare mode's drift (PSNR, SSIM) is computed on a worker thread, so the generation does not wait for it:
-    the drift table shows the chunks whose drift is done, in chunk order, and `finish_drifts` waits for all.
+    Compare mode ("A vs B") plots the two shown runs and measures each one's drift (PSNR, SSIM) against the Full
+    run, chunk by chunk: Full is A or B, or else a third run made for the purpose. The drift is computed on a
+    worker thread, so the generation does not wait for it: the drift table shows, per run, the chunks whose drift
+    is done, in chunk order, and `finish_drifts` waits for all.
     """
 
     def __init__(self, spec: RunSpec, recorders: Mapping[str, RunRecorder]) -> None:
         self.spec = spec
         self.recorders = recorders
         self.compare = spec.mode == COMPARE
-        self.timeline = KVTimeline(compare=self.compare)
-        self._drift_jobs: list[Future[ChunkDrift]] = []
+        self.shown = spec.shown_runs()
+        self.timeline = KVTimeline(compare=self.compare, runs=tuple(run_label(name) for name in self.shown))
+        self._drift_jobs: dict[str, list[Future[ChunkDrift]]] = {
+            name: [] for name in self.shown if self.compare and name != FULL
+        }
         self._drift_worker = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift") if self.compare else None
         )
-        self._unpaired: dict[str, dict[int, AvatarChunk]] = {FULL: {}, ISPA: {}}
+        self._unpaired: dict[str, dict[int, AvatarChunk]] = {name: {} for name in recorders}
+        self._paired: dict[int, int] = {}  # chunk index -> compared runs already paired with Full's chunk
 
     def add(self, step: Mapping[str, AvatarChunk]) -> None:
-        """One step: a new chunk of one run or more (compare mode's runs take turns, the Full one ahead)."""
+        """One step: a new chunk of one run or more (compare mode's runs take turns)."""
         for name, chunk in step.items():
-            run = _TIMELINE_RUNS[name] if self.compare else THIS_RUN
-            self.timeline.add(chunk.report.engine, seconds=len(chunk.frames) / chunk.fps, run=run)
+            if name in self.shown:
+                run = run_label(name) if self.compare else THIS_RUN
+                self.timeline.add(chunk.report.engine, seconds=len(chunk.frames) / chunk.fps, run=run)
             if self._drift_worker is not None:
                 self._pair(name, chunk)
 
     def _pair(self, name: str, chunk: AvatarChunk) -> None:
-        """Compare a chunk with the other run's chunk of the same index once both exist (chunk order: each
-        run's chunks come in order)."""
-        other = ISPA if name == FULL else FULL
-        partner = self._unpaired[other].pop(chunk.index, None)
-        if partner is None:
-            self._unpaired[name][chunk.index] = chunk
+        """Compare each compared run's chunk with the Full run's chunk of the same index once both exist (each
+        run's chunks come in order); Full's chunk is kept until every compared run has been paired with it."""
+        index = chunk.index
+        self._unpaired[name][index] = chunk
+        full = self._unpaired[FULL].get(index)
+        if full is None:
             return
-        full, ispa = (chunk, partner) if name == FULL else (partner, chunk)
-        if full.frames.shape == ispa.frames.shape:
-            self._drift_jobs.append(
-                self._drift_worker.submit(chunk_drift, ispa.index, full.frames, ispa.frames)
-            )
+        for run, jobs in self._drift_jobs.items():
+            other = self._unpaired[run].pop(index, None)
+            if other is None:
+                continue
+            self._paired[index] = self._paired.get(index, 0) + 1
+            if other.frames.shape == full.frames.shape:
+                jobs.append(self._drift_worker.submit(chunk_drift, index, full.frames, other.frames))
+        if self._paired.get(index, 0) == len(self._drift_jobs):
+            del self._unpaired[FULL][index]
+            self._paired.pop(index, None)
 
-    def ready_drifts(self) -> list[ChunkDrift]:
-        """The drifts computed so far, in chunk order (stops at the first one still being computed)."""
-        ready = []
-        for job in self._drift_jobs:
-            if not job.done():
-                break
-            ready.append(job.result())
+    def ready_drifts(self) -> dict[str, list[ChunkDrift]]:
+        """Per compared run, the drifts computed so far, in chunk order (up to the first still being computed)."""
+        ready: dict[str, list[ChunkDrift]] = {}
+        for run, jobs in self._drift_jobs.items():
+            ready[run] = []
+            for job in jobs:
+                if not job.done():
+                    break
+                ready[run].append(job.result())
         return ready
 
-    def finish_drifts(self) -> list[ChunkDrift]:
-        """Every chunk's drift, waiting for those still being computed; the worker then ends."""
-        drifts = [job.result() for job in self._drift_jobs]
+    def finish_drifts(self) -> dict[str, list[ChunkDrift]]:
+        """Every chunk's drift per compared run, waiting for those still being computed; the worker then ends."""
+        drifts = {run: [job.result() for job in jobs] for run, jobs in self._drift_jobs.items()}
         if self._drift_worker is not None:
             self._drift_worker.shutdown()
         return drifts
@@ -160,8 +178,10 @@ class RunPanels:
         return f"{events}. {self.timeline.legend()}"
 
     def layer_map(self) -> str:
-        """The layer map of the run that can have local layers (the ISPA one, or the only one)."""
-        name = ISPA if ISPA in self.recorders else next(iter(self.recorders))
+        """The layer map of the run that can have local layers (the ISPA one, else the first shown one that is
+        not Full, or the only one)."""
+        others = [name for name in self.shown if name != FULL]
+        name = ISPA if ISPA in self.recorders else (others or list(self.shown))[0]
         reports = self.recorders[name].reports
         return layer_map_html(reports[-1].engine) if reports else ""
 
@@ -207,7 +227,7 @@ def run_report(
     is_test_model: bool,
     spec: RunSpec,
     recorders: Mapping[str, RunRecorder],
-    drifts: Sequence[ChunkDrift],
+    drifts: Mapping[str, Sequence[ChunkDrift]],
     first_video_s: float | None,
     delay: dict[str, float | int] | None,
     stopped_early: bool,
@@ -238,13 +258,15 @@ def run_report(
             name: {"video_seconds": recorder.video_seconds, "chunks": [r.to_dict() for r in recorder.reports]}
             for name, recorder in recorders.items()
         },
-        "drift": [
+        "drift": [  # each compared run against the Full run, chunk by chunk
             {
+                "run": run,
                 "index": d.index,
                 "psnr_db": d.psnr_db if math.isfinite(d.psnr_db) else None,
                 "identical": math.isinf(d.psnr_db),
                 "ssim": d.ssim,
             }
-            for d in drifts
+            for run, run_drifts in drifts.items()
+            for d in run_drifts
         ],
     }

@@ -128,20 +128,17 @@ def fits_capacity(peak_bytes: int, capacity_bytes: int) -> bool:
     return peak_bytes + CUDA_CONTEXT_BYTES <= capacity_bytes
 
 
-def compare_peak_bytes(first: MemoryPlan, second: MemoryPlan) -> int:
-    """Peak of two runs advanced side by side on one model (compare mode): the model's own terms once, both runs'
-    held terms, and the larger transient (the runs take turns, so their transients never overlap)."""
+def compare_peak_bytes(first: MemoryPlan, *others: MemoryPlan) -> int:
+    """Peak of runs advanced side by side on one model (compare mode: two, or three with a Full run to measure
+    drift against): the model's own terms once, every run's held terms, and the largest transient (the runs take
+    turns, so their transients never overlap)."""
+    plans = (first, *others)
     peak = 0
     for phase in ("warmup", "after"):
         shared = sum(getattr(t, phase) for t in first.terms if t.per_model and not t.transient)
         held = sum(
-            getattr(t, phase)
-            for plan in (first, second)
-            for t in plan.terms
-            if not (t.per_model or t.transient)
+            getattr(t, phase) for plan in plans for t in plan.terms if not (t.per_model or t.transient)
         )
-        transient = max(
-            (getattr(t, phase) for plan in (first, second) for t in plan.terms if t.transient), default=0
-        )
+        transient = max((getattr(t, phase) for plan in plans for t in plan.terms if t.transient), default=0)
         peak = max(peak, shared + held + transient)
     return peak

@@ -79,7 +79,7 @@ def _served_run(pipe: Any, prompt: str, seconds: float, tmp: Path, run: int) -> 
     sf.write(speech, audio[: round(seconds * rate)], rate)
     _server["client"].predict(
         handle_file(str(EXAMPLES / "fashion_blogger.jpg")), handle_file(str(speech)), "", prompt, "ISPA",
-        0.5, 6, 1, "tiny", 1e-3, "default", "bf16", False, 4, "memory-bench-owner-token-0123",
+        0.5, 6, 1, "tiny", 1e-3, "default", "bf16", False, "memory-bench-owner-token-0123",
         api_name="/generate",
     )  # fmt: skip
 

@@ -15,7 +15,18 @@ from ispa.absorption import (
 )
 from ispa.attention import attention_with_lse, available_backends, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayer, KVLayerFactory, SinkRingLayer
-from ispa.policies import POLICIES, FullPolicy, ISPAPolicy, Policy, PolicyState, make_policy
+from ispa.policies import (
+    POLICIES,
+    BudgetedPolicy,
+    EvictPolicy,
+    FullPolicy,
+    ISPAPolicy,
+    Policy,
+    PolicyState,
+    SaliencePolicy,
+    WindowPolicy,
+    make_policy,
+)
 from ispa.quantized_cache import KV_FORMATS, LIGHTEST_KV_FORMAT, kv_layer_factory
 from ispa.report import BlockReport
 from ispa.session import AttentionSession
@@ -27,7 +38,9 @@ __all__ = [
     "AbsorptionStats",
     "AttentionSession",
     "BlockReport",
+    "BudgetedPolicy",
     "CacheLayout",
+    "EvictPolicy",
     "FullPolicy",
     "ISPAPolicy",
     "KVCache",
@@ -35,7 +48,9 @@ __all__ = [
     "KVLayerFactory",
     "Policy",
     "PolicyState",
+    "SaliencePolicy",
     "SinkRingLayer",
+    "WindowPolicy",
     "attention_with_lse",
     "available_backends",
     "make_policy",

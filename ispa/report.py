@@ -16,7 +16,8 @@ class BlockReport:
     Attributes
     ----------
     index : block number, from 0.
-    phase : the phase the block was generated in: "warmup", "absorbed" or "recalibrating" (ISPA), "full" (Full).
+    phase : the phase the block was generated in: "warmup", "absorbed" or "recalibrating" (ISPA), "full" (Full),
+        "evicted" (Evict, Window and Salience after their warmup).
         A transition triggered at the block's end shows in `event`, not here.
     kv_bytes, kv_bytes_per_layer : KV bytes held after the block (and after its transition), from live tensors.
     kv_bytes_full_ring : what a Full session with the same layout and KV storage would hold at this point (ring

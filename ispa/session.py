@@ -8,7 +8,10 @@ one model, even interleaved block by block.
 Per block, for every self-attention layer and every ring (LiveAvatar: one ring per denoising step):
 1. F-layers: attention over local keys (sink + current block) and over the ring's history, fused by LSE - exactly
    full attention. During warmup/recalibration, (A_loc, A_full) feed the statistics.
-2. L-layers: attention over local keys only, then the base projection plus the session's own change ΔW.
+2. L-layers: attention over local keys only, then the base projection plus the session's own change ΔW (Evict:
+   the base projection alone).
+   After a "trim" (Window, Salience) every layer attends to local keys plus its kept history tokens
+   (`ispa.token_history`), cut back to the policy's byte budget after each block is added.
 3. The current block is appended to the ring after it was attended to (write-after-read; see `ispa.cache`).
 `end_block()` then advances the policy and returns a `BlockReport`.
 
@@ -43,6 +46,7 @@ from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
 from ispa.statistics_precision import StatisticsPrecision, check_statistics_precision
 from ispa.timing import SpanTimer
+from ispa.token_history import TokenHistory, key_attention_mass
 
 __all__ = ["AttentionSession"]
 
@@ -102,7 +106,9 @@ class AttentionSession:
         self._rings_used: list[set[int]] = [set() for _ in range(num_layers)]
         self._blocks_written = [0] * layout.num_rings  # blocks appended per ring, over the whole run
         self._out_projs: list[nn.Module | None] = [None] * num_layers
-        self._local_projections: dict[int, DeltaProjection] = {}
+        self._local_projections: dict[
+            int, DeltaProjection | nn.Module
+        ] = {}  # a Module: Evict's plain projection
         self._stats: AbsorptionStats | None = None
         self._statistics_reducer = statistics_reducer
         self._epsilon: list[float | None] | None = None
@@ -113,6 +119,16 @@ class AttentionSession:
         self._statistics_timer = SpanTimer()
         self._absorb_timer = SpanTimer()
         self._local_buffers: tuple[Tensor, Tensor] | None = None
+        # Budgeted policies (Window, Salience): blocks appended per layer and ring (the ring's slot order follows
+        # from it), each history block's accumulated attention mass oldest first (Salience, until the trim), and
+        # after the trim the kept tokens per layer and ring.
+        self._appends = [[0] * layout.num_rings for _ in range(num_layers)]
+        self._tracks_mass = getattr(policy, "retention", None) == "mass"
+        self._ring_mass: list[list[list[Tensor]]] = [
+            [[] for _ in range(layout.num_rings)] for _ in range(num_layers)
+        ]
+        self._kept: list[list[TokenHistory | None]] | None = None
+        self._format_token_bytes: list[int] = []
         self._closed = False
 
     # ---- public state ------------------------------------------------------------------------------------------
@@ -124,6 +140,17 @@ class AttentionSession:
     def local_layers(self) -> list[int]:
         """Sorted indices of the layers that currently attend to local keys only."""
         return list(self.state.local_layers)
+
+    def attended_history(self, layer: int, ring: int) -> tuple[Tensor, Tensor]:
+        """The history keys and values [B, n, H, D] the next forward of `layer` on `ring` attends to besides its
+        local keys (ring storage in slot order, or a budgeted policy's kept tokens, oldest first, per head)."""
+        self._check_open()
+        self._check_layer(layer)
+        if self._kept is not None:
+            kept = self._kept[layer][ring]
+            if kept is not None:
+                return kept.k, kept.v
+        return self.cache.layers[layer].history(ring)
 
     # ---- sink --------------------------------------------------------------------------------------------------
     def write_sink(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -195,6 +222,8 @@ class AttentionSession:
                 "(each ring is read, then extended, once per block)"
             )
         self._rings_used[layer].add(ring)
+        if self._kept is not None:
+            return self._budgeted_attention(layer, ring, q, local_k, local_v, new_k, new_v, out_proj)
 
         projection = self._local_projections.get(layer)
         if projection is not None:
@@ -209,7 +238,7 @@ class AttentionSession:
         out_loc, lse_loc = attention_with_lse(q, local_k, local_v, backend=self.backend)
         self._note_lse(layer, lse_loc)
         hist_k, hist_v = cache_layer.history(ring)
-        out = out_loc
+        out, lse = out_loc, lse_loc
         if hist_k.shape[1] > 0:
             out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v, backend=self.backend)
             if self.fused_merge:
@@ -217,17 +246,58 @@ class AttentionSession:
                     out, peak, share = merge_and_measure(out_loc, lse_loc, out_hist, lse_hist)
                 self._note_peak(layer, peak)
                 self._add_share(layer, share)
+                if self._tracks_mass:  # the fused merge keeps its union LSE to itself; salience needs it
+                    lse = torch.logaddexp(lse_loc.float(), lse_hist.float())
             else:
                 self._note_lse(layer, lse_hist)
                 with self._merge_timer.span(q.device):
-                    out, _ = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
+                    out, lse = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
                 self._add_history_mass(layer, lse_loc, lse_hist)
             if self.policy.collects_statistics(self.state):
                 with self._statistics_timer.span(q.device):
                     self._statistics(out).update(
                         layer, out_loc.flatten(-2), out.flatten(-2), base_weight(out_proj)
                     )
+        if self._tracks_mass:  # before the append, which may overwrite the oldest slot of `hist_k`
+            self._add_ring_mass(layer, ring, q, hist_k, new_k, lse)
         cache_layer.append(ring, new_k, new_v)
+        self._appends[layer][ring] += 1
+        return out_proj(out.flatten(-2))
+
+    def _budgeted_attention(
+        self,
+        layer: int,
+        ring: int,
+        q: Tensor,
+        local_k: Tensor,
+        local_v: Tensor,
+        new_k: Tensor,
+        new_v: Tensor,
+        out_proj: nn.Module,
+    ) -> Tensor:
+        """After a trim: local keys plus the kept tokens; then the block joins them and the budget is applied."""
+        out, lse = attention_with_lse(q, local_k, local_v, backend=self.backend)
+        self._note_lse(layer, lse)
+        kept = self._kept[layer][ring]
+        if kept is not None and kept.tokens > 0:
+            out_hist, lse_hist = attention_with_lse(q, kept.k, kept.v, backend=self.backend)
+            self._note_lse(layer, lse_hist)
+            lse_loc = lse
+            with self._merge_timer.span(q.device):
+                out, lse = merge_attention(out, lse_loc, out_hist, lse_hist)
+            self._add_history_mass(layer, lse_loc, lse_hist)
+        new_scores = None
+        if self._tracks_mass:
+            if kept is not None:
+                kept.add_mass(key_attention_mass(q, kept.k, lse))
+            new_scores = key_attention_mass(q, new_k, lse)
+        if kept is None:
+            empty = new_scores[:, :0] if new_scores is not None else None
+            kept = self._kept[layer][ring] = TokenHistory(new_k[:, :0], new_v[:, :0], empty)
+        kept.extend(new_k, new_v, new_scores)
+        kept.keep(
+            self._kept_tokens(layer, kept, min(self._blocks_written[ring] + 1, self.layout.history_blocks))
+        )
         return out_proj(out.flatten(-2))
 
     # ---- block boundary ----------------------------------------------------------------------------------------
@@ -261,7 +331,10 @@ class AttentionSession:
             device = torch.device("cpu") if self._stats is None else self._stats.device
             with self._absorb_timer.span(device):
                 self._absorb(history_mass)
-            event = "absorbed"
+            event = self.policy.after_phase  # "absorbed", or "evicted" where ΔW is not applied
+        elif action == "trim":
+            self._trim()
+            event = self.policy.after_phase
         elif action == "recalibrate":
             self._start_recalibration()
             event = "recalibration_started"
@@ -276,7 +349,7 @@ class AttentionSession:
     def request_recalibration(self) -> None:
         """Ask for recalibration; it starts at the end of the current block. Ignored unless layers are absorbed."""
         self._check_open()
-        if self.state.phase == "absorbed":
+        if self.state.phase == "absorbed" or (self.state.phase == "evicted" and self.state.local_layers):
             self.state.recalibration_requested = True
         else:
             logger.info("recalibration request ignored: the session is in phase %r", self.state.phase)
@@ -309,6 +382,8 @@ class AttentionSession:
         self._mass_sum = [None] * self.num_layers
         self._lse_peak = [None] * self.num_layers
         self._local_buffers = None
+        self._ring_mass = [[[] for _ in range(self.layout.num_rings)] for _ in range(self.num_layers)]
+        self._kept = None
         self._closed = True
 
     # ---- transitions -------------------------------------------------------------------------------------------
@@ -350,11 +425,14 @@ class AttentionSession:
         ranking = [math.inf if e is None else e for e in eps]
         chosen = select_local_layers(ranking, k)
         for layer in chosen:
-            self._local_projections[layer] = DeltaProjection(self._out_projs[layer], deltas[layer])
+            if self.policy.applies_delta:
+                self._local_projections[layer] = DeltaProjection(self._out_projs[layer], deltas[layer])
+            else:
+                self._local_projections[layer] = self._out_projs[layer]
             self.cache.layers[layer].make_local()
 
         self._epsilon = eps
-        self.state.phase = "absorbed"
+        self.state.phase = self.policy.after_phase
         self.state.frames_in_phase = 0
         self.state.local_layers = tuple(chosen)
         self.state.drift_streak = 0
@@ -363,6 +441,59 @@ class AttentionSession:
             None if history_mass is None else [None if i in chosen else m for i, m in enumerate(history_mass)]
         )
         logger.info("absorbed: L-layers %s", chosen)
+
+    def _trim(self) -> None:
+        """Move every layer's ring history (oldest first) into kept tokens cut to the budget; drop the rings."""
+        self._kept = [[None] * self.layout.num_rings for _ in range(self.num_layers)]
+        self._format_token_bytes = [cache_layer.bytes_per_token or 0 for cache_layer in self.cache.layers]
+        block = self.layout.block_tokens
+        for layer, cache_layer in enumerate(self.cache.layers):
+            for ring in range(self.layout.num_rings):
+                if self._appends[layer][ring] == 0:
+                    continue
+                hist_k, hist_v = cache_layer.history(ring)
+                slots = [slice(s * block, (s + 1) * block) for s in self._chronological_slots(layer, ring)]
+                scores = torch.cat(self._ring_mass[layer][ring], dim=1) if self._tracks_mass else None
+                kept = TokenHistory(
+                    torch.cat([hist_k[:, span] for span in slots], dim=1),
+                    torch.cat([hist_v[:, span] for span in slots], dim=1),
+                    scores,
+                )
+                blocks = min(self._blocks_written[ring], self.layout.history_blocks)
+                kept.keep(self._kept_tokens(layer, kept, blocks))
+                self._kept[layer][ring] = kept
+            cache_layer.make_local()
+        self._ring_mass = [[[] for _ in range(self.layout.num_rings)] for _ in range(self.num_layers)]
+        self.state.phase = self.policy.after_phase
+        self.state.frames_in_phase = 0
+        logger.info("history trimmed to %.3f of a ring per layer", self.policy.kept_share(self.num_layers))
+
+    def _kept_tokens(self, layer: int, kept: TokenHistory, blocks: int) -> int:
+        """Tokens a layer's ring may keep: its share of the bytes a full ring of `blocks` blocks holds in this
+        session's format, divided by the kept tokens' own bytes (the model's dtype, plus scores)."""
+        ring_bytes = blocks * self.layout.block_tokens * self._format_token_bytes[layer]
+        return math.floor(self.policy.kept_share(self.num_layers) * ring_bytes / kept.bytes_per_token())
+
+    def _chronological_slots(self, layer: int, ring: int) -> list[int]:
+        """The ring's valid slots, oldest block first: the n-th block appended went to slot n mod history_blocks."""
+        appended = self._appends[layer][ring]
+        held = min(appended, self.layout.history_blocks)
+        return [n % self.layout.history_blocks for n in range(appended - held, appended)]
+
+    def _add_ring_mass(
+        self, layer: int, ring: int, q: Tensor, hist_k: Tensor, new_k: Tensor, lse: Tensor
+    ) -> None:
+        """Salience during warmup: add this forward's mass to each held block's scores; the new block enters with
+        the mass it got as local keys. Scores are kept oldest block first, as the ring's blocks age."""
+        blocks = self._ring_mass[layer][ring]
+        if hist_k.shape[1] > 0:
+            mass = key_attention_mass(q, hist_k, lse)
+            block = self.layout.block_tokens
+            for age, slot in enumerate(self._chronological_slots(layer, ring)):
+                blocks[age] += mass[:, slot * block : (slot + 1) * block]
+        blocks.append(key_attention_mass(q, new_k, lse))
+        if len(blocks) > self.layout.history_blocks:
+            blocks.pop(0)
 
     def _start_recalibration(self) -> None:
         """Give the L-layers their base projection back and let them rebuild history; statistics start afresh."""
@@ -445,6 +576,11 @@ class AttentionSession:
         event: str | None,
     ) -> BlockReport:
         per_layer = self.cache.nbytes_per_layer()
+        if self._kept is not None:
+            per_layer = [
+                held + sum(kept.nbytes() for kept in rings if kept is not None)
+                for held, rings in zip(per_layer, self._kept, strict=True)
+            ]
         # The Full baselines, in this session's own storage format (bytes per token of its layers): a Full session
         # keeps every layer's ring slots as they are written (lazily, up to `history_blocks` per ring); an
         # unbounded one would keep every block ever written.
@@ -472,7 +608,9 @@ class AttentionSession:
             history_mass=history_mass,
             recalibrations=self.state.recalibrations,
             event=event,
-            delta_weight_bytes=sum(p.nbytes() for p in self._local_projections.values()),
+            delta_weight_bytes=sum(
+                p.nbytes() for p in self._local_projections.values() if isinstance(p, DeltaProjection)
+            ),
         )
 
     def _check_layer(self, layer: int) -> None:

@@ -40,7 +40,8 @@ class InputError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m avatars.liveavatar",
-        description="Generate a talking-head video with LiveAvatar under the Full or ISPA KV policy.",
+        description="Generate a talking-head video with LiveAvatar under a KV policy: Full, ISPA, or a comparison "
+        "at ISPA's memory (evict, window, salience; see docs/engine.md).",
     )
     parser.add_argument(
         "--model", choices=MODEL_NAMES, default="tiny", help="tiny = untrained CPU test model"
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--portrait", required=True, type=Path, help="reference image (jpg, png, ...)")
     parser.add_argument("--audio", required=True, type=Path, help="speech (wav, flac, mp3, ogg, m4a, ...)")
     parser.add_argument("--prompt", default="", help="optional text prompt")
-    parser.add_argument("--policy", choices=tuple(POLICIES), default=ISPAPolicy.name)
+    parser.add_argument(
+        "--policy",
+        choices=tuple(POLICIES),
+        default=ISPAPolicy.name,
+        help="evict, window and salience match ISPA's KV bytes at the same --k-fraction after --t-warm",
+    )
     parser.add_argument(
         "--k-fraction", type=float, default=ISPAPolicy.k_fraction, help="share of layers ISPA turns local"
     )

@@ -153,7 +153,7 @@ class LiveAvatarPipeline:
             raise ValueError(f"seed must be a non-negative integer, got {request.seed!r}")
         if not isinstance(request.policy, Policy):
             raise ValueError(
-                f"policy must be an ISPA Policy (FullPolicy or ISPAPolicy), got {request.policy!r}"
+                f"policy must be an ispa Policy (one of ispa.POLICIES, e.g. ISPAPolicy()), got {request.policy!r}"
             )
         kv_layer_factory(request.kv_format)  # `kv_format`: one of ispa.quantized_cache.KV_FORMATS
         if not isinstance(request.refresh_sink, bool):

@@ -1,7 +1,9 @@
 """What a KV policy decides, and the state it decides on.
 
 A policy is a small validated dataclass (kvpress style) that only makes decisions: which phase a session starts in,
-whether the current phase collects absorption statistics, and what to do at the end of a block. The session owns
+whether the current phase collects absorption statistics, and what to do at the end of a block: "absorb" (solve,
+rank and turn the best layers local: ISPA, Evict), "trim" (cut every layer's history to a byte budget: Window,
+Salience) or "recalibrate". The session owns
 the tensors and carries out the decision. All mutable state lives in a `PolicyState` held by the session, never on
 the policy or on model modules, so one policy object can serve any number of sessions.
 """
@@ -16,8 +18,8 @@ from ispa.cache import CacheLayout
 
 __all__ = ["Action", "Phase", "Policy", "PolicyState"]
 
-Phase = Literal["full", "warmup", "absorbed", "recalibrating"]
-Action = Literal["absorb", "recalibrate"]
+Phase = Literal["full", "warmup", "absorbed", "evicted", "recalibrating"]
+Action = Literal["absorb", "recalibrate", "trim"]
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Policy(ABC):
 
     name: ClassVar[str]
     initial_phase: ClassVar[Phase]
+    after_phase: ClassVar[Phase] = "absorbed"  # the phase after "absorb" or "trim"
+    applies_delta: ClassVar[bool] = True  # whether an absorb gives its L-layers their ΔW (Evict: no)
 
     def new_state(self) -> PolicyState:
         return PolicyState(phase=self.initial_phase)

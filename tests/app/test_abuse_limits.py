@@ -261,7 +261,7 @@ def test_only_the_owner_token_stops_a_run_even_with_its_session_hash(
     token = "the-owners-own-token-0123456789"
     job = owner.submit(
         handle_file(str(examples_dir / "fashion_blogger.jpg")), handle_file(str(speech)), "", "", "Full",
-        0.5, 6, 1, "tiny", 1e-3, SMALL, "bf16", False, 4, token, api_name="/generate",
+        0.5, 6, 1, "tiny", 1e-3, SMALL, "bf16", False, token, api_name="/generate",
     )  # fmt: skip
     stopped = None
     for count, _ in enumerate(job, start=1):

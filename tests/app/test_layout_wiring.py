@@ -80,6 +80,8 @@ def check_wiring(demo, handler, dep) -> None:
         "refresh_sink": "Refresh the sink at clip 1",
         "steps": "Denoising steps",
         "owner_token": "Owner token",
+        "compare_a": "compare_a",
+        "compare_b": "compare_b",
     }
     assert [label(demo, i) for i in dep["inputs"]] == [by_label[name] for name in parameters]
 

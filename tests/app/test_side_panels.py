@@ -305,6 +305,29 @@ def test_drift_table_marks_identical_chunks() -> None:
     assert table["SSIM"].tolist() == ["1.0000", "0.9877"]
 
 
+def test_drift_table_has_a_column_pair_per_compared_run_and_marks_pending_chunks() -> None:
+    drifts = {
+        "Evict": [ChunkDrift(0, float("inf"), 1.0), ChunkDrift(1, 30.0, 0.9)],
+        "Window": [ChunkDrift(0, 40.0, 0.99)],
+    }
+    table = parse_table(drift_table_html(drifts))
+    assert list(table.columns) == [
+        "chunk", "Evict vs Full PSNR dB", "Evict vs Full SSIM", "Window vs Full PSNR dB", "Window vs Full SSIM"
+    ]  # fmt: skip
+    assert table["Evict vs Full PSNR dB"].tolist() == ["identical", "30.00"]
+    assert table["Window vs Full PSNR dB"].tolist() == ["40.00", "…"]  # chunk 1 still being computed
+
+
+def test_kv_timeline_compare_mode_plots_the_two_chosen_runs() -> None:
+    timeline = KVTimeline(compare=True, runs=("Evict run", "Window run"))
+    timeline.add(engine(0, event="evicted"), 0.36, run="Evict run")
+    timeline.add(engine(0, event="evicted"), 0.36, run="Window run")
+    assert set(timeline.dataframe().series) == {"Evict run", "Window run", "evicted", "evicted 2"}
+    assert timeline.legend().startswith("Evict run / Window run:")
+    with pytest.raises(ValueError, match="run must be one of"):
+        timeline.add(engine(1), 0.48, run=FULL_RUN)
+
+
 @pytest.mark.parametrize(
     ("count", "text"),
     [(0, "0 B"), (999, "999 B"), (99_328, "99.33 kB"), (1_343_488, "1.34 MB"), (33_310_000_000, "33.31 GB")],

@@ -56,8 +56,8 @@ def submit(
     size=SMALL,
     kv_format="bf16",
     refresh_sink=False,
-    steps=4,
     owner_token="",
+    steps=4,
 ):
     return client.submit(
         handle_file(str(portrait)) if portrait else None,
@@ -73,8 +73,10 @@ def submit(
         size,
         kv_format,
         refresh_sink,
-        steps,
         owner_token,
+        "Full",
+        "ISPA",
+        steps,
         api_name="/generate",
     )
 
@@ -406,9 +408,10 @@ def test_raw_api_calls_get_the_apps_messages(app_url: str, examples_dir: Path, t
         "The text to speak contains a broken character (a lone UTF-16 surrogate, U+DFFF) at position 4"
     )
     assert error('{"data": [null, null, ""]}') == (
-        "/generate takes 15 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
-        "lam, size, kv_format, refresh_sink, steps, owner_token. The inputs, in order: portrait, audio, text, "
-        "prompt, policy, k_fraction, t_warm, seed, model, lam, size, kv_format, refresh_sink, steps, owner_token."
+        "/generate takes 17 input values and got 3; missing: prompt, policy, k_fraction, t_warm, seed, model, "
+        "lam, size, kv_format, refresh_sink, owner_token, compare_a, compare_b, steps. The inputs, in order: "
+        "portrait, audio, text, prompt, policy, k_fraction, t_warm, seed, model, lam, size, kv_format, "
+        "refresh_sink, owner_token, compare_a, compare_b, steps."
     )
     server_file = '{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}'
     assert error(body(audio=server_file)) == (

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.dit import LiveAvatarDiT, TextContext
 from avatars.liveavatar.dit.audio_encoder import AudioTokens
-from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy
+from ispa import AttentionSession, CacheLayout, FullPolicy, ISPAPolicy, SaliencePolicy, WindowPolicy
 
 CONFIG = PRESETS["tiny"]
 LATENT = (8, 8)
@@ -145,10 +145,19 @@ def test_the_spy_sees_what_it_must():
     assert len(events) == 3
 
 
-def test_no_value_is_read_in_any_phase_on_cpu():
-    """Warmup, the absorbing block, then absorbed L-layers: forwards never call .item() and the like."""
+@pytest.mark.parametrize(
+    ("policy", "after"),
+    [
+        (ISPAPolicy(k_fraction=0.5, t_warm=6), "absorbed"),
+        (WindowPolicy(k_fraction=0.5, t_warm=6), "evicted"),
+        (SaliencePolicy(k_fraction=0.5, t_warm=6), "evicted"),
+    ],
+    ids=["ispa", "window", "salience"],
+)
+def test_no_value_is_read_in_any_phase_on_cpu(policy, after):
+    """Warmup, the transition block, then local or trimmed layers: forwards never call .item() and the like."""
     model = make_model("cpu")
-    session, randn, context, audio = start(model, ISPAPolicy(k_fraction=0.5, t_warm=6), "cpu")
+    session, randn, context, audio = start(model, policy, "cpu")
     phases = []
     for block in range(4):
         for step in range(STEPS):
@@ -157,4 +166,4 @@ def test_no_value_is_read_in_any_phase_on_cpu():
                 forward_block(model, session, latents, context, audio, block, step)
             assert events == [], (block, step)
         phases.append(session.end_block().phase)
-    assert phases == ["warmup", "warmup", "absorbed", "absorbed"]
+    assert phases == ["warmup", "warmup", after, after]

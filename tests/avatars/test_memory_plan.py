@@ -14,7 +14,7 @@ from avatars.liveavatar.memory_plan import Role, plan_roles
 from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.memory_plan.cli import main
 from avatars.memory import GIB, MemoryPlan, Term, TermKind, fits_capacity
-from ispa import KV_FORMATS, FullPolicy, ISPAPolicy
+from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, make_policy
 from tests.fixtures.tiny_dit_run import run_blocks
 
 
@@ -183,3 +183,21 @@ def test_the_command_prints_each_role_of_a_pipeline_of_ranks(capsys):
     assert main(["--decoder-on-last-dit"]) == 2  # only with --ranks
     assert main(["--ranks", "3", "--decoder-on-last-dit"]) == 2  # no such layout
     assert "error: cannot lay out the pipeline on 3 processes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "kv_format"), [("evict", "bf16"), ("window", "int4"), ("salience", "bf16")])
+def test_comparison_policies_terms_equal_the_live_tensors_and_ispas_bytes(name, kv_format):
+    # t_warm 9 = 3 blocks: the rings are full at the transition, so the plan's "after" is held from then on
+    policy = make_policy(name, k_fraction=0.5, t_warm=9)
+    by_name = terms(one_gpu(64, 64, model="tiny", weights="bf16", kv_format=kv_format, policy=policy))
+    ispa = terms(
+        one_gpu(64, 64, model="tiny", weights="bf16", kv_format=kv_format, policy=ISPAPolicy(t_warm=9))
+    )
+    _, _, reports, _ = run_blocks(PRESETS["tiny"], (8, 8), policy, 4, kv_format)
+    assert reports[2].event == "evicted"
+    kv = by_name[TermKind.KV_CACHE]
+    assert reports[2].kv_bytes == reports[3].kv_bytes == kv.after
+    assert abs(kv.after - ispa[TermKind.KV_CACHE].after) <= 0.1 * ispa[TermKind.KV_CACHE].after
+    assert reports[3].delta_weight_bytes == by_name[TermKind.DELTA_W].after == 0
+    statistics = by_name[TermKind.ISPA_STATISTICS].warmup
+    assert (statistics > 0) == (name == "evict") and reports[1].stats_bytes == statistics

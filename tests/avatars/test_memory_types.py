@@ -72,3 +72,5 @@ def test_compare_mode_counts_the_model_once_and_the_larger_transient():
     first, second = run(10, 7), run(20, 3)
     assert (first.peak_bytes, second.peak_bytes) == (117, 123)
     assert compare_peak_bytes(first, second) == 100 + 10 + 20 + 7
+    # A vs B without Full: a third run (Full's) adds its held terms, the model is still counted once
+    assert compare_peak_bytes(first, second, run(30, 9)) == 100 + 10 + 20 + 30 + 9

@@ -15,7 +15,7 @@ from avatars.liveavatar.memory_plan.plan import plan_roles
 from avatars.liveavatar.memory_plan.roles import Role
 from avatars.liveavatar.rank_layout import RankLayout
 from avatars.memory import GIB, MemoryPlan
-from ispa import KV_FORMATS, FullPolicy, ISPAPolicy, Policy
+from ispa import KV_FORMATS, POLICIES, Policy, make_policy
 
 __all__ = ["build_parser", "main", "render", "to_json"]
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=_size, default=(704, 384), help="HEIGHTxWIDTH of the video")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="fp8")
     parser.add_argument("--kv", choices=KV_FORMATS, default="fp8", help="KV history storage")
-    parser.add_argument("--policy", choices=("full", "ispa"), default="ispa")
+    parser.add_argument("--policy", choices=tuple(POLICIES), default="ispa")
     parser.add_argument("--t-warm", type=int, default=12, help="ISPA warmup in latent frames")
     parser.add_argument("--k-fraction", type=float, default=0.5, help="share of layers ISPA turns local")
     parser.add_argument("--text-encoder-on-gpu", action="store_true", help="keep umT5-XXL on the GPU")
@@ -85,9 +85,7 @@ def to_json(plan: MemoryPlan) -> dict[str, object]:
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    if args.policy == "full":
-        return FullPolicy()
-    return ISPAPolicy(k_fraction=args.k_fraction, t_warm=args.t_warm)
+    return make_policy(args.policy, k_fraction=args.k_fraction, t_warm=args.t_warm)
 
 
 def main(argv: list[str] | None = None) -> int:

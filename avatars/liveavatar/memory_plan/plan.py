@@ -44,13 +44,15 @@ from avatars.liveavatar.memory_plan.terms import (
     encoder_bytes,
     kv_cache_bytes,
     kv_cache_bytes_after_absorb,
+    kv_cache_bytes_after_trim,
+    salience_score_bytes,
     vae_decode_activation_bytes,
     vae_weight_bytes,
 )
 from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, SIZE_DIVISOR, planned_size
 from avatars.memory import GIB, MemoryPlan, Term, TermKind, fits_capacity
-from ispa import LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy, Policy, statistics_nbytes
+from ispa import LIGHTEST_KV_FORMAT, BudgetedPolicy, FullPolicy, ISPAPolicy, Policy, statistics_nbytes
 from ispa.quantized_cache import KV_FORMATS, quantizes_sink
 
 __all__ = [
@@ -127,11 +129,20 @@ def plan_terms(
 
     def kv_bytes(rings: int) -> tuple[int, int]:
         """KV during warmup and after, when a GPU holds the sink and `rings` of the steps' rings."""
-        if isinstance(policy, ISPAPolicy):
+        if isinstance(policy, ISPAPolicy | BudgetedPolicy):
             warm_blocks = math.ceil(policy.t_warm / LATENT_FRAMES_PER_BLOCK)
             held = min(warm_blocks, HISTORY_BLOCKS)  # ring slots are allocated as written
             warm = kv_cache_bytes(**sizes, rings=rings, history_blocks=held)
-            after = kv_cache_bytes_after_absorb(**sizes, k_fraction=policy.k_fraction, rings=rings)
+            if isinstance(policy, ISPAPolicy):
+                after = kv_cache_bytes_after_absorb(**sizes, k_fraction=policy.k_fraction, rings=rings)
+                return warm, after
+            share = policy.kept_share(config.num_layers)
+            scores = policy.retention == "mass"
+            after = kv_cache_bytes_after_trim(**sizes, kept_share=share, scores=scores, rings=rings)
+            if scores:
+                warm += salience_score_bytes(
+                    config.num_layers, config.num_heads, cache.block_tokens, held, rings
+                )
             return warm, after
         full = kv_cache_bytes(**sizes, rings=rings)
         return full, full
@@ -140,7 +151,7 @@ def plan_terms(
         policy.check_layout(cache, config.num_layers)
         stats = statistics_nbytes(config.num_layers, config.dim)
         # ΔW in the projection's activation dtype, bf16 for bf16 and FP8 weights alike
-        delta = policy.num_local_layers(config.num_layers) * 2 * dim2
+        delta = policy.num_local_layers(config.num_layers) * 2 * dim2 if policy.applies_delta else 0
         workspace = ABSORB_WORKSPACE_BYTES_PER_DIM2 * dim2
     else:
         stats = delta = workspace = 0
@@ -260,7 +271,7 @@ def plan_terms(
             transient=True,
         ),
     )
-    ispa = isinstance(policy, ISPAPolicy)
+    ispa = isinstance(policy, ISPAPolicy | BudgetedPolicy)
     settings = {
         "model": model,
         "size": f"{height}x{width}",
@@ -282,8 +293,8 @@ def _check_settings(
         raise ValueError(f"weights must be 'bf16' or 'fp8', got {weights!r}")
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {kv_format!r}")
-    if not isinstance(policy, (FullPolicy, ISPAPolicy)):
-        raise ValueError(f"policy must be an ispa.FullPolicy or ispa.ISPAPolicy, got {policy!r}")
+    if not isinstance(policy, FullPolicy | ISPAPolicy | BudgetedPolicy):
+        raise ValueError(f"policy must be an ispa policy (see ispa.POLICIES), got {policy!r}")
     if model not in PRESETS:
         raise ValueError(f"model must be one of {', '.join(PRESETS)}, got {model!r}")
     if height <= 0 or width <= 0 or height % 64 or width % 64:

@@ -19,6 +19,8 @@ Parts:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -130,6 +132,41 @@ def kv_cache_bytes_after_absorb(
         heads=heads,
     )
     return sink_only + f_layers
+
+
+def kv_cache_bytes_after_trim(
+    num_layers: int,
+    dim: int,
+    sink_tokens: int,
+    block_tokens: int,
+    kept_share: float,
+    *,
+    scores: bool,
+    rings: int = DENOISING_STEPS,
+    history_blocks: int = HISTORY_BLOCKS,
+    bytes_per_value: int = 2,
+    kv_format: str = "bf16",
+    heads: int | None = None,
+) -> int:
+    """KV bytes once Window or Salience has trimmed: every layer keeps its sink and, per ring, the tokens that fit
+    `kept_share` of a full ring's bytes in `kv_format`, stored at the model's `bytes_per_value` (plus an fp32 score
+    per head with `scores`), as `ispa.session` sizes them."""
+    sizes = {"bytes_per_value": bytes_per_value, "kv_format": kv_format, "heads": heads}
+    sink = kv_cache_bytes(num_layers, dim, sink_tokens, block_tokens, rings=0, **sizes)
+    ring_bytes = kv_cache_bytes(
+        1, dim, sink_tokens, block_tokens, rings=1, history_blocks=history_blocks, **sizes
+    )
+    ring_bytes -= kv_cache_bytes(1, dim, sink_tokens, block_tokens, rings=0, **sizes)
+    kept_token = 2 * dim * bytes_per_value + (4 * (heads or 0) if scores else 0)
+    kept_tokens = math.floor(kept_share * ring_bytes / kept_token)
+    return sink + num_layers * rings * kept_tokens * kept_token
+
+
+def salience_score_bytes(
+    num_layers: int, heads: int, block_tokens: int, history_blocks: int, rings: int
+) -> int:
+    """Salience's fp32 mass per head of every history token held during warmup."""
+    return num_layers * rings * history_blocks * block_tokens * heads * 4
 
 
 def dequantized_history_bytes(
