@@ -4,8 +4,8 @@ failing streaming variant not costing the next one, and the streaming budget cou
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
