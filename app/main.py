@@ -44,7 +44,7 @@ from app.raw_numbers import pass_raw
 from app.request_guard import HEARTBEATS, RequestGuard, behind_space_proxy
 from app.sessions import SESSIONS, ActiveRun, start_sweeper
 from app.tts import TextToSpeechError
-from app.upload_budget import MAX_FILE_MB, ClientBudget, UploadLimits, disk_refusal
+from app.upload_budget import MAX_FILE_MB, TempUsage, UploadLimits, disk_refusal
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
 from app.weights_on_start import current_download, download_running
 from avatars.base import BackendFailure
@@ -195,10 +195,10 @@ def _generate(
     live: bool = False,
 ) -> Iterator[tuple]:
     """Check the inputs, then stream the run's outputs as the tuple Gradio expects (`RunOutputs` order)."""
-    _session(request)
+    page = _session(request)
     with user_errors():
-        session = SESSIONS.owner(owner_token)
-        full = disk_refusal(temp_root(), RUN_DISK_RESERVE_BYTES, UPLOAD_LIMITS)
+        session = _live_owner(owner_token, page) if live else SESSIONS.owner(owner_token)
+        full = disk_refusal(temp_root(), RUN_DISK_RESERVE_BYTES, UPLOAD_LIMITS, used=TEMP_USAGE.used())
         if full is not None:
             raise ValidationError(full)
         try:
@@ -298,19 +298,35 @@ def issue_owner_token(request: gr.Request = None) -> str:
     return SESSIONS.issue_token(_session(request))
 
 
+LIVE_TOKEN_REFUSAL = (
+    "Live mode works only from the page that was given this owner token; please reload the page (its token "
+    "may also have expired after an hour unused)."
+)
+
+
+def _live_owner(token: str | None, page: str) -> str:
+    """Live mode's events act only with the owner token issued to the page that sends them, so a made-up
+    token (an API client's, or a stranger's) opens no feed and starts no live run."""
+    owner = SESSIONS.live_owner(token, page)
+    if owner is None:
+        raise ValidationError(LIVE_TOKEN_REFUSAL)
+    return owner
+
+
 def open_live_feed(owner_token: str | None = None, request: gr.Request = None) -> None:
-    _session(request)
-    session = _owner(owner_token, "Live mode")
-    if session is not None:
-        SESSIONS.open_feed(session)
+    owner = SESSIONS.live_owner(owner_token, _session(request))
+    if owner is None:
+        gr.Warning(LIVE_TOKEN_REFUSAL)
+        return
+    SESSIONS.open_feed(owner)
 
 
 def push_live_audio(
     piece: str | tuple | None, owner_token: str | None = None, request: gr.Request = None
 ) -> None:
     """One microphone piece from the `.stream()` event into this owner's feed."""
-    _session(request)
-    feed = SESSIONS.feed(owner_token) if isinstance(owner_token, str) and owner_token else None
+    owner = SESSIONS.live_owner(owner_token, _session(request))
+    feed = SESSIONS.feed(owner) if owner is not None else None
     if piece is None or feed is None or feed.closed:
         return
     with user_errors():
@@ -319,8 +335,8 @@ def push_live_audio(
 
 
 def close_live_feed(owner_token: str | None = None, request: gr.Request = None) -> None:
-    _session(request)
-    feed = SESSIONS.feed(owner_token) if isinstance(owner_token, str) and owner_token else None
+    owner = SESSIONS.live_owner(owner_token, _session(request))
+    feed = SESSIONS.feed(owner) if owner is not None else None
     if feed is not None:
         feed.close()
 
@@ -515,7 +531,15 @@ def generation_event_ids(demo: gr.Blocks) -> set[int]:
     return {fn_id for fn_id, block_fn in demo.fns.items() if block_fn.fn in GENERATION_HANDLERS}
 
 
+def hidden_events(demo: gr.Blocks) -> tuple[set[int], set[str]]:
+    """The ids and api names of `demo`'s events that are not part of its API (`api_visibility="private"`):
+    the page's own, refused to clients that never loaded the page."""
+    private = {fn_id: fn.api_name for fn_id, fn in demo.fns.items() if fn.api_visibility == "private"}
+    return set(private), {name for name in private.values() if name}
+
+
 UPLOAD_LIMITS = UploadLimits.from_environment()
+TEMP_USAGE = TempUsage(temp_root)  # the temp folder's size for the upload budget and Generate
 _sweeper: list[threading.Event] = []
 
 
@@ -526,9 +550,11 @@ def request_guard(demo: gr.Blocks, limits: UploadLimits | None = None) -> Middle
     return Middleware(
         RequestGuard,
         limits=limits,
-        budget=ClientBudget(limits.client_bytes, limits.client_window_seconds),
+        budget=limits.client_budget(),
         temp_root=temp_root,
         protected_fns=lambda: generation_event_ids(demo),
+        private_events=lambda: hidden_events(demo),
+        usage=TEMP_USAGE,
         trust_forwarded=behind_space_proxy(),
     )
 
@@ -541,6 +567,7 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:
     removed = remove_stale_run_dirs(STALE_RUN_DIR_SECONDS)
     if removed:
         logger.info("removed %d stale run folders", removed)
+    TEMP_USAGE.refresh()  # the one walk of the temp folder that is not on a background thread
     if not ffmpeg_status().can_stream:
         logger.warning(ffmpeg_status().message)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
@@ -550,5 +577,8 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> tuple:
         "theme": gr.themes.Default(),
         "css": CSS,
         "app_kwargs": {"middleware": [request_guard(demo)]},
+        # The page must come from this server (not Gradio's Node renderer), so the guard sees its load and sets
+        # the client cookie that session hashes are bound to (app.client_binding).
+        "ssr_mode": False,
     }
     return demo.launch(**(options | launch_kwargs))

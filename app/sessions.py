@@ -9,9 +9,14 @@ the page gets one from a non-queued load event (`issue_token`), an API client ma
 characters, e.g. `secrets.token_urlsafe(24)`) and passes it to /generate, /stop and /recalibrate. A run
 started without a token gets a key nobody knows, so nobody can stop or recalibrate it.
 
+Live mode is the page's alone: its events act only with a token issued to the page (session hash) that sends
+them (`live_owner`), so a made-up token opens no feed.
+
 Folders are removed when the owner starts its next run, when the page that owns them closes (`end_page`), and
 by `sweep`: an API owner's finished run `api_keep_seconds` after it finished (API clients never say
-goodbye), a page's `max_idle_seconds` after (a tab may sit open with its downloads).
+goodbye), a page's `max_idle_seconds` after (a tab may sit open with its downloads). A microphone feed open for
+longer than any recording lasts (`FEED_KEEP_SECONDS`) is closed by the sweep, so an owner whose page never
+said it stopped recording is swept like any other.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Any, Protocol
 
 from app.live_audio import LiveAudioFeed
 from app.media import RunDir
+from app.validation import MAX_AUDIO_SECONDS
 from app.validation.errors import ValidationError
 
 API_KEEP_SECONDS = 600.0  # an API owner's finished run: long enough to download its files
 PAGE_KEEP_SECONDS = 3600.0  # a page's finished run when the page never said it closed
 SWEEP_EVERY_SECONDS = 60.0
+FEED_KEEP_SECONDS = MAX_AUDIO_SECONDS + 60.0  # a recording ends by then (Gradio's stream limit is 60 + 5 s)
 TOKEN_BYTES = 24  # secrets.token_urlsafe(24): 32 characters
 ANONYMOUS_PREFIX = "anonymous:"  # cannot pass check_token (':'), so no client can name such a key
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
@@ -87,6 +94,7 @@ class _Owner:
     feed: LiveAudioFeed | None = None
     page: str | None = None  # the session hash of the page that was issued this token; None for API owners
     since: float = 0.0  # Sessions' clock: when the token was issued or first used
+    feed_opened: float = 0.0  # Sessions' clock
 
 
 class Sessions:
@@ -122,6 +130,15 @@ class Sessions:
         if token is None or token == "":
             return f"{ANONYMOUS_PREFIX}{secrets.token_urlsafe(TOKEN_BYTES)}"
         return check_token(token)
+
+    def live_owner(self, token: Any, page: str) -> str | None:
+        """The registry key of a live-mode request's owner token when that token was issued to the page with
+        session hash `page`; None for any other token (made up, another page's, an API owner's, swept)."""
+        if not isinstance(token, str) or not token:
+            return None
+        with self._lock:
+            state = self._owners.get(token)
+            return token if state is not None and state.page == page else None
 
     # -------------------------------------------------------------------------------------------- runs
     def begin_run(
@@ -159,6 +176,14 @@ class Sessions:
         run or an open microphone feed is never swept."""
         now = self._clock()
         with self._lock:
+            stale_feeds = [
+                state.feed
+                for state in self._owners.values()
+                if state.feed is not None and now - state.feed_opened > FEED_KEEP_SECONDS
+            ]
+        for feed in stale_feeds:
+            feed.close()
+        with self._lock:
             gone = [key for key, state in self._owners.items() if key != keep and self._expired(state, now)]
             states = [self._owners.pop(key) for key in gone]
         for state in states:
@@ -171,7 +196,7 @@ class Sessions:
             return False
         keep = self.api_keep_seconds if state.page is None else self.max_idle_seconds
         if state.run is None:
-            return now - state.since > keep
+            return now - max(state.since, state.feed_opened) > keep
         finished = state.run.finished_at
         return finished is not None and now - finished > keep
 
@@ -199,7 +224,7 @@ class Sessions:
         feed = LiveAudioFeed()
         with self._lock:
             state = self._owners.setdefault(owner, _Owner(since=self._clock()))
-            previous, state.feed = state.feed, feed
+            previous, state.feed, state.feed_opened = state.feed, feed, self._clock()
         if previous is not None:
             previous.close()
         return feed

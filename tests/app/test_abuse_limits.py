@@ -1,6 +1,7 @@
 """Limits for a public Space: upload budgets per request, per client and in all, Gradio's /cancel refused for the
 generation events, heartbeats counted so that a dropped heartbeat for someone else's session hash ends nothing,
-and runs controlled only by their owner token."""
+runs controlled only by their owner token, a session's messages and streams its client's alone, and the page's
+hidden events the page's (the guard's own cases: tests/app/test_session_binding.py)."""
 
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ def fn_index(url: str, api_name: str) -> int:
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
 
 
-def join_as(url: str, session_hash: str, api_name: str, data: list) -> None:
+def join_as(url: str, session_hash: str, api_name: str, data: list) -> httpx.Response:
     """Queue an event under a session hash of the caller's choosing, the way the page does (POST /queue/join),
     without reading its results."""
     body = {
@@ -248,12 +249,55 @@ def join_as(url: str, session_hash: str, api_name: str, data: list) -> None:
         "event_data": None,
         "trigger_id": None,
     }
-    httpx.post(url.rstrip("/") + "/gradio_api/queue/join", json=body, timeout=60).raise_for_status()
+    return httpx.post(url.rstrip("/") + "/gradio_api/queue/join", json=body, timeout=60)
 
 
-def test_only_the_owner_token_stops_a_run_even_with_its_session_hash(
+def page_calls(client: httpx.Client, url: str, session_hash: str, name: str, data: list) -> httpx.Response:
+    """A non-queued hidden event called by fn_index (found in the page's config), as the page calls it."""
+    body = {"data": data, "fn_index": fn_index(url, name), "session_hash": session_hash}
+    return client.post(url.rstrip("/") + "/gradio_api/run/predict", json=body, timeout=60)
+
+
+def test_the_page_flow_works_and_a_client_that_never_loaded_the_page_gets_none_of_its_events(
+    app_url: str,
+) -> None:
+    """Issue 23, item 4, replayed through the served app: the hidden events called by fn_index from a client that
+    never loaded the page are refused, and a made-up token opens no feed; the page (its cookie comes with
+    `GET /`) gets its token and opens and closes its microphone feed with it."""
+    owners = main.SESSIONS.owners()
+    stranger = httpx.Client()
+    made_up = "a-token-the-stranger-chose-0123"
+    for name, data in (("issue_owner_token", []), ("open_live_feed", [made_up]), ("end_session", [])):
+        refused = page_calls(stranger, app_url, "strangers-own-hash", name, data)
+        assert refused.status_code == 403 and "belongs to the app's page" in refused.text, name
+    with httpx.Client() as page:
+        page.get(app_url)
+        token = page_calls(page, app_url, "the-pages-hash", "issue_owner_token", []).json()["data"][0]
+        assert page_calls(page, app_url, "the-pages-hash", "open_live_feed", [token]).status_code == 200
+        feed = main.SESSIONS.feed(token)
+        assert feed is not None and not feed.closed
+        made_up_feed = page_calls(page, app_url, "the-pages-hash", "open_live_feed", [made_up])
+        assert made_up_feed.status_code == 200 and main.SESSIONS.feed(made_up) is None
+        assert main.SESSIONS.owners() == owners + 1  # the page's token only
+        closing = page_calls(stranger, app_url, "the-pages-hash", "close_live_feed", [token])
+        assert closing.status_code == 403 and not feed.closed
+        assert page_calls(page, app_url, "the-pages-hash", "close_live_feed", [token]).status_code == 200
+        assert feed.closed
+    main.SESSIONS.end_page("the-pages-hash")
+    stranger.close()
+
+
+def stream_url(outputs: tuple) -> str | None:
+    video = outputs[0]
+    return video["url"] if isinstance(video, dict) and video.get("is_stream") else None
+
+
+def test_only_the_owner_token_stops_a_run_and_its_session_is_its_clients_alone(
     app_url: str, examples_dir: Path, tmp_path: Path
 ) -> None:
+    """The stranger of issue 23 (items 1 to 3), replayed: with the API client's session hash (it is in the stream
+    URLs) it tries Stop, Recalibrate and /cancel, reads the session's event stream and heartbeat, and fetches the
+    streamed video; all refused, while the API client, with its token and its cookies, streams and stops its run."""
     audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
     speech = tmp_path / "speech.wav"
     sf.write(speech, audio[: 4 * rate], rate)
@@ -263,24 +307,34 @@ def test_only_the_owner_token_stops_a_run_even_with_its_session_hash(
         handle_file(str(examples_dir / "fashion_blogger.jpg")), handle_file(str(speech)), "", "", "Full",
         0.5, 6, 1, "tiny", 1e-3, SMALL, "bf16", False, token, api_name="/generate",
     )  # fmt: skip
-    stopped = None
-    for count, _ in enumerate(job, start=1):
+    base = app_url.rstrip("/")
+    stopped, streams_checked = None, False
+    for count, outputs in enumerate(job, start=1):
         if count == 1:
-            # Someone who saw the owner's session hash (it is in the stream URLs) tries Stop without the token
-            # and with a made-up one, Recalibrate, and Gradio's own /cancel of the generation event.
-            for data in ([None], ["x" * 32]):
-                join_as(app_url, owner.session_hash, "stop", data)
-                join_as(app_url, owner.session_hash, "recalibrate", data)
+            for data in ([None], ["x" * 32], [token]):
+                assert join_as(app_url, owner.session_hash, "stop", data).status_code == 403
+                assert join_as(app_url, owner.session_hash, "recalibrate", data).status_code == 403
             body = {
                 "session_hash": owner.session_hash,
                 "fn_index": fn_index(app_url, "generate"),
                 "event_id": "",
             }
-            cancel = httpx.post(app_url.rstrip("/") + "/gradio_api/cancel", json=body, timeout=60)
-            assert cancel.status_code == 403
-        elif count == 4 and stopped is None:
+            assert httpx.post(base + "/gradio_api/cancel", json=body, timeout=60).status_code == 403
+            for path in (
+                f"/gradio_api/queue/data?session_hash={owner.session_hash}",
+                f"/gradio_api/heartbeat/{owner.session_hash}",
+            ):
+                refused = httpx.get(base + path, timeout=60)
+                assert refused.status_code == 403 and "belongs to another client" in refused.text, path
+        url = stream_url(outputs)
+        if url is not None and not streams_checked:
+            streams_checked = True
+            for whole in (url, url.replace("playlist.m3u8", "playlist-file")):
+                assert httpx.get(whole, timeout=60).status_code == 403
+                assert httpx.get(whole, cookies=owner.cookies, timeout=60).status_code == 200
+        if count == 4 and stopped is None:
             stopped = owner.predict(token, api_name="/stop")
-    assert job.status().success and stopped is not None
+    assert job.status().success and stopped is not None and streams_checked
     files, report = stopped
     chunks = report["runs"]["Full"]["chunks"]
     # Stopped by the owner, at chunk 4 or 5, not by the intruder after chunk 1 (it would end at 2 or 3).

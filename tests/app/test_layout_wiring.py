@@ -156,3 +156,10 @@ def test_the_generation_events_are_found_in_the_demos_event_table(monkeypatch: p
     }
     assert main.generation_event_ids(demo) == expected
     assert not hasattr(demo, "generation_fns")  # nothing is stored on the Gradio object
+    # The page's hidden events, refused to clients that never loaded the page: the issue's seven among them,
+    # none of the API's.
+    ids, names = main.hidden_events(demo)
+    issue_23 = {"generate_live", "push_live_audio", "open_live_feed", "close_live_feed", "end_session"}
+    assert issue_23 | {"refresh_sizes", "issue_owner_token"} <= names
+    for name in ("generate", "stop", "recalibrate"):
+        assert dependency(demo, api_name=name)["id"] not in ids

@@ -112,8 +112,8 @@ def local_cells(layer_map: str) -> int:
     return states.count("L")
 
 
-def fetch(url: str) -> bytes:
-    response = httpx.get(url, timeout=60)
+def fetch(url: str, cookies: dict[str, str] | None = None) -> bytes:
+    response = httpx.get(url, cookies=cookies, timeout=60)
     response.raise_for_status()
     return response.content
 
@@ -127,19 +127,20 @@ def streamed(outputs: list[tuple], index: int) -> list[dict]:
     return [o[index] for o in outputs if isinstance(o[index], dict) and o[index].get("is_stream")]
 
 
-def check_stream(outputs: list[tuple], index: int, frames: int) -> str:
-    """The player got a live stream whose playlist ends, and whose segments hold exactly the run's frames."""
+def check_stream(outputs: list[tuple], index: int, frames: int, client: Client) -> str:
+    """The player got a live stream whose playlist ends, and whose segments hold exactly the run's frames (read
+    with the client's cookies: a session's streams are its client's only)."""
     values = streamed(outputs, index)
     assert values, "the player never received a stream segment"
     url = values[-1]["url"]
     assert {v["url"] for v in values} == {url}  # one stream per run, extended segment by segment
-    playlist = fetch(url).decode()
+    playlist = fetch(url, client.cookies).decode()
     assert playlist.startswith("#EXTM3U") and playlist.rstrip().endswith("#EXT-X-ENDLIST")
     durations = [float(d) for d in re.findall(r"#EXTINF:([0-9.]+)", playlist)]
     # One segment per yielded file; Gradio may append one more holding the tail of its audio encoder.
     assert len(values) <= len(durations) <= len(values) + 1
     assert sum(durations[: len(values)]) == pytest.approx(frames / FPS, abs=0.05)
-    assert video_frames(fetch(url.replace("playlist.m3u8", "playlist-file"))) == frames
+    assert video_frames(fetch(url.replace("playlist.m3u8", "playlist-file"), client.cookies)) == frames
     return url
 
 
@@ -188,7 +189,7 @@ def test_ispa_run_streams_and_its_panels_follow_the_engine(
     assert local_cells(outputs[-1][LAYERS]) == round(0.5 * TINY_LAYERS)
 
     total_frames = round(report["runs"]["ISPA"]["video_seconds"] * FPS)
-    check_stream(outputs, PLAYER_A, total_frames)
+    check_stream(outputs, PLAYER_A, total_frames, client)
     assert not streamed(outputs, PLAYER_B)  # the second player is for compare mode only
     assert report["first_video_after_s"] > 0 and not report["stopped_early"]
 
@@ -203,7 +204,7 @@ def test_full_run_never_turns_a_layer_local(client, examples_dir: Path, tmp_path
     assert all(local_cells(o[LAYERS]) == 0 for o in outputs)
     assert all(c["l_layers"] == [] and c["event"] is None for c in chunks)
     assert set(plot_frame(outputs[-1][PLOT]).series) == {THIS_RUN, FULL_RING, FULL_UNBOUNDED}
-    check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
+    check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS), client)
 
 
 def test_the_kv_format_the_sink_refresh_and_the_steps_reach_the_engine(
@@ -231,8 +232,8 @@ def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Pa
     report = check_final_files(outputs, ["Full", "ISPA"])
     full, ispa = report["runs"]["Full"]["chunks"], report["runs"]["ISPA"]["chunks"]
     assert len(full) == len(ispa) >= 3
-    url_a = check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS))
-    url_b = check_stream(outputs, PLAYER_B, round(report["runs"]["ISPA"]["video_seconds"] * FPS))
+    url_a = check_stream(outputs, PLAYER_A, round(report["runs"]["Full"]["video_seconds"] * FPS), client)
+    url_b = check_stream(outputs, PLAYER_B, round(report["runs"]["ISPA"]["video_seconds"] * FPS), client)
     assert url_a != url_b
 
     # Both KV curves on one plot, one point per chunk each, one new chunk per update: the Full run alone until

@@ -206,8 +206,9 @@ def test_api_runs_are_swept_sooner_than_page_runs_and_running_ones_never(tmp_pat
     dirs = {name: RunDir(tmp_path) for name in (page, api, live, busy)}
     for name in (page, api, live):
         sessions.finish(sessions.begin_run(name, dirs[name], [FakeControl()]), None)
-    sessions.open_feed(live)  # still recording: kept however old its last run is
     sessions.begin_run(busy, dirs[busy], [FakeControl()])  # never finished: kept
+    now[0] = 590.0
+    feed = sessions.open_feed(live)  # recording now: kept however old its last run is
     now[0] = 600.0
     assert sessions.sweep() == 0  # exactly at the API bound: kept
     now[0] = 600.5
@@ -215,10 +216,11 @@ def test_api_runs_are_swept_sooner_than_page_runs_and_running_ones_never(tmp_pat
     assert sessions.run(api) is None and not dirs[api].path.exists()
     assert all(dirs[name].path.exists() for name in (page, live, busy))
     now[0] = 3600.5  # a page's finished run, and a page token that never ran, last the page bound
-    assert sessions.sweep() == 2
+    # and a feed open far longer than any recording lasts is closed, its owner then swept like any other
+    assert sessions.sweep() == 3 and feed.closed
     assert sessions.run(page) is None and not dirs[page].path.exists()
-    assert sessions.owners() == 2  # live and busy: the page token that never ran is gone too
-    assert sessions.run(live) is not None and sessions.run(busy) is not None
+    assert sessions.owners() == 1  # busy: the page token that never ran is gone too
+    assert sessions.run(live) is None and sessions.run(busy) is not None
 
 
 def test_owner_tokens_are_checked_and_a_run_without_one_is_unreachable() -> None:
