@@ -34,7 +34,7 @@ from avatars.liveavatar.schedule import DenoisingSchedule
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait, planned_size
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.liveavatar.streaming.block_loop import BlockNoise, stream_blocks
-from avatars.liveavatar.streaming.decoding import DecoderStage
+from avatars.liveavatar.streaming.decoding import DEFAULT_DECODER_WARMUP, DecoderStage
 from avatars.liveavatar.streaming.local import LocalDownstream
 from avatars.liveavatar.streaming.messages import RunSpec
 from avatars.liveavatar.streaming.stage import DenoisingStage
@@ -83,6 +83,9 @@ class LiveAvatarPipeline:
         # Decode block k while the DiT runs block k+1 (`LocalDownstream`); None: on CUDA only (on a CPU both would
         # share the same cores). Chunks are the same either way.
         self.overlap_decode: bool | None = None
+        # Which motion latents warm the decoder (`streaming.decoding.DECODER_WARMUPS`); the same for every run, so
+        # compare mode's runs can share one warm-up.
+        self.decoder_warmup = DEFAULT_DECODER_WARMUP
         self._run_numbers = itertools.count()
 
     @property
@@ -185,7 +188,7 @@ class LiveAvatarPipeline:
         stage = DenoisingStage(self.dit, self.schedule, spec)
         try:
             warm = group.take(portrait) if group is not None else None
-            decoder = DecoderStage(self.vae, spec.motion_latents, warm)
+            decoder = DecoderStage(self.vae, spec.motion_latents, warm, self.decoder_warmup)
             if group is not None and warm is None:
                 group.offer(portrait, decoder.snapshot())
             downstream = LocalDownstream(decoder, self.overlap_decode, live=audio.live)

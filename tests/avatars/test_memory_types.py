@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import enum
 
-from avatars.memory import CUDA_CONTEXT_BYTES, GIB, GPU_CARDS, MIB, MemoryPlan, Term, TermKind, compare_peak_bytes
+from avatars.memory import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    GPU_CARDS,
+    MIB,
+    MemoryPlan,
+    Term,
+    TermKind,
+    compare_peak_bytes,
+)
 
 
 class Gpu(enum.Enum):
@@ -30,7 +39,9 @@ def test_a_peak_is_what_is_held_plus_the_largest_transient():
     l40s = next(card for card in GPU_CARDS if card.name.startswith("L40S"))
     assert l40s.capacity_bytes == 46_068 * MIB and f"{l40s.capacity_bytes / GIB:.1f}" == "45.0"
     just = MemoryPlan({}, (Term(TermKind.KV_CACHE, "kv", l40s.capacity_bytes - CUDA_CONTEXT_BYTES, 0, ""),))
-    over = MemoryPlan({}, (Term(TermKind.KV_CACHE, "kv", l40s.capacity_bytes - CUDA_CONTEXT_BYTES + 1, 0, ""),))
+    over = MemoryPlan(
+        {}, (Term(TermKind.KV_CACHE, "kv", l40s.capacity_bytes - CUDA_CONTEXT_BYTES + 1, 0, ""),)
+    )
     assert "L40S 48 GB" in just.fits() and "L40S 48 GB" not in over.fits()
     assert over.fits() == [c.name for c in GPU_CARDS if c.capacity_bytes > l40s.capacity_bytes]
 

@@ -334,6 +334,7 @@ def lightest_plan(
     layout: RankLayout | None = None,
     rank: int = 0,
     max_area: int | None = None,
+    audio_fp32: bool = False,
 ) -> MemoryPlan:
     """The least memory any run can take on the GPU of `rank` (of `layout`; one GPU without one): Full with the
     lightest KV format at the size `max_area` is planned at (default: the smallest of LiveAvatar's sizes)."""
@@ -348,6 +349,7 @@ def lightest_plan(
         policy=FullPolicy(),
         layout=layout,
         text_encoder_on_gpu=text_encoder_on_gpu,
+        audio_fp32=audio_fp32,
     )
     return plans[role_of_rank(layout, rank)]
 
