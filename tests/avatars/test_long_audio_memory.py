@@ -29,7 +29,7 @@ def _audio_path_peak(seconds: float) -> tuple[int, int]:
     encoder = AudioEncoder(*tiny_wav2vec2(0))
     frames = 0
     with LiveTensorPeak() as live:
-        for block, real in audio_timeline.AudioTimeline(_speech(seconds), 16000, encoder).feature_blocks():
+        for _block, real in audio_timeline.AudioTimeline(_speech(seconds), 16000, encoder).feature_blocks():
             frames += real  # each block is dropped once used, as the block loop does
     return live.peak, frames
 
