@@ -63,10 +63,10 @@ __all__ = [
     "plan_terms",
 ]
 
-# What the absorb allocates on top of the statistics at its largest moment, in units of D² bytes: the solve of
-# one layer (`ispa.lean_solve`: its fp64 factor and C W, the fp32 ΔW and 512-wide panels, 24 D² at D = 5120) and
-# what the session holds around it, 26 D² in all, measured on live tensors (tests/ispa/test_lean_solve.py; the
-# solve the session ran before, from `stats.G(layer)`, took 46 D²).
+# What the absorb allocates on top of the statistics at its largest moment, in units of D² bytes, measured on live
+# tensors: one layer's solve (`ispa.lean_solve`: the fp64 factor and C W, the fp32 ΔW and 512-wide panels) is
+# 24 D² at D = 5120 (`bench/memory_transients.py`, tests/avatars/test_memory_transients.py), and a tiny DiT run's
+# whole absorb, panels of D/10, 26 D² (the solve it ran before, from `stats.G(layer)`, 46 D²).
 ABSORB_WORKSPACE_BYTES_PER_DIM2 = 26
 
 
