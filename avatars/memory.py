@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 __all__ = [
     "CUDA_CONTEXT_BYTES",
     "GIB",
-    "GPU_CAPACITY_BYTES",
-    "GPU_SIZES_GB",
+    "GPU_CARDS",
+    "GPUCard",
+    "MIB",
     "MemoryPlan",
     "Term",
     "TermKind",
@@ -27,11 +28,29 @@ __all__ = [
 ]
 
 GIB = 2**30
+MIB = 2**20
 CUDA_CONTEXT_BYTES = int(1.5 * GIB)  # left free for the CUDA context and the kernels' own workspaces
-# What the driver offers on cards sold as N GB: N GiB for the 24/48/80 GB classes; an H200 (141 GB) reports about
-# 139 GiB. These are the capacities the plan compares against, not measurements.
-GPU_SIZES_GB = (24, 48, 80, 141)
-GPU_CAPACITY_BYTES = {24: 24 * GIB, 48: 48 * GIB, 80: 80 * GIB, 141: 139 * GIB}
+
+
+@dataclass(frozen=True)
+class GPUCard:
+    """A GPU by name and the total memory its driver reports (nvidia-smi's "MiB" figure), which is less than the
+    GB it is sold as: an L40S "48 GB" reports 46,068 MiB = 45.0 GiB."""
+
+    name: str
+    capacity_bytes: int
+
+
+# The plan is checked against these named cards, smallest first. Totals as the driver reports them for these
+# models (public nvidia-smi outputs, not measured in this project).
+GPU_CARDS = (
+    GPUCard("RTX 4090 24 GB", 24_564 * MIB),
+    GPUCard("RTX 5090 32 GB", 32_607 * MIB),
+    GPUCard("L40S 48 GB", 46_068 * MIB),
+    GPUCard("RTX 6000 Ada 48 GB", 49_140 * MIB),
+    GPUCard("H100 80 GB", 81_559 * MIB),
+    GPUCard("H200 141 GB", 143_771 * MIB),
+)
 
 
 class TermKind(enum.Enum):
@@ -114,9 +133,9 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         return max(self.peak_warmup_bytes, self.peak_after_bytes)
 
-    def fits(self) -> list[int]:
-        """The GPU sizes (GB) whose capacity holds the peak plus the CUDA context."""
-        return [gb for gb in GPU_SIZES_GB if fits_capacity(self.peak_bytes, GPU_CAPACITY_BYTES[gb])]
+    def fits(self) -> list[str]:
+        """The named cards (`GPU_CARDS`) whose reported memory holds the peak plus the CUDA context."""
+        return [card.name for card in GPU_CARDS if fits_capacity(self.peak_bytes, card.capacity_bytes)]
 
     def for_role(self, role: enum.Enum) -> MemoryPlan:
         """The plan of one role's GPU: each term as `Term.held_by(role)` gives it (kinds and roles, no labels)."""

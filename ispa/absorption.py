@@ -184,6 +184,24 @@ class AbsorptionStats:
         lower = buffer.triu(1).T + torch.diag(self._G_diagonal[layer]) if layer % 2 else buffer.tril()
         return lower + lower.tril(-1).T
 
+    def gram_into(self, layer: int, out: Tensor, panel_rows: int = _GRAM_PANEL_ROWS) -> Tensor:
+        """Write the full symmetric G of `layer` into `out` ([D, D], any float dtype, e.g. fp64 for the solve), one
+        row panel at a time: no D x D temporary, unlike `G(layer)`."""
+        self._get(self._C, layer)
+        _check_square("out", out, self.dim)
+        buffer = self._G_pairs[layer // 2]
+        odd = layer % 2 == 1
+        for start in range(0, self.dim, panel_rows):
+            stop = min(start + panel_rows, self.dim)
+            # G[start:stop, :start] (below the diagonal block): stored as is, or transposed for an odd layer
+            below = buffer[:start, start:stop].T if odd else buffer[start:stop, :start]
+            out[start:stop, :start].copy_(below)
+            out[:start, start:stop].copy_(below.T)
+            block = buffer[start:stop, start:stop]
+            lower = block.triu(1).T + torch.diag(self._G_diagonal[layer][start:stop]) if odd else block.tril()
+            out[start:stop, start:stop].copy_(lower + lower.tril(-1).T)
+        return out
+
     def C(self, layer: int) -> Tensor:
         """Sum of A_loc^T (A_full - A_loc), [D, D]."""
         return self._get(self._C, layer)

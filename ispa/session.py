@@ -36,11 +36,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ispa.absorption import AbsorptionStats, StatisticsReducer, select_local_layers, solve_layer
+from ispa.absorption import AbsorptionStats, StatisticsReducer, select_local_layers
 from ispa.attention import attention_with_lse, merge_attention
 from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.checks import is_int
 from ispa.fused_merge import merge_and_measure
+from ispa.lean_solve import solve_layer_lean
 from ispa.policies.base import Phase, Policy, PolicyState
 from ispa.projection import DeltaProjection, base_weight
 from ispa.report import BlockReport
@@ -400,9 +401,7 @@ class AttentionSession:
             if stats is None or stats.count(layer) == 0:
                 continue
             weight = base_weight(self._out_projs[layer])
-            solved[layer] = solve_layer(
-                stats.G(layer), stats.C(layer), stats.s(layer), weight, self.policy.ridge_lambda()
-            )
+            solved[layer] = solve_layer_lean(stats, layer, weight, self.policy.ridge_lambda())
             stats.free(layer)  # frees D^2 (C), or 2 D^2 with the pair's G, while the delta adds D^2
         errors = torch.stack([error for _, error in solved.values()]).tolist() if solved else []
         eps: list[float | None] = [None] * self.num_layers

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from avatars.base import AvatarBackend, GenerationRequest
@@ -23,6 +24,7 @@ from avatars.liveavatar.distributed import launched_by_torchrun, run_on_ranks
 from avatars.liveavatar.loading import MODEL_NAMES, load_pipeline
 from avatars.liveavatar.pipeline import LiveAvatarPipeline
 from avatars.liveavatar.schedule import STEP_CHOICES
+from avatars.liveavatar.streaming.decoding import DECODER_WARMUPS, DEFAULT_DECODER_WARMUP
 from avatars.liveavatar.weights.errors import CheckpointError
 from avatars.media.audio import AudioReadError, read_audio_file
 from avatars.media.portrait import PortraitReadError, read_portrait
@@ -98,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder-on-last-dit",
         action="store_true",
         help="under torchrun: the last DiT rank also decodes (2 processes: 2 DiT ranks; see docs/several-gpus.md)",
+    )
+    parser.add_argument(
+        "--audio-fp32",
+        action="store_true",
+        help="run wav2vec2 in fp32 (the official pipeline, and the default, run it in bf16; the tiny model is fp32)",
+    )
+    parser.add_argument(
+        "--decoder-warmup",
+        choices=DECODER_WARMUPS,
+        default=DEFAULT_DECODER_WARMUP,
+        help="warm the VAE decoder on the last 19 motion latents (sink) or all 92 (all: the official first clip)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output mp4")
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
@@ -175,6 +188,8 @@ def run(args: argparse.Namespace, backend: AvatarBackend) -> dict:
             "refresh_sink": args.refresh_sink,
             "steps": args.steps,
             "compile": args.compile,
+            "audio_encoder": _audio_dtype(backend),
+            "decoder_warmup": args.decoder_warmup,
         },
         "fps": FPS,
         "frames": frames,
@@ -183,9 +198,20 @@ def run(args: argparse.Namespace, backend: AvatarBackend) -> dict:
     }
 
 
+def _audio_dtype(backend: AvatarBackend) -> str:
+    """The dtype wav2vec2 runs in on this backend ("bf16" or "fp32"), for the report."""
+    pipeline = getattr(backend, "pipeline", backend)  # a lead of ranks holds its pipeline
+    encoder = getattr(pipeline, "audio_encoder", None)
+    if encoder is None:
+        return "unknown"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(encoder.dtype, str(encoder.dtype))
+
+
 def loaded_pipeline(args: argparse.Namespace, pipeline: LiveAvatarPipeline | None) -> LiveAvatarPipeline:
-    """`pipeline` (a test's) or the one `args` names, loaded on this process, compiled if asked."""
-    pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
+    """`pipeline` (a test's) or the one `args` names, loaded on this process, compiled if asked, with the
+    decoder warm-up `args` asks for."""
+    pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8, audio_fp32=args.audio_fp32)
+    pipeline.decoder_warmup = args.decoder_warmup
     if args.compile:
         set_compiled_regions(pipeline)
     return pipeline
@@ -196,6 +222,10 @@ def main(argv: list[str] | None = None, pipeline: LiveAvatarPipeline | None = No
     args = build_parser().parse_args(argv)
     try:
         if launched_by_torchrun():
+            if args.decoder_warmup != DEFAULT_DECODER_WARMUP:
+                raise ValueError(
+                    f"--decoder-warmup {args.decoder_warmup} is not available under torchrun yet"
+                )
             report = run_on_ranks(args, pipeline, run)
             if report is None:  # a rank other than 0: it followed rank 0's run
                 return 0

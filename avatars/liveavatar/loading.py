@@ -117,15 +117,21 @@ def build_liveavatar_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     fp8: bool = False,
     offload_text_encoder: bool = True,
+    audio_fp32: bool = False,
 ) -> LiveAvatarPipeline:
-    """LiveAvatar 14B from local weights: DiT with the LoRA merged (then FP8 if asked), wav2vec2, umT5, VAE.
+    """LiveAvatar 14B from local weights: DiT with the LoRA merged (then FP8 if asked), wav2vec2 (bf16 as the
+    official pipeline runs it, fp32 with `audio_fp32`), umT5, VAE.
 
     Checks first that the GPU has room for the lightest run of the smallest size (`memory_plan.lightest_plan`), so
     a too-small GPU fails with a clear message before 40 GB are read from disk.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        plan = lightest_plan(weights="fp8" if fp8 else "bf16", text_encoder_on_gpu=not offload_text_encoder)
+        plan = lightest_plan(
+            weights="fp8" if fp8 else "bf16",
+            text_encoder_on_gpu=not offload_text_encoder,
+            audio_fp32=audio_fp32,
+        )
         free, _ = torch.cuda.mem_get_info(device)
         check_fits_free_memory(plan, free, torch.cuda.get_device_name(device))
     logger.info("loading LiveAvatar 14B (%s weights) on %s", "FP8" if fp8 else "bf16", device)
@@ -140,7 +146,9 @@ def build_liveavatar_pipeline(
     )
     return LiveAvatarPipeline(
         dit,
-        AudioEncoder.from_pretrained(paths.wav2vec2_dir, dtype=torch.float32, device=device),
+        AudioEncoder.from_pretrained(
+            paths.wav2vec2_dir, dtype=torch.float32 if audio_fp32 else torch.bfloat16, device=device
+        ),
         text,
         WanVAE.from_pretrained(paths.vae_dir, dtype=dtype, device=device),
         label=LIVEAVATAR_LABEL,
@@ -152,16 +160,20 @@ def build_liveavatar_pipeline(
     )
 
 
-def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = "cuda") -> LiveAvatarPipeline:
+def load_pipeline(
+    name: str, *, fp8: bool = False, device: torch.device | str = "cuda", audio_fp32: bool = False
+) -> LiveAvatarPipeline:
     """'tiny' (always on the CPU, no download) or '14b' (on the CUDA `device`, weights under $ISPA_WEIGHTS or
-    ./weights).
+    ./weights). `audio_fp32`: the 14B's wav2vec2 in fp32 instead of the official bf16 (the tiny one is fp32).
 
     With ISPA_COMPILE=1 in the environment the DiT's pointwise regions are compiled (`avatars.liveavatar.compiled`).
     """
     if name == "tiny":
         pipeline = build_tiny_pipeline()
     elif name == "14b":
-        pipeline = build_liveavatar_pipeline(_liveavatar_weights(), fp8=fp8, device=device)
+        pipeline = build_liveavatar_pipeline(
+            _liveavatar_weights(), fp8=fp8, device=device, audio_fp32=audio_fp32
+        )
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if _compile_asked():

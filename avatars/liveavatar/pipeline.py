@@ -34,7 +34,7 @@ from avatars.liveavatar.schedule import DenoisingSchedule, check_steps
 from avatars.liveavatar.sizing import SizeChoice, choose_size, fit_portrait, planned_size
 from avatars.liveavatar.streaming.audio_timeline import AudioTimeline
 from avatars.liveavatar.streaming.block_loop import BlockNoise, stream_blocks
-from avatars.liveavatar.streaming.decoding import DecoderStage
+from avatars.liveavatar.streaming.decoding import DEFAULT_DECODER_WARMUP, DecoderStage
 from avatars.liveavatar.streaming.local import LocalDownstream
 from avatars.liveavatar.streaming.messages import RunSpec
 from avatars.liveavatar.streaming.stage import DenoisingStage
@@ -88,6 +88,9 @@ class LiveAvatarPipeline:
         self.fused_merge = (
             False  # the LSE merge as one compiled function (`ispa.fused_merge`), issue 20's lever
         )
+        # Which motion latents warm the decoder (`streaming.decoding.DECODER_WARMUPS`); the same for every run, so
+        # compare mode's runs can share one warm-up.
+        self.decoder_warmup = DEFAULT_DECODER_WARMUP
         self._run_numbers = itertools.count()
 
     @property
@@ -194,7 +197,7 @@ class LiveAvatarPipeline:
         stage = DenoisingStage(self.dit, DenoisingSchedule.liveavatar(spec.steps), spec)
         try:
             warm = group.take(portrait) if group is not None else None
-            decoder = DecoderStage(self.vae, spec.motion_latents, warm)
+            decoder = DecoderStage(self.vae, spec.motion_latents, warm, self.decoder_warmup)
             if group is not None and warm is None:
                 group.offer(portrait, decoder.snapshot())
             downstream = LocalDownstream(decoder, self.overlap_decode, live=audio.live)

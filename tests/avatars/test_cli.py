@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 from avatars.liveavatar.cli import main
+from avatars.liveavatar.encoders.vae import StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
 from avatars.liveavatar.portrait_latents import PortraitLatents
 from avatars.liveavatar.schedule import DenoisingSchedule
@@ -188,3 +189,26 @@ def test_bad_input_exits_non_zero_with_one_line_reason(tmp_path, capsys, pipe, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and expected in err and "\n" not in err
     assert not out.exists()
+
+
+def test_decoder_warmup_and_audio_dtype_are_chosen_and_recorded(tmp_path, short_speech, pipe, monkeypatch):
+    warmups = []
+    original = StreamingDecoder.decode_block
+
+    def decode_block(decoder, latents):
+        if decoder.latent_frames_done == 0 and latents.shape[2] > 3:  # the warm-up on the motion latents
+            warmups.append(latents.shape[2])
+            latents = latents[:, :, -1:]  # keep the test fast: the choice is what is checked
+        return original(decoder, latents)
+
+    monkeypatch.setattr(StreamingDecoder, "decode_block", decode_block)
+    report_path = tmp_path / "r.json"
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+            "--decoder-warmup", "all", "--out", str(tmp_path / "v.mp4"), "--report", str(report_path)]  # fmt: skip
+    try:
+        assert main(argv, pipeline=pipe) == 0
+    finally:
+        pipe.decoder_warmup = "sink"
+    settings = json.loads(report_path.read_text())["settings"]
+    assert warmups == [92] and settings["decoder_warmup"] == "all"
+    assert settings["audio_encoder"] == "fp32"  # the tiny model's wav2vec2; the 14B loads it in bf16

@@ -1,5 +1,6 @@
 """Audio loading and the official per-video-frame wav2vec2 features, on the tiny wav2vec2."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -131,3 +132,15 @@ def test_saved_wav2vec2_folder_loads_back(encoder, tmp_path):
     audio = np.random.default_rng(5).standard_normal(4000).astype(np.float32)
     assert loaded.num_hidden_states == TINY_AUDIO_LAYERS + 1
     torch.testing.assert_close(loaded.hidden_states(audio), encoder.hidden_states(audio))
+
+
+def test_a_bf16_encoder_gives_the_official_bf16_features(encoder):
+    """The official numerics: wav2vec2 in bf16, features cast to bf16; fp32 stays fp32."""
+    audio = np.sin(np.linspace(0, 2000, 16000)).astype(np.float32)
+    exact = encoder.frame_features(audio, 16000)
+    assert encoder.dtype == torch.float32 and not torch.equal(exact, exact.bfloat16().float())
+    half = AudioEncoder(copy.deepcopy(encoder.model).to(torch.bfloat16), encoder.feature_extractor)
+    official = half.frame_features(audio, 16000)
+    assert half.dtype == torch.bfloat16 and official.dtype == torch.float32
+    assert torch.equal(official, official.bfloat16().float())  # every value is a bf16 number
+    assert 0 < ((official - exact).norm() / exact.norm()).item() < 0.05

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import enum
 
-from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, Term, TermKind, compare_peak_bytes
+from avatars.memory import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    GPU_CARDS,
+    MIB,
+    MemoryPlan,
+    Term,
+    TermKind,
+    compare_peak_bytes,
+)
 
 
 class Gpu(enum.Enum):
@@ -25,9 +34,16 @@ def test_a_peak_is_what_is_held_plus_the_largest_transient():
         ),
     )
     assert (plan.peak_warmup_bytes, plan.peak_after_bytes, plan.peak_bytes) == (18 * GIB, 12 * GIB, 18 * GIB)
-    assert plan.fits() == [24, 48, 80, 141]
-    big = MemoryPlan({}, (Term(TermKind.KV_CACHE, "kv", 48 * GIB - CUDA_CONTEXT_BYTES + 1, 0, ""),))
-    assert big.fits() == [80, 141]
+    assert plan.fits() == [card.name for card in GPU_CARDS]
+    # an L40S reports 46,068 MiB (45.0 GiB), not the 48 GiB its "48 GB" would suggest
+    l40s = next(card for card in GPU_CARDS if card.name.startswith("L40S"))
+    assert l40s.capacity_bytes == 46_068 * MIB and f"{l40s.capacity_bytes / GIB:.1f}" == "45.0"
+    just = MemoryPlan({}, (Term(TermKind.KV_CACHE, "kv", l40s.capacity_bytes - CUDA_CONTEXT_BYTES, 0, ""),))
+    over = MemoryPlan(
+        {}, (Term(TermKind.KV_CACHE, "kv", l40s.capacity_bytes - CUDA_CONTEXT_BYTES + 1, 0, ""),)
+    )
+    assert "L40S 48 GB" in just.fits() and "L40S 48 GB" not in over.fits()
+    assert over.fits() == [c.name for c in GPU_CARDS if c.capacity_bytes > l40s.capacity_bytes]
 
 
 def test_a_role_holds_the_whole_term_its_share_or_nothing():

@@ -22,6 +22,7 @@ def test_tiny_checkpoints_stream_through_the_real_loading_path(tmp_path):
     written = write_tiny_weights(tmp_path / "weights", dtype=torch.float32)
     pipe = build_liveavatar_pipeline(resolve_weights(tmp_path / "weights"), device="cpu", dtype=torch.float32)
     assert not pipe.is_test_model and pipe.dit.config.num_layers == 4
+    assert pipe.audio_encoder.dtype == torch.bfloat16  # the official numerics, whatever the DiT's dtype
 
     # The LoRA was merged into the loaded weights: W = W0 + 0.5 · B @ A for a self-attention output projection.
     name = "blocks.1.self_attn.o"

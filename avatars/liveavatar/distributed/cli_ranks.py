@@ -36,7 +36,7 @@ def run_on_ranks(
                 set_compiled_dit(models.dit)
             follow_runs(models, world)
             return None
-        pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8)
+        pipeline = pipeline or load_pipeline(args.model, fp8=args.fp8, audio_fp32=args.audio_fp32)
         if args.compile:
             set_compiled_regions(pipeline)
         lead = PipelineLead(pipeline, world)

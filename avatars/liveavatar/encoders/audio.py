@@ -8,6 +8,11 @@ wav2vec2-large: CNN/projection output + 24 layers) at 50 Hz; linear interpolatio
 code zero-fills them up to a multiple of the clip length).
 
 Output layout: [frames, hidden_states, dim] (the official bucket's layout before it is permuted for the DiT).
+
+Numerics: the official pipeline runs wav2vec2 in bf16 and casts the features to bf16. An encoder whose model is
+bf16 (the 14B loader's default) does the same: hidden states in bf16, features interpolated in fp32 and rounded
+to bf16 (returned as fp32 tensors holding bf16 values). An fp32 model (`--audio-fp32`, and the tiny CPU test model)
+keeps fp32 throughout.
 """
 
 from __future__ import annotations
@@ -84,6 +89,15 @@ class AudioEncoder:
         return cls(model, Wav2Vec2FeatureExtractor.from_pretrained(str(folder)))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype wav2vec2 runs in: bf16 (the official numerics) or fp32."""
+        return next(self.model.parameters()).dtype
+
+    def round_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Features rounded to the model's dtype, as the official code casts them (a no-op for an fp32 model)."""
+        return features if self.dtype == torch.float32 else features.to(self.dtype).float()
+
+    @property
     def num_hidden_states(self) -> int:
         return self.model.config.num_hidden_layers + 1
 
@@ -132,4 +146,4 @@ class AudioEncoder:
 
     def frame_features(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
         """One feature per 25 fps video frame, [frames, layers, dim], for a whole clip of PCM at `sample_rate`."""
-        return official_frame_features(self.hidden_states(audio_16k(audio, sample_rate)))
+        return self.round_features(official_frame_features(self.hidden_states(audio_16k(audio, sample_rate))))

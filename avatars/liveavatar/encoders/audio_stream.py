@@ -163,7 +163,7 @@ class StreamingAudioEncoder:
         above = (below + 1).clamp(max=hidden.shape[1] - 1)
         weight = (positions - below.double()).clamp(0.0, 1.0).float()[None, :, None]
         mixed = hidden[:, below] * (1.0 - weight) + hidden[:, above] * weight
-        return mixed.permute(1, 0, 2).contiguous()
+        return self.encoder.round_features(mixed.permute(1, 0, 2).contiguous())
 
     def _trim(self) -> None:
         """Drop samples no later window can need."""

@@ -14,7 +14,7 @@ from avatars.liveavatar.config import PRESETS
 from avatars.liveavatar.memory_plan.plan import plan_roles
 from avatars.liveavatar.memory_plan.roles import Role
 from avatars.liveavatar.rank_layout import RankLayout
-from avatars.memory import GIB, MemoryPlan
+from avatars.memory import GIB, GPU_CARDS, MemoryPlan
 from ispa import KV_FORMATS, POLICIES, Policy, make_policy
 
 __all__ = ["build_parser", "main", "render", "to_json"]
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--t-warm", type=int, default=12, help="ISPA warmup in latent frames")
     parser.add_argument("--k-fraction", type=float, default=0.5, help="share of layers ISPA turns local")
     parser.add_argument("--text-encoder-on-gpu", action="store_true", help="keep umT5-XXL on the GPU")
+    parser.add_argument(
+        "--audio-fp32", action="store_true", help="wav2vec2 in fp32 instead of the official bf16"
+    )
     parser.add_argument("--model", choices=tuple(PRESETS), default="14b")
     parser.add_argument(
         "--ranks",
@@ -68,8 +71,8 @@ def render(plan: MemoryPlan) -> list[str]:
     lines.append(
         _row("peak", f"{plan.peak_warmup_bytes / GIB:.3f}", f"{plan.peak_after_bytes / GIB:.3f}", "")
     )
-    fits = ", ".join(f"{gb} GB" for gb in plan.fits()) or "none of 24/48/80/141 GB"
-    lines.append(f"fits (peak + 1.5 GiB CUDA context): {fits}")
+    fits = ", ".join(plan.fits()) or "none of " + ", ".join(card.name for card in GPU_CARDS)
+    lines.append(f"fits (peak + 1.5 GiB CUDA context, as each card reports its memory): {fits}")
     return lines
 
 
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             policy=_policy(args),
             layout=layout,
             text_encoder_on_gpu=args.text_encoder_on_gpu,
+            audio_fp32=args.audio_fp32,
         )
     except ValueError as err:
         print(f"error: {err}", flush=True)

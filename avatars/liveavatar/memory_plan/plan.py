@@ -16,6 +16,7 @@ cache; each holds the activations of what it runs.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -64,10 +65,11 @@ __all__ = [
     "plan_terms",
 ]
 
-# The absorb's solve, per layer, in fp64 (`ispa.absorption._ridge_solve`): G + lam I, its Cholesky factor, C, W,
-# C W and the solution (6 D×D fp64), the rebuilt full G and the fp32 result (2 D×D fp32), while one more layer's
-# ΔW (D×D fp32) is held before its statistics are freed. An estimate from reading the code, in units of D² bytes.
-ABSORB_WORKSPACE_BYTES_PER_DIM2 = 6 * 8 + 2 * 4 + 4
+# What the absorb allocates on top of the statistics at its largest moment, in units of D² bytes, measured on live
+# tensors: one layer's solve (`ispa.lean_solve`: the fp64 factor and C W, the fp32 ΔW and 512-wide panels) is
+# 24 D² at D = 5120 (`bench/memory_transients.py`, tests/avatars/test_memory_transients.py), and a tiny DiT run's
+# whole absorb, panels of D/10, 26 D² (the solve it ran before, from `stats.G(layer)`, 46 D²).
+ABSORB_WORKSPACE_BYTES_PER_DIM2 = 26
 
 
 def plan_roles(
@@ -80,10 +82,12 @@ def plan_roles(
     policy: Policy,
     layout: RankLayout | None = None,
     text_encoder_on_gpu: bool = False,
+    audio_fp32: bool = False,
 ) -> dict[Role, MemoryPlan]:
     """The plan of each kind of GPU one run at `height`×`width` uses: {ONE_GPU: plan} without a layout, else one
     plan per role of `layout`, in rank order. `policy`: the run's `ispa.FullPolicy` or `ispa.ISPAPolicy` (its
-    `t_warm` and `k_fraction`). Bad settings raise ValueError naming the field."""
+    `t_warm` and `k_fraction`). `audio_fp32`: wav2vec2 held in fp32 instead of the official bf16. Bad settings
+    raise ValueError naming the field."""
     plan = plan_terms(
         height,
         width,
@@ -93,6 +97,7 @@ def plan_roles(
         policy=policy,
         layout=layout,
         text_encoder_on_gpu=text_encoder_on_gpu,
+        audio_fp32=audio_fp32,
     )
     return {role: plan.for_role(role) for role in roles_of(layout)}
 
@@ -107,6 +112,7 @@ def plan_terms(
     policy: Policy,
     layout: RankLayout | None = None,
     text_encoder_on_gpu: bool = False,
+    audio_fp32: bool = False,
 ) -> MemoryPlan:
     """Every term of the run whole (as one GPU holds it), each declaring the roles of `layout` that hold it and
     what a role holds where that is less; `plan_roles` splits it with `MemoryPlan.for_role`."""
@@ -157,7 +163,7 @@ def plan_terms(
         stats = delta = workspace = 0
     buffer = dequantized_history_bytes(config.dim, cache.block_tokens, kv_format, sizes["sink_tokens"])
     weights_bytes = dit_weight_bytes(dit, fp8=weights == "fp8")
-    encoders = encoder_bytes(text_encoder_on_gpu)
+    encoders = encoder_bytes(text_encoder_on_gpu, audio_fp32)
     vae = vae_weight_bytes()
     decoder_cache = VAE_DECODER_CACHE_BYTES_PER_PIXEL * height * width
     dit_activations = dit_activation_bytes(config, sizes["sink_tokens"], cache.block_tokens)
@@ -215,8 +221,21 @@ def plan_terms(
             if role in holders
         ]
         size = sum(part_size for _, part_size in parts)
-        basis = "estimate: " + " + ".join(part for part, _ in parts)
+        basis = " + ".join(part for part, _ in parts)
         return Term(TermKind.ACTIVATIONS, activations_name, size, size, basis, transient=True)
+
+    absorb_name = "absorb solve workspace (transient)"
+    absorb_basis = "measured on live tensors"
+    # The decode runs on its own stream beside the DiT (the decode overlap), so on a GPU that decodes too it can
+    # fall in the absorb: count both.
+    absorb_and_decode = Term(
+        TermKind.ABSORB_WORKSPACE,
+        absorb_name,
+        workspace + (vae_activations if workspace else 0),
+        0,
+        absorb_basis + (" + VAE decode beside it" if workspace else ""),
+        transient=True,
+    )
 
     terms = (
         term(
@@ -230,7 +249,8 @@ def plan_terms(
         ),
         term(
             TermKind.ENCODERS,
-            "encoders (VAE, wav2vec2" + (", umT5)" if text_encoder_on_gpu else ")"),
+            f"encoders (VAE, wav2vec2 {'fp32' if audio_fp32 else 'bf16'}"
+            + (", umT5)" if text_encoder_on_gpu else ")"),
             encoders,
             encoders,
             encoders_basis,
@@ -256,19 +276,25 @@ def plan_terms(
             activations_name,
             dit_activations + vae_activations,
             dit_activations + vae_activations,
-            "estimate",
+            "DiT block (estimate) + VAE decode (measured on live tensors)",
             DENOISING | DECODING,
             transient=True,
             shares={role: activations_of(role) for role in (DENOISING | DECODING) - {Role.ONE_GPU}},
         ),
         term(
             TermKind.ABSORB_WORKSPACE,
-            "absorb solve workspace (transient)",
-            workspace,
+            absorb_and_decode.name,
+            absorb_and_decode.warmup,
             0,
-            "estimate",
+            absorb_and_decode.basis,
             DENOISING,
             transient=True,
+            shares={
+                role: (
+                    absorb_and_decode if role in DECODING else replace(absorb_and_decode, warmup=workspace)
+                )
+                for role in DENOISING - {Role.ONE_GPU}
+            },
         ),
     )
     ispa = isinstance(policy, ISPAPolicy | BudgetedPolicy)
@@ -281,6 +307,7 @@ def plan_terms(
         "t_warm": policy.t_warm if ispa else None,
         "k_fraction": policy.k_fraction if ispa else None,
         "text_encoder_on_gpu": text_encoder_on_gpu,
+        "audio_encoder": "fp32" if audio_fp32 else "bf16",
         "full_bf16_kv_bytes": kv_cache_bytes(**(sizes | {"kv_format": "bf16"})),
     }
     return MemoryPlan(settings, terms)
@@ -318,6 +345,7 @@ def lightest_plan(
     layout: RankLayout | None = None,
     rank: int = 0,
     max_area: int | None = None,
+    audio_fp32: bool = False,
 ) -> MemoryPlan:
     """The least memory any run can take on the GPU of `rank` (of `layout`; one GPU without one): Full with the
     lightest KV format at the size `max_area` is planned at (default: the smallest of LiveAvatar's sizes)."""
@@ -332,6 +360,7 @@ def lightest_plan(
         policy=FullPolicy(),
         layout=layout,
         text_encoder_on_gpu=text_encoder_on_gpu,
+        audio_fp32=audio_fp32,
     )
     return plans[role_of_rank(layout, rank)]
 

@@ -13,8 +13,9 @@ Parts:
   rings too (`kv_cache_bytes_after_absorb`).
 * Encoders kept on the GPU: the VAE and wav2vec2 always (every block needs them when streaming), the umT5-XXL
   encoder only when it is not offloaded to the CPU between prompts. Parameter counts were taken from the real
-  configurations built on `meta` (see the test).
-* Activations: an estimate (not a measurement) of one DiT block forward plus one VAE block decode.
+  configurations built on `meta` (see the test). wav2vec2 is held in bf16 (the official numerics), or in fp32.
+* Transients: one DiT block forward's activations (an estimate, not a measurement); the VAE decode of one block
+  and the absorb's solve, both measured on live tensors (`bench/memory_transients.py`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from ispa.quantized_cache import history_bytes_per_token, quantizes_sink, sink_b
 UMT5_XXL_ENCODER_PARAMS = 5_680_910_336  # UMT5EncoderModel (d_model 4096, 24 layers, vocab 256384)
 WAV2VEC2_LARGE_PARAMS = 315_472_545  # Wav2Vec2ForCTC, wav2vec2-large-xlsr-53-english
 WAN21_VAE_PARAMS = 126_892_531  # AutoencoderKLWan with its default (Wan2.1) configuration
-WAV2VEC2_BYTES_PER_VALUE = 4  # the loader keeps wav2vec2 in fp32 (`AudioEncoder.from_pretrained`'s default)
 
-VAE_DECODER_WIDTH = 96  # channels of the Wan2.1 decoder at full resolution
 # The Wan2.1 decoder's causal-conv cache, carried from block to block, per output pixel in bf16: read off a
 # decode with the real config (exactly linear in pixels; checked in tests/avatars/test_memory_terms.py).
 VAE_DECODER_CACHE_BYTES_PER_PIXEL = 4729
+# What one block's decode allocates on top of that cache at its largest moment, per output pixel in bf16, with the
+# full-resolution stages one frame per pass (`encoders.vae_frames`): 2692.5 measured on live tensors of the real
+# config on `meta`, the same at every size (5444.5 when the 4 frames go at once, diffusers' way).
+VAE_DECODE_TRANSIENT_BYTES_PER_PIXEL = 2693
 
 
 def dit_weight_bytes(model: nn.Module, fp8: bool, bytes_per_value: int = 2) -> int:
@@ -185,23 +188,16 @@ def dequantized_history_bytes(
     return 2 * tokens * dim * bytes_per_value
 
 
-def encoder_bytes(text_encoder_on_gpu: bool) -> int:
+def encoder_bytes(text_encoder_on_gpu: bool, audio_fp32: bool = False) -> int:
     """VAE and wav2vec2 (always on the GPU) and the umT5-XXL encoder when it is not offloaded, in the dtypes
-    `build_liveavatar_pipeline` loads them in: wav2vec2 in fp32, the others in bf16."""
+    `build_liveavatar_pipeline` loads them in: wav2vec2 in bf16 (fp32 with `audio_fp32`), the others in bf16."""
     text = UMT5_XXL_ENCODER_PARAMS * 2 if text_encoder_on_gpu else 0
-    return vae_weight_bytes() + WAV2VEC2_LARGE_PARAMS * WAV2VEC2_BYTES_PER_VALUE + text
+    return vae_weight_bytes() + WAV2VEC2_LARGE_PARAMS * (4 if audio_fp32 else 2) + text
 
 
 def vae_weight_bytes() -> int:
     """The Wan2.1 VAE in bf16 (encoder and decoder: it is loaded whole)."""
     return WAN21_VAE_PARAMS * 2
-
-
-def activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int, height: int, width: int) -> int:
-    """Estimate of the largest live activations: one block forward of the DiT, then one block of VAE decode."""
-    return dit_activation_bytes(config, sink_tokens, block_tokens) + vae_decode_activation_bytes(
-        height, width
-    )
 
 
 def dit_activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int) -> int:
@@ -214,6 +210,5 @@ def dit_activation_bytes(config: DiTConfig, sink_tokens: int, block_tokens: int)
 
 
 def vae_decode_activation_bytes(height: int, width: int) -> int:
-    """Estimate for one block of VAE decode: about eight full-resolution maps of `VAE_DECODER_WIDTH` channels
-    over the 4 video frames one latent frame decodes to; bf16."""
-    return 2 * 8 * 4 * height * width * VAE_DECODER_WIDTH
+    """One block of VAE decode on top of the decoder cache (measured, `VAE_DECODE_TRANSIENT_BYTES_PER_PIXEL`)."""
+    return VAE_DECODE_TRANSIENT_BYTES_PER_PIXEL * height * width

@@ -12,14 +12,24 @@ from avatars.liveavatar.encoders.audio import AudioEncoder
 from avatars.liveavatar.encoders.audio_stream import StreamingAudioEncoder
 from avatars.media.audio import pcm_to_float32
 
-__all__ = ["AudioTimeline"]
+__all__ = ["LONG_CLIP_WINDOWS", "ONE_PASS_MAX_SECONDS", "AudioTimeline"]
+
+# Audio known in full gets the official one wav2vec2 pass up to this length: at 30 s the pass holds 25 hidden states
+# of 1,500 steps (77 MB in bf16 for wav2vec2-large) and 1,500² attention scores per head, an estimate. Longer
+# clips go through overlapping windows (`StreamingAudioEncoder`, the whole clip being known: a wide lookahead), so
+# the audio path's memory stays flat however long the speech is.
+ONE_PASS_MAX_SECONDS = 30.0
+# Windows of 20 blocks (9.6 s) seeing 4 s before and 2 s after: about 1.6× the one pass's compute.
+LONG_CLIP_WINDOWS = {"group_frames": 20 * VIDEO_FRAMES_PER_BLOCK, "left_context_s": 4.0, "lookahead_s": 2.0}
+_LONG_CLIP_PIECE_SECONDS = 1.0  # how much of a long clip is fed to the windowed encoder at a time
 
 
 class AudioTimeline:
     """The request's audio as it arrives: wav2vec2 features in blocks of 12 frames, and raw slices per chunk.
 
-    Whole audio (an array) gets the official features: one wav2vec2 pass over the clip
-    (`AudioEncoder.frame_features`, bit-equal to the official computation). Live audio (an iterable of pieces)
+    Whole audio (an array) up to `ONE_PASS_MAX_SECONDS` gets the official features: one wav2vec2 pass over the clip
+    (`AudioEncoder.frame_features`, bit-equal to the official computation); a longer one goes through overlapping
+    windows (`LONG_CLIP_WINDOWS`), block by block, as it is consumed. Live audio (an iterable of pieces)
     goes through the streaming encoder at its default settings, chosen by `bench/live_audio_fidelity.py` to
     stay closest to the whole-clip features; that path keeps its buffers bounded. Raw samples are kept only
     until their chunk is handed out.
@@ -46,8 +56,11 @@ class AudioTimeline:
         """(features [12, layers, dim], frames with real audio) per block, as soon as each is computable."""
         if self._whole is not None:
             self._buffer = self._whole
-            features = self._whole_clip_encoder.frame_features(self._whole, self.sample_rate)
-            yield from self._take(features, final=True)
+            if self._whole.size <= ONE_PASS_MAX_SECONDS * self.sample_rate:
+                features = self._whole_clip_encoder.frame_features(self._whole, self.sample_rate)
+                yield from self._take(features, final=True)
+                return
+            yield from self._long_clip_blocks()
             return
         for piece in self._pieces:
             if piece is None:
@@ -58,6 +71,18 @@ class AudioTimeline:
         if self._encoder.frames_done == 0 and self._received() == 0:
             raise ValueError("audio is empty (zero samples)")
         yield from self._take(self._encoder.finish(), final=True)
+
+    def _long_clip_blocks(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """A long clip known in full, in overlapping windows fed a piece at a time: nothing grows with its length."""
+        encoder = StreamingAudioEncoder(
+            self._whole_clip_encoder,
+            self.sample_rate,
+            **LONG_CLIP_WINDOWS,
+        )
+        piece = max(1, round(_LONG_CLIP_PIECE_SECONDS * self.sample_rate))
+        for start in range(0, self._whole.size, piece):
+            yield from self._take(encoder.push(self._whole[start : start + piece]), final=False)
+        yield from self._take(encoder.finish(), final=True)
 
     def _take(self, new: torch.Tensor, final: bool) -> Iterator[tuple[torch.Tensor, int]]:
         pending = new if self._features is None else torch.cat([self._features, new])

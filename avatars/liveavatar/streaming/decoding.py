@@ -1,8 +1,10 @@
-"""The VAE's causal decode of one run: warmed on the motion latents the sink sees, then one block at a time.
+"""The VAE's causal decode of one run: warmed on the motion latents, then one block at a time.
 
-The causal cache is warmed on the last 19 motion latents (those the sink sees), not all 92: 5× cheaper, and the
-difference is measured in docs/liveavatar.md; the warm-up's frames are not shown. `to_uint8_frames` turns a
-decoded block into the frames a chunk carries.
+Two warm-ups (`DECODER_WARMUPS`): "sink", the default, warms the causal cache on the last 19 motion latents (those
+the sink sees); "all" on all 92, which reproduces the official single-GPU decode of the first clip exactly, at
+about 5× the warm-up's cost, paid before the first frame of every run. Why the default: docs/performance.md
+(`bench/decoder_warmup.py` measures both). The warm-up's frames are not shown. `to_uint8_frames` turns a decoded
+block into the frames a chunk carries.
 """
 
 from __future__ import annotations
@@ -13,19 +15,32 @@ import torch
 
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, DecoderState, WanVAE
 
-__all__ = ["DecoderStage", "to_uint8_frames"]
+__all__ = ["DECODER_WARMUPS", "DEFAULT_DECODER_WARMUP", "DecoderStage", "to_uint8_frames"]
+
+DECODER_WARMUPS = ("sink", "all")  # the last 19 motion latents, or all 92 (the official first clip)
+DEFAULT_DECODER_WARMUP = "sink"
 
 
 class DecoderStage:
-    """One run's decoder: `warm` is a state to start from (another run's warm-up on the same latents) or None."""
+    """One run's decoder: `warm` is a state to start from (another run's warm-up on the same latents) or None;
+    `warmup`: which motion latents warm it (`DECODER_WARMUPS`)."""
 
-    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor, warm: DecoderState | None = None) -> None:
+    def __init__(
+        self,
+        vae: WanVAE,
+        motion_latents: torch.Tensor,
+        warm: DecoderState | None = None,
+        warmup: str = DEFAULT_DECODER_WARMUP,
+    ) -> None:
+        if warmup not in DECODER_WARMUPS:
+            raise ValueError(f"decoder warm-up must be one of {', '.join(DECODER_WARMUPS)}, got {warmup!r}")
         self.device = vae.device
         self._decoder = vae.stream_decoder()
         if warm is not None:
             self._decoder.restore(warm)
         else:
-            self._decoder.decode_block(motion_latents[:, :, -MOTION_LATENT_FRAMES:].to(self.device))
+            latents = motion_latents if warmup == "all" else motion_latents[:, :, -MOTION_LATENT_FRAMES:]
+            self._decoder.decode_block(latents.to(self.device))
 
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(frames [12, H, W, 3] uint8 on the decoder's device, seconds) of the next block."""
