@@ -167,3 +167,16 @@ def test_vae_decoder_cache_constant_matches_a_real_config_decode():
     ]
     (decoder_cache,) = [t for t in plan.terms if t.kind is TermKind.DECODER_CACHE]
     assert decoder_cache.warmup == decoder_cache.after == 4729 * 704 * 384
+
+
+@pytest.mark.parametrize(
+    ("dim", "heads", "sink", "block"),
+    [(5120, 40, 2640, 3168), (5120, 40, 1600, 1920), (64, 4, 80, 96)],  # 14B at 704x384 and 512x320; tiny CLI
+)
+def test_q2_under_full_holds_at_most_a_fifth_of_a_bf16_cache(dim, heads, sink, block):
+    """Issue 21's contract, by the plan (equal to the live tensors in test_memory_live_tensors)."""
+    sizes = {"num_layers": 4, "dim": dim, "sink_tokens": sink, "block_tokens": block, "heads": heads}
+    bf16 = memory.kv_cache_bytes(**sizes)
+    q2 = memory.kv_cache_bytes(**sizes, kv_format="q2")
+    assert q2 <= 0.2 * bf16
+    assert memory.kv_cache_bytes(**sizes, kv_format="int4") > q2 * 2  # not merely a smaller int4
