@@ -176,7 +176,8 @@ def input_column(
             label="KV-cache format",
             allow_custom_value=True,  # so that the app's own check answers an unknown value, in its words
             info="How the history is stored: bf16 as the model computes it, fp8 (about half), int4 (about a "
-            "quarter), each with a bf16 sink; fp8-all stores the sink in fp8 too (a little less memory, more drift).",
+            "third), each with a bf16 sink; fp8-all stores the sink in fp8 too (a little less memory, more drift); "
+            "q2 stores history and sink in 2 bits (about 13 %, the most drift); +w keeps the newest frame in bf16.",
         )
         refresh_sink = gr.Checkbox(
             value=False,

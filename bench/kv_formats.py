@@ -10,6 +10,10 @@
    dequantized and rotated with the forward's own sink angles, exactly as the engine would.
 3. Drift of whole runs against bf16 KV, same inputs and seeds: max abs difference of the tiny DiT's outputs over
    all blocks and steps, and the PSNR of the tiny pipeline's frames.
+4. Every stored format as a real KV layer holds it (q2's sink, the residual windows of int4+w and q2+w included),
+   on the DiT's own activations: bytes of one layer (sink + three blocks of ring 0) against bf16, relative error of
+   the history keys and values, and of the merged attention output. Twice: on the tiny DiT, and on one layer at the
+   14B's real widths (5,120 wide, 40 heads x 128) with random weights at a 128x128 video (192-token blocks).
 
 Everything runs on the CPU with random weights: it measures what the storage does to attention, never visual
 quality with the real weights.
@@ -34,8 +38,9 @@ from avatars.liveavatar.dit.positions import ref_time, sink_positions
 from avatars.liveavatar.dit.rope import RotaryAngles, apply_rope, rope_angles
 from avatars.liveavatar.loading import build_tiny_pipeline
 from ispa import AttentionSession, CacheLayout, FullPolicy, attention_with_lse, merge_attention
+from ispa.kv_codec_q2 import Q2Codec
 from ispa.kv_codecs import BlockCodec, Fp8ChannelCodec, Fp8TokenCodec, Int4Codec
-from ispa.quantized_cache import KV_FORMATS, kv_layer_factory
+from ispa.quantized_cache import KV_FORMATS, kv_layer_factory, quantizes_sink
 
 FP8_ALL = "fp8-all (fp8 history and sink, token scales)"
 CODEC_PAIRS: dict[str, tuple[BlockCodec, BlockCodec]] = {  # (keys, values); the chosen formats come first
@@ -46,6 +51,7 @@ CODEC_PAIRS: dict[str, tuple[BlockCodec, BlockCodec]] = {  # (keys, values); the
         Int4Codec("channels", 32),
     ),
     "int4 per token (K and V per token/32 ch)": (Int4Codec("channels", 32), Int4Codec("channels", 32)),
+    "q2 history (k-means smoothing + two 1-bit stages, chosen)": (Q2Codec(), Q2Codec()),
 }
 
 
@@ -133,16 +139,27 @@ class TinyDiTRun:
     latent: tuple[int, int] = (16, 8)
     seed: int = 0
     ref_shift: int = 4
+    config_name: str = "tiny"
+    num_layers: int | None = None  # keep only the first layers (the real-dims run keeps one)
+    steps: int = 4  # denoising steps per block (ring s is written by step s)
+
+    @property
+    def config(self):
+        config = PRESETS[self.config_name]
+        if self.num_layers is None:
+            return config
+        inject = tuple(i for i in config.audio_inject_layers if i < self.num_layers) or (0,)
+        return replace(config, num_layers=self.num_layers, audio_inject_layers=inject)
 
     def sink_angles(self, block: int) -> RotaryAngles:
         """The RoPE angles `forward_block` gives the sink in block `block` (the rolling reference)."""
-        config = PRESETS["tiny"]
+        config = self.config
         height, width = (side // config.patch_size[1] for side in self.latent)
         positions = sink_positions(height, width, ref_time(3 * block, self.ref_shift), torch.device("cpu"))
         return rope_angles(positions, config.head_dim)
 
     def run(self, session_factory) -> tuple[AttentionSession, list[Tensor]]:
-        config = PRESETS["tiny"]
+        config = self.config
         torch.manual_seed(self.seed)
         model = LiveAvatarDiT.from_config(config).to(torch.bfloat16).eval()
         gen = torch.Generator().manual_seed(self.seed + 1)
@@ -168,7 +185,7 @@ class TinyDiTRun:
             outputs = []
             for block in range(self.blocks):
                 latents = randn(1, 16, 3, *self.latent)
-                for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)):
+                for step, timestep in enumerate((1000.0, 857.7, 602.2, 8.9)[: self.steps]):
                     latents = model.forward_block(
                         session, latents, timestep, context, audio, 3 * block, step, ref_shift=self.ref_shift
                     )
@@ -212,15 +229,27 @@ def with_fp8_sink(
 ) -> tuple[Tensor, Tensor]:
     """The captured local keys and values with the sink as an `fp8-all` layer gives it to attention: the raw sink
     stored in fp8 (token scales), dequantized, and its keys rotated with this forward's sink angles."""
+    codec = Fp8TokenCodec()
+    k, v = torch.empty_like(raw_sink[0]), torch.empty_like(raw_sink[1])
+    codec.decode_into(codec.encode(raw_sink[0]), k)
+    codec.decode_into(codec.encode(raw_sink[1]), v)
+    return with_stored_sink(captured, raw_sink, (k, v), angles)
+
+
+def with_stored_sink(
+    captured: tuple[Tensor, ...],
+    raw_sink: tuple[Tensor, Tensor],
+    stored_sink: tuple[Tensor, Tensor],
+    angles: RotaryAngles,
+) -> tuple[Tensor, Tensor]:
+    """The captured local keys and values with the sink replaced by `stored_sink` (the raw sink as a storage
+    returns it), its keys rotated with this forward's sink angles as the model does."""
     _, local_k, local_v, _, _ = captured
-    raw_k, raw_v = raw_sink
+    raw_k, _ = raw_sink
     sink = raw_k.shape[1]
     if not torch.equal(apply_rope(raw_k, angles), local_k[:, :sink]):
         raise RuntimeError("the sink angles do not reproduce the captured sink keys")
-    codec = Fp8TokenCodec()
-    k, v = torch.empty_like(raw_k), torch.empty_like(raw_v)
-    codec.decode_into(codec.encode(raw_k), k)
-    codec.decode_into(codec.encode(raw_v), v)
+    k, v = stored_sink
     local_k, local_v = local_k.clone(), local_v.clone()
     apply_rope(k, angles, out=local_k[:, :sink])
     local_v[:, :sink] = v
@@ -267,7 +296,64 @@ def frames_psnr(kv_format: str, seconds: float = 2.0) -> tuple[float, int]:
     return (math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)), len(want)
 
 
+def captured_run(run: TinyDiTRun) -> tuple[CapturingSession, CacheLayout, RotaryAngles]:
+    """`run` through a Full bf16 session that captures ring 0 of its last block; the session, layout and the sink
+    angles of that block."""
+    holder = {}
+
+    def factory(num_layers, layout):
+        holder["session"] = CapturingSession(FullPolicy(), num_layers, layout, capture_block=run.blocks - 1)
+        holder["layout"] = layout
+        return holder["session"]
+
+    run.run(factory)
+    return holder["session"], holder["layout"], run.sink_angles(run.blocks - 1)
+
+
+def storage_errors(session: CapturingSession, layout: CacheLayout, angles: RotaryAngles) -> dict[str, dict]:
+    """Per format, averaged over the captured layers: a layer's bytes (sink + ring 0's history) as a fraction of
+    bf16's, and the relative error of the history keys, values and the merged attention output, with every part
+    stored by a real KV layer of that format (its sink, window and codecs)."""
+    results = {}
+    for kv_format in KV_FORMATS[1:]:
+        rows = []
+        for index in sorted(session.captured):
+            captured = session.captured[index]
+            q, local_k, local_v, hist_k, hist_v = captured
+            layers = {fmt: kv_layer_factory(fmt)(replace(layout, num_rings=1)) for fmt in ("bf16", kv_format)}
+            for layer in layers.values():
+                layer.write_sink(*session.raw_sinks[index])
+                for start in range(0, hist_k.shape[1], layout.block_tokens):
+                    span = slice(start, start + layout.block_tokens)
+                    layer.append(0, hist_k[:, span], hist_v[:, span])
+            layer = layers[kv_format]
+            got_k, got_v = (t.clone() for t in layer.history(0))
+            stored_local = (
+                with_stored_sink(captured, session.raw_sinks[index], layer.sink(), angles)
+                if quantizes_sink(kv_format)
+                else (local_k, local_v)
+            )
+            got = merged_attention(q, *stored_local, got_k, got_v)
+            want = merged_attention(q, local_k, local_v, hist_k, hist_v)
+            rows.append(
+                (
+                    layer.nbytes() / layers["bf16"].nbytes(),
+                    relative_error(got_k, hist_k),
+                    relative_error(got_v, hist_v),
+                    relative_error(got, want),
+                )
+            )
+        keys = ("bytes_vs_bf16", "key_error", "value_error", "output_error")
+        results[kv_format] = {key: sum(row[i] for row in rows) / len(rows) for i, key in enumerate(keys)}
+    return results
+
+
+REAL_DIMS = TinyDiTRun(blocks=4, latent=(16, 16), config_name="14b", num_layers=1, steps=1)
+
+
 def measure() -> dict[str, object]:
+    tiny_storage = storage_errors(*captured_run(TinyDiTRun()))
+    real_storage = storage_errors(*captured_run(REAL_DIMS))
     synthetic = {
         f"outliers x{scale:g}": {
             name: output_error(pair, synthetic_heads(seed=3, outliers=scale), 256)
@@ -284,6 +370,8 @@ def measure() -> dict[str, object]:
         "tiny_dit_max_abs_drift": {fmt: dit_drift(fmt)[0] for fmt in quantized},
         "tiny_dit_max_abs_output": dit_drift("bf16")[1],
         "tiny_pipeline_frames_psnr_db": {fmt: frames_psnr(fmt)[0] for fmt in quantized},
+        "tiny_storage": tiny_storage,
+        "real_dims_random_weights_storage": real_storage,
     }
 
 
@@ -302,6 +390,19 @@ def render(result: dict[str, object]) -> list[str]:
             f"whole run, {fmt} vs bf16 KV: DiT output max abs diff {drift:.4g} (outputs up to {scale:.3g}), "
             f"frames PSNR {psnr:.2f} dB"
         )
+    for key, title in (
+        ("tiny_storage", "tiny DiT, each format as a KV layer stores it (mean of 4 layers)"),
+        (
+            "real_dims_random_weights_storage",
+            "one layer at the 14B's widths, RANDOM WEIGHTS, 192-token blocks",
+        ),
+    ):
+        lines.append(f"{title}: bytes vs bf16, error of history K / V / attention output")
+        for fmt, row in result[key].items():
+            lines.append(
+                f"  {fmt:<8} {row['bytes_vs_bf16']:7.2%}  K {row['key_error']:.4%}  V {row['value_error']:.4%}  "
+                f"out {row['output_error']:.4%}"
+            )
     return lines
 
 

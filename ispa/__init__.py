@@ -2,7 +2,7 @@
 
 Attention with log-sum-exp and exact merging, sink + ring KV storage per layer, the closed-form absorption of
 history into output projections, the Full / ISPA policies that drive a generation session, and the KV storage
-formats (bf16, fp8, int4) chosen by name.
+formats (bf16, fp8, int4, q2) chosen by name.
 """
 
 from ispa.absorption import (

@@ -123,6 +123,11 @@ class KVLayer(ABC):
     def bytes_per_token(self) -> int | None:
         """Bytes one history token (key + value) occupies in this storage; None before any tensor was seen."""
 
+    def ring_nbytes(self, blocks: int) -> int:
+        """Bytes one ring holding `blocks` blocks occupies in this storage (0 before any tensor was seen). A storage
+        whose blocks do not all cost the same (a residual window) overrides this."""
+        return (self.bytes_per_token or 0) * self.layout.block_tokens * blocks
+
     @abstractmethod
     def sink_nbytes(self) -> int:
         """Bytes of the sink tensors held right now."""

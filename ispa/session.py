@@ -583,14 +583,16 @@ class AttentionSession:
         # The Full baselines, in this session's own storage format (bytes per token of its layers): a Full session
         # keeps every layer's ring slots as they are written (lazily, up to `history_blocks` per ring); an
         # unbounded one would keep every block ever written.
-        slots_held = sum(min(count, self.layout.history_blocks) for count in self._blocks_written)
-        blocks_written = sum(self._blocks_written)
         full_ring = full_unbounded = 0
         for cache_layer in self.cache.layers:
-            token_bytes = cache_layer.bytes_per_token or 0
             sink_bytes = cache_layer.sink_nbytes()
-            full_ring += sink_bytes + token_bytes * self.layout.block_tokens * slots_held
-            full_unbounded += sink_bytes + token_bytes * self.layout.block_tokens * blocks_written
+            full_ring += sink_bytes + sum(
+                cache_layer.ring_nbytes(min(count, self.layout.history_blocks))
+                for count in self._blocks_written
+            )
+            full_unbounded += sink_bytes + sum(
+                cache_layer.ring_nbytes(count) for count in self._blocks_written
+            )
         return BlockReport(
             index=self.block_index,
             phase=phase,

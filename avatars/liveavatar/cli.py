@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-format",
         choices=KV_FORMATS,
         default="bf16",
-        help="how the KV history is stored (ispa.quantized_cache)",
+        help="how the KV cache is stored (ispa.quantized_cache); q2: 2 bits per value, sink included; +w: the "
+        "newest latent frame of each ring kept in bf16 (KIVI's residual window)",
     )
     parser.add_argument(
         "--refresh-sink",

@@ -16,7 +16,7 @@ from avatars.liveavatar.memory_plan import Role, plan_roles
 from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size, planned_size
 from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, TermKind, compare_peak_bytes
-from ispa import FullPolicy, ISPAPolicy, Policy
+from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy, Policy
 
 SIZES = [(s.label, s.max_area) for s in LIVEAVATAR_SIZES]
 DIVISOR = 64
@@ -61,7 +61,7 @@ def one_gpu(weights: str, kv_format: str, policy: Policy, height: int = 704, wid
 
 def planned_peak(area: int, weights: str) -> int:
     height, width = choose_size(*PLANNED_ASPECT, area, DIVISOR)
-    return one_gpu(weights, "int4", FullPolicy(), height, width).peak_bytes
+    return one_gpu(weights, LIGHTEST_KV_FORMAT, FullPolicy(), height, width).peak_bytes
 
 
 def test_without_a_gpu_every_size_is_offered() -> None:
@@ -87,7 +87,7 @@ def test_a_size_is_offered_exactly_when_its_plan_fits(gpu_gib: int, fp8: bool) -
     for label, reason in zip(left_out, reasons, strict=True):
         peak = planned_peak(dict(SIZES)[label], weights)
         assert reason.startswith(f"{label}: peak {peak / GIB:.2f} GiB") and "does not fit" in reason
-        assert reason.endswith(f"({weights} weights, int4 KV, full)")
+        assert reason.endswith(f"({weights} weights, {LIGHTEST_KV_FORMAT} KV, full)")
 
 
 def test_the_official_size_is_planned_at_704x384() -> None:
@@ -137,7 +137,7 @@ def test_a_run_is_refused_exactly_when_its_own_plan_does_not_fit() -> None:
     assert peak("bf16") + CUDA_CONTEXT_BYTES > gpu
     with pytest.raises(ValidationError) as err:
         check_run_fits(run_spec(ISPA, "bf16"), backend, gpu_bytes=lambda device: gpu)
-    fitting = [kv for kv in ("bf16", "fp8", "fp8-all", "int4") if peak(kv) + CUDA_CONTEXT_BYTES <= gpu]
+    fitting = [kv for kv in KV_FORMATS if peak(kv) + CUDA_CONTEXT_BYTES <= gpu]
     message = str(err.value)
     assert "ISPA at 704×384 with bf16 KV" in message and f"{peak('bf16') / GIB:.2f} GiB" in message
     assert message.endswith(f"it fits with the KV-cache format {' or '.join(fitting)}.")
@@ -179,7 +179,7 @@ def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
     with pytest.raises(ValidationError, match="fit the GPUs of the pipeline: ISPA .* on its heaviest rank"):
         check_run_fits(run_spec(ISPA, "fp8"), on_ranks, gpu_bytes=lambda device: gpu - 1)
     # The size chooser: the official size is offered on the ranks' GPUs, not on one such GPU.
-    gpu = heaviest_rank("int4", FullPolicy()) + CUDA_CONTEXT_BYTES
+    gpu = heaviest_rank(LIGHTEST_KV_FORMAT, FullPolicy()) + CUDA_CONTEXT_BYTES
     assert planned_peak(SIZES[0][1], "bf16") + CUDA_CONTEXT_BYTES > gpu
     offered_on_ranks, _ = sizes_for_gpu(on_ranks, gpu_bytes=lambda device: gpu)
     offered_alone, _ = sizes_for_gpu(alone, gpu_bytes=lambda device: gpu)

@@ -26,7 +26,7 @@ from avatars.liveavatar.memory_plan import (
 from avatars.liveavatar.memory_plan import terms as memory
 from avatars.liveavatar.rank_layout import RankLayout
 from avatars.memory import GIB, MemoryPlan, Term, TermKind
-from ispa import KV_FORMATS, FullPolicy, ISPAPolicy
+from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy
 
 LAYOUTS = [(2, False), (2, True), (3, False), (4, False), (5, False)]
 FULL_BF16 = {"model": "14b", "weights": "fp8", "kv_format": "bf16", "policy": FullPolicy()}
@@ -186,7 +186,7 @@ def test_each_rank_gpu_is_checked_against_its_own_role(monkeypatch):
     dit_rank = lightest_plan(weights="fp8", layout=layout, rank=1)
     decoder_rank = lightest_plan(weights="fp8", layout=layout, rank=4)
     assert decoder_rank.peak_bytes < 3 * GIB < dit_rank.peak_bytes
-    assert dit_rank.settings["kv_format"] == "int4" and dit_rank.settings["size"] == "512x320"
+    assert dit_rank.settings["kv_format"] == LIGHTEST_KV_FORMAT and dit_rank.settings["size"] == "512x320"
     free["bytes"] = 6 * GIB
     with pytest.raises(InsufficientGPUMemoryError, match=r"Fake GPU \(DiT rank\).*only 6.00 GiB is free"):
         load_stage_models("14b", layout, 1, fp8=True)

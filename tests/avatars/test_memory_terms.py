@@ -136,14 +136,14 @@ def test_loading_refuses_a_too_small_gpu_before_reading_any_weight(monkeypatch):
     lightest = lightest_plan(weights="fp8")  # the smallest of LiveAvatar's sizes: 512×320
     message = str(err.value)
     assert "Fake GPU" in message and "only 20.00 GiB is free" in message
-    assert f"peaks at {lightest.peak_bytes / GIB:.2f} GiB" in message and "int4 KV" in message
+    assert f"peaks at {lightest.peak_bytes / GIB:.2f} GiB" in message and "q2 KV" in message
 
 
 @pytest.mark.parametrize(("max_area", "height", "width"), [(512 * 320, 512, 320), (720 * 400, 704, 384)])
-def test_the_lightest_plan_is_full_with_int4_kv_at_the_planned_size(max_area, height, width):
+def test_the_lightest_plan_is_full_with_q2_kv_at_the_planned_size(max_area, height, width):
     lightest = lightest_plan(weights="fp8", max_area=max_area)
-    assert lightest.settings["size"] == f"{height}x{width}" and lightest.settings["kv_format"] == "int4"
-    assert LIGHTEST_KV_FORMAT == "int4" and lightest.settings["policy"] == "full"
+    assert lightest.settings["size"] == f"{height}x{width}" and lightest.settings["kv_format"] == "q2"
+    assert LIGHTEST_KV_FORMAT == "q2" and lightest.settings["policy"] == "full"
     others = [
         plan_roles(height, width, model="14b", weights="fp8", kv_format=kv, policy=policy)[Role.ONE_GPU]
         for kv in KV_FORMATS
@@ -167,3 +167,16 @@ def test_vae_decoder_cache_constant_matches_a_real_config_decode():
     ]
     (decoder_cache,) = [t for t in plan.terms if t.kind is TermKind.DECODER_CACHE]
     assert decoder_cache.warmup == decoder_cache.after == 4729 * 704 * 384
+
+
+@pytest.mark.parametrize(
+    ("dim", "heads", "sink", "block"),
+    [(5120, 40, 2640, 3168), (5120, 40, 1600, 1920), (64, 4, 80, 96)],  # 14B at 704x384 and 512x320; tiny CLI
+)
+def test_q2_under_full_holds_at_most_a_fifth_of_a_bf16_cache(dim, heads, sink, block):
+    """Issue 21's contract, by the plan (equal to the live tensors in test_memory_live_tensors)."""
+    sizes = {"num_layers": 4, "dim": dim, "sink_tokens": sink, "block_tokens": block, "heads": heads}
+    bf16 = memory.kv_cache_bytes(**sizes)
+    q2 = memory.kv_cache_bytes(**sizes, kv_format="q2")
+    assert q2 <= 0.2 * bf16
+    assert memory.kv_cache_bytes(**sizes, kv_format="int4") > q2 * 2  # not merely a smaller int4

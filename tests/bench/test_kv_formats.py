@@ -78,3 +78,43 @@ def test_the_fp8_all_sink_measured_is_what_an_fp8_all_layer_gives_attention():
 def test_storing_the_sink_in_fp8_too_adds_error_on_every_tiny_layer():
     errors, _ = tiny_layer_errors(blocks=2)
     assert all(fp8 < both <= 0.02 for fp8, both in zip(errors[FP8], errors[FP8_ALL], strict=True))
+
+
+def test_the_storage_bench_counts_each_format_as_its_layers_hold_it():
+    from types import SimpleNamespace
+
+    from bench.kv_formats import storage_errors
+    from ispa.quantized_cache import KV_FORMATS, history_ring_bytes, quantizes_sink, sink_bytes
+
+    gen = torch.Generator().manual_seed(2)
+    heads, dim, sink, block = 2, 16, 24, 48
+    layout = CacheLayout(block_tokens=block, history_blocks=3, num_rings=4, frames_per_block=3)
+    angles = rope_angles(torch.randint(-5, 30, (sink, 3), generator=gen), dim)
+    raw_k, raw_v = (torch.randn(1, sink, heads, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    block_k, block_v, q = (
+        torch.randn(1, block, heads, dim, generator=gen).to(torch.bfloat16) for _ in range(3)
+    )
+    hist_k, hist_v = (
+        torch.randn(1, 3 * block, heads, dim, generator=gen).to(torch.bfloat16) for _ in range(2)
+    )
+    local_k = torch.cat([apply_rope(raw_k, angles), block_k], dim=1)
+    local_v = torch.cat([raw_v, block_v], dim=1)
+    session = SimpleNamespace(
+        captured={0: (q, local_k, local_v, hist_k, hist_v)}, raw_sinks={0: (raw_k, raw_v)}
+    )
+    results = storage_errors(session, layout, angles)
+    assert list(results) == list(KV_FORMATS[1:])
+    bf16_sink = sink * 2 * heads * dim * 2
+    bf16 = history_ring_bytes("bf16", layout, 3, 1, heads, dim) + bf16_sink
+    for kv_format, row in results.items():
+        stored_sink = (
+            sink_bytes(kv_format, sink, 1, heads, dim)
+            if quantizes_sink(kv_format)
+            else bf16 - 3 * block * 128
+        )
+        held = stored_sink + history_ring_bytes(kv_format, layout, 3, 1, heads, dim)
+        assert row["bytes_vs_bf16"] == held / bf16, kv_format
+        assert row["key_error"] > 0 and 0 < row["output_error"] < 1
+    for base in ("int4", "q2"):  # the window's newest frame is exact, so the history error drops
+        assert results[f"{base}+w"]["key_error"] < results[base]["key_error"]
+        assert results[f"{base}+w"]["bytes_vs_bf16"] > results[base]["bytes_vs_bf16"]

@@ -12,10 +12,12 @@ from ispa.kv_codecs import Fp8ChannelCodec, Fp8TokenCodec, Int4Codec
 from ispa.quantized_cache import (
     KV_FORMATS,
     QuantizedRingLayer,
-    history_bytes_per_token,
+    history_ring_bytes,
     int4_key_group,
     kv_layer_factory,
     quantizes_sink,
+    residual_window_tokens,
+    sink_bytes,
     sink_bytes_per_token,
 )
 from tests.fixtures.toy_model import ToyConfig, ToyRun, ToyTransformer
@@ -32,35 +34,63 @@ def block(seed: int, dtype=torch.float32, outlier: float = 1.0) -> tuple[torch.T
 
 
 def stored_bytes(layer: QuantizedRingLayer) -> int:
-    return sum(t.nbytes for ring in layer._slots for k, v in ring for t in (*k, *v))
+    return sum(t.nbytes for ring in layer._slots for slot in ring for _, k, v, _ in slot for t in (*k, *v))
 
 
-def test_bytes_per_token_by_hand_and_against_the_stored_tensors():
+def q2_block_bytes(tokens: int) -> int:
+    """One q2 chunk of keys or values by hand: 2-bit codes, a 4-bit group per token, fp16 centroids (one group
+    per 48 tokens, at least 1, at most 16) and two fp16 stage scales per (head, channel)."""
+    rows = BATCH * HEADS
+    groups = max(1, min(16, tokens // 48))
+    return rows * (tokens * HEAD_DIM // 4 + (tokens + 1) // 2 + groups * HEAD_DIM * 2 + 2 * HEAD_DIM * 2)
+
+
+def test_bytes_by_hand_and_against_the_stored_tensors():
     # fp8: a byte per value and a fp32 scale per (token, head), for keys and values
     fp8 = 2 * BATCH * HEADS * (HEAD_DIM + 4)
     # int4: half a byte per value; fp16 min and step per group of 32 tokens (keys) or 32 channels (values)
     width = BATCH * HEADS * HEAD_DIM
     int4 = 2 * width // 2 + 4 * width // 32 + 4 * width // 32
-    expected = {"bf16": 2 * width * 2, "fp8": fp8, "fp8-all": fp8, "int4": int4}
+    bf16 = 2 * width * 2
+    per_block = {"bf16": bf16 * BLOCK, "fp8": fp8 * BLOCK, "fp8-all": fp8 * BLOCK, "int4": int4 * BLOCK}
+    per_block |= {"q2": 2 * q2_block_bytes(BLOCK)}
+    # LAYOUT has one frame per block, so a window of one frame is the whole newest block, kept in bf16
+    per_block |= {"int4+w": per_block["int4"], "q2+w": per_block["q2"]}
     for kv_format in KV_FORMATS:
-        assert history_bytes_per_token(kv_format, LAYOUT, BATCH, HEADS, HEAD_DIM) == expected[kv_format]
+        window = residual_window_tokens(kv_format, LAYOUT)
+        assert window == (BLOCK if kv_format.endswith("+w") else 0)
         layer = kv_layer_factory(kv_format)(LAYOUT)
         layer.write_sink(*block(0, torch.bfloat16))
         sink = layer.sink_nbytes()
-        if quantizes_sink(
-            kv_format
+        if kv_format in (
+            "fp8-all",
         ):  # the sink stored like the history: codes plus a scale per token and head
             assert sink == BLOCK * fp8 == BLOCK * sink_bytes_per_token(kv_format, BATCH, HEADS, HEAD_DIM)
-            assert sink == sum(t.nbytes for pair in layer._stored_sink for t in pair)
+        elif kv_format.startswith("q2"):  # the sink stored in q2 as one chunk
+            assert sink == 2 * q2_block_bytes(BLOCK) == sink_bytes(kv_format, BLOCK, BATCH, HEADS, HEAD_DIM)
         else:  # the sink stays bf16
-            assert sink == 2 * BATCH * BLOCK * HEADS * HEAD_DIM * 2
+            assert sink == BLOCK * bf16
+        assert quantizes_sink(kv_format) == (kv_format == "fp8-all" or kv_format.startswith("q2"))
+        if quantizes_sink(kv_format):
+            assert sink == sum(t.nbytes for pair in layer._stored_sink for t in pair)
         for n in range(1, 5):
             layer.append(0, *block(n, torch.bfloat16))
-            held = min(n, LAYOUT.history_blocks) * BLOCK
-            assert layer.nbytes() == sink + held * expected[kv_format], (kv_format, n)
+            held = min(n, LAYOUT.history_blocks)
+            # every held block quantized, except a window's newest tokens, which stay bf16
+            want = (
+                held * per_block[kv_format]
+                if not window
+                else (held - 1) * per_block[kv_format] + BLOCK * bf16
+            )
+            assert layer.nbytes() == sink + want, (kv_format, n)
+            assert (
+                layer.ring_nbytes(held)
+                == want
+                == history_ring_bytes(kv_format, LAYOUT, held, BATCH, HEADS, HEAD_DIM)
+            )
             if kv_format != "bf16":
                 assert layer.nbytes() == sink + stored_bytes(layer)
-        assert layer.bytes_per_token == expected[kv_format]
+        assert layer.bytes_per_token * BLOCK == per_block[kv_format] - per_block[kv_format] % BLOCK
 
 
 @pytest.mark.parametrize("outlier", [1.0, 30.0])
@@ -143,10 +173,12 @@ def test_a_quantized_sink_is_dequantized_into_one_buffer_shared_by_the_layers():
         second.write_sink(*(t[:, :0] for t in block(22)))
 
 
-@pytest.mark.parametrize("kv_format", ["fp8", "fp8-all", "int4"])
+@pytest.mark.parametrize("kv_format", KV_FORMATS[1:])
 def test_ring_order_wrap_local_full_and_reset_match_the_bf16_ring(kv_format):
     quantized, reference = kv_layer_factory(kv_format)(LAYOUT), SinkRingLayer(LAYOUT)
-    codec_error = {"fp8": 0.07, "fp8-all": 0.07, "int4": 0.2}[kv_format]
+    codec_error = {"fp8": 0.07, "fp8-all": 0.07, "int4": 0.2, "int4+w": 0.2, "q2": 0.4, "q2+w": 0.4}[
+        kv_format
+    ]
     for n in range(5):  # wraps: slots 0,1,2,0,1
         for layer in (quantized, reference):
             layer.append(0, *block(n))
@@ -187,7 +219,7 @@ def toy_run(policy, kv_format, blocks):
     return [run.step() for _ in range(blocks)]
 
 
-@pytest.mark.parametrize("kv_format", ["fp8", "fp8-all", "int4"])
+@pytest.mark.parametrize("kv_format", KV_FORMATS[1:])
 def test_ispa_with_quantized_kv_is_bit_identical_to_full_with_it_until_the_absorb(kv_format):
     full = toy_run(FullPolicy(), kv_format, blocks=T_WARM + 2)
     ispa = toy_run(ISPAPolicy(k_fraction=0.5, t_warm=T_WARM), kv_format, blocks=T_WARM + 2)
@@ -205,7 +237,7 @@ def test_ispa_with_quantized_kv_is_bit_identical_to_full_with_it_until_the_absor
 
 def test_quantized_kv_stays_close_to_bf16_kv_through_a_toy_run():
     reference = toy_run(FullPolicy(), "bf16", blocks=4)
-    for kv_format, bound in (("fp8", 0.05), ("fp8-all", 0.05), ("int4", 0.2)):
+    for kv_format, bound in (("fp8", 0.05), ("fp8-all", 0.05), ("int4", 0.2), ("q2", 0.5)):
         run = toy_run(FullPolicy(), kv_format, blocks=4)
         last, want = run[-1][0][-1], reference[-1][0][-1]
         assert 0 < ((last - want).norm() / want.norm()).item() < bound, kv_format

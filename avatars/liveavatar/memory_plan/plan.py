@@ -330,7 +330,7 @@ def _check_settings(
 
 def _kv_storage(kv_format: str) -> str:
     sink = kv_format if quantizes_sink(kv_format) else "bf16"
-    return f"{kv_format.removesuffix('-all')} history, {sink.removesuffix('-all')} sink"
+    return f"{kv_format.removesuffix('-all')} history, {sink.removesuffix('-all').removesuffix('+w')} sink"
 
 
 class InsufficientGPUMemoryError(RuntimeError):

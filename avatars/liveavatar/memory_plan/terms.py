@@ -25,12 +25,12 @@ import math
 import torch
 from torch import nn
 
-from avatars.liveavatar.block_layout import DENOISING_STEPS, HISTORY_BLOCKS
+from avatars.liveavatar.block_layout import DENOISING_STEPS, HISTORY_BLOCKS, LATENT_FRAMES_PER_BLOCK
 from avatars.liveavatar.config import DiTConfig
 from avatars.liveavatar.dit.transformer import stored_dtype
 from avatars.liveavatar.weights.fp8 import is_excluded_from_fp8
 from ispa import CacheLayout, ISPAPolicy
-from ispa.quantized_cache import history_bytes_per_token, quantizes_sink, sink_bytes_per_token
+from ispa.quantized_cache import history_ring_bytes, quantizes_sink, sink_bytes
 
 UMT5_XXL_ENCODER_PARAMS = 5_680_910_336  # UMT5EncoderModel (d_model 4096, 24 layers, vocab 256384)
 WAV2VEC2_LARGE_PARAMS = 315_472_545  # Wav2Vec2ForCTC, wav2vec2-large-xlsr-53-english
@@ -81,18 +81,19 @@ def kv_cache_bytes(
     """
     unquantized = 2 * dim * bytes_per_value
     if kv_format == "bf16":
-        token = sink = unquantized
-    else:
-        if heads is None:
-            raise ValueError(f"kv_format {kv_format!r} needs heads to count its scales")
-        layout = CacheLayout(block_tokens=block_tokens, history_blocks=HISTORY_BLOCKS)
-        token = history_bytes_per_token(kv_format, layout, 1, heads, dim // heads)
-        sink = (
-            sink_bytes_per_token(kv_format, 1, heads, dim // heads)
-            if quantizes_sink(kv_format)
-            else unquantized
-        )
-    return num_layers * (sink_tokens * sink + rings * history_blocks * block_tokens * token)
+        return num_layers * (sink_tokens + rings * history_blocks * block_tokens) * unquantized
+    if heads is None:
+        raise ValueError(f"kv_format {kv_format!r} needs heads to count its scales")
+    layout = CacheLayout(
+        block_tokens=block_tokens, history_blocks=HISTORY_BLOCKS, frames_per_block=LATENT_FRAMES_PER_BLOCK
+    )
+    ring = history_ring_bytes(kv_format, layout, history_blocks, 1, heads, dim // heads, bytes_per_value)
+    sink = (
+        sink_bytes(kv_format, sink_tokens, 1, heads, dim // heads)
+        if quantizes_sink(kv_format)
+        else sink_tokens * unquantized
+    )
+    return num_layers * (sink + rings * ring)
 
 
 def kv_cache_bytes_after_absorb(
