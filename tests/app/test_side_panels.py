@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from app.inputs import COMPARE, FULL, ISPA
 from app.metrics import ChunkDrift
 from app.panels import (
     FULL_RING,
     FULL_RUN,
     FULL_UNBOUNDED,
+    HEADROOM,
     ISPA_RUN,
     THIS_RUN,
     KVTimeline,
@@ -22,6 +24,14 @@ from app.panels import (
     format_bytes,
     layer_map_html,
     run_summary_html,
+)
+from app.run_view import (
+    RECALIBRATE_FULL,
+    RECALIBRATE_IDLE,
+    RECALIBRATE_READY,
+    RECALIBRATE_ZERO_GPU,
+    recalibrate_state,
+    timeline_for,
 )
 from avatars.base import ChunkReport, ChunkTimings
 from ispa.report import BlockReport
@@ -92,8 +102,11 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
     assert after_absorb.t_seconds.min() == pytest.approx(ends[4])
     marker = df[df.series == "absorbed"]
     assert marker.t_seconds.tolist() == pytest.approx([ends[4], ends[4]])
-    assert marker.kv_cache.tolist() == pytest.approx([0.0, df[df.series != "absorbed"].kv_cache.max()])
-    assert timeline.annotation() == f"absorbed at {ends[4]:.2f} s"
+    # The marker spans the axis, whose top is above every series but the unbounded one (which leaves the plot).
+    assert marker.kv_cache.tolist() == pytest.approx([0.0, timeline.y_top()])
+    fitted = df[df.series.isin([THIS_RUN, FULL_RING])].kv_cache.max()
+    assert fitted < timeline.y_top() <= 1.5 * HEADROOM * fitted
+    assert timeline.annotation() == f"green line: absorbed at {ends[4]:.2f} s"
 
 
 def test_kv_timeline_picks_a_unit_that_fits_the_numbers() -> None:
@@ -113,7 +126,7 @@ def test_kv_timeline_before_absorption_says_warmup() -> None:
 
 
 def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
-    timeline = KVTimeline(compare=True)
+    timeline = KVTimeline((FULL_RUN, ISPA_RUN), ())
     for i, seconds in enumerate(DURATIONS[:6]):
         full = engine(i, event=None, kv_bytes=int(2.5e10))
         timeline.add(full, seconds, run=FULL_RUN)
@@ -129,6 +142,9 @@ def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
         timeline.add(engine(6), 0.48, run=THIS_RUN)
     with pytest.raises(ValueError, match="run must be one of"):
         KVTimeline().add(engine(0), 0.36, run=ISPA_RUN)
+    with pytest.raises(ValueError, match="baselines come from a lone run"):
+        KVTimeline((FULL_RUN, ISPA_RUN), (FULL_RING,))
+    assert timeline.annotation() == f"green line: {ISPA_RUN} absorbed at {ends[4]:.2f} s"
 
 
 def test_every_event_gets_its_own_vertical_line() -> None:
@@ -321,3 +337,110 @@ def test_layer_map_names_the_phase_its_cells_show() -> None:
     assert "phase: recalibrating" in layer_map_html(
         engine(6, event="recalibration_started", phase="absorbed")
     )
+
+
+MB = 1e6
+
+
+def tiny_like_reports(chunks: int, policy: str) -> list[BlockReport]:
+    """Reports shaped like the tiny model's (issue 23): the ring fills in three chunks (1.00, 1.75, 2.52 MB), the
+    unbounded history grows 0.77 MB a chunk, and an ISPA run drops to 1.34 MB at its absorb (chunk 4)."""
+    ring = [1.0, 1.75, 2.52]
+    reports = []
+    for i in range(chunks):
+        full_ring = ring[min(i, 2)] * MB
+        absorbed = policy == ISPA and i >= 4
+        event = "absorbed" if policy == ISPA and i == 4 else None
+        reports.append(
+            engine(
+                i,
+                make={"absorbed_from": 4 if policy == ISPA else 10**6},
+                phase="full" if policy == FULL else ("absorbed" if absorbed else "warmup"),
+                kv_bytes=int(1.34 * MB) if absorbed else int(full_ring),
+                kv_bytes_full_ring=int(full_ring),
+                kv_bytes_full_unbounded=int((1.0 + 0.77 * i) * MB) if i >= 3 else int(full_ring),
+                event=event,
+            )
+        )
+    return reports
+
+
+def play(timeline: KVTimeline, reports: list[BlockReport]) -> KVTimeline:
+    for i, report in enumerate(reports):
+        timeline.add(report, DURATIONS[0] if i == 0 else 0.48)
+    return timeline
+
+
+def test_the_absorb_drop_is_a_visible_step_after_a_16_s_clip() -> None:
+    """Issue 23: after 16 s the unbounded baseline reaches about 27 MB; the axis must not be stretched to hold
+    it, or the 2.52 -> 1.34 MB drop sits at the axis' floor."""
+    chunks = 1 + round((16 - DURATIONS[0]) / 0.48)
+    timeline = play(timeline_for(ISPA), tiny_like_reports(chunks, ISPA))
+    df = timeline.dataframe()
+    assert df[df.series == FULL_UNBOUNDED].kv_cache.max() > 25  # MB: the line that set the old axis
+    assert (2.52 - 1.34) / timeline.y_top() >= 0.25  # the drop spans a quarter of the axis or more
+    assert timeline.y_top() > 2.52
+    assert any(f"{FULL_UNBOUNDED} leaves the plot at" in note for note in timeline.notes())
+    assert f"{FULL_UNBOUNDED} leaves the plot" in timeline.caption()
+    assert timeline.legend_series() == [THIS_RUN, FULL_RING, FULL_UNBOUNDED]
+
+
+@pytest.mark.parametrize(("policy", "chunks"), [(FULL, 2), (FULL, 8), (ISPA, 2), (ISPA, 8), (COMPARE, 8)])
+def test_the_legend_names_only_lines_that_can_be_seen(policy: str, chunks: int) -> None:
+    """A series drawn under a later-drawn one over its whole length is not in the legend but named in the
+    caption: a Full run's "Full (ring)" is that run itself (issue 23: "this run" under "Full (ring)")."""
+    timeline = timeline_for(policy)
+    if policy == COMPARE:
+        for i, (full, ispa) in enumerate(
+            zip(tiny_like_reports(chunks, FULL), tiny_like_reports(chunks, ISPA), strict=True)
+        ):
+            seconds = DURATIONS[0] if i == 0 else 0.48
+            timeline.add(full, seconds, run=FULL_RUN)
+            timeline.add(ispa, seconds, run=ISPA_RUN)
+    else:
+        play(timeline, tiny_like_reports(chunks, policy))
+    df = timeline.dataframe()
+    drawn = [name for name in timeline.series() if name in set(df.series)]  # in drawing order
+    legend = timeline.legend_series()
+    for name in legend:
+        points = set(zip(df[df.series == name].t_seconds, df[df.series == name].kv_cache, strict=True))
+        for later in drawn[drawn.index(name) + 1 :]:
+            over = set(zip(df[df.series == later].t_seconds, df[df.series == later].kv_cache, strict=True))
+            assert not points <= over, f"{name} is named in the legend but drawn under {later}"
+    for name in set(drawn) - set(legend):
+        assert f"{name} is drawn under" in timeline.caption()
+    if policy == FULL:
+        assert FULL_RING not in legend and THIS_RUN in legend
+    if policy == COMPARE and chunks > 4:  # the runs part at the absorb
+        assert legend == [FULL_RUN, ISPA_RUN]
+
+
+def test_full_mode_says_what_full_does() -> None:
+    """Issue 23: a Full run's caption said "No layer has gone local yet (warmup)", its memory panel showed
+    warmup and absorb statistics."""
+    reports = tiny_like_reports(6, FULL)
+    caption = play(timeline_for(FULL), reports).caption()
+    assert "No layer has gone local yet" not in caption and "(warmup)" not in caption
+    assert caption.startswith("Full: every layer keeps attending to its whole cached history")
+    assert "no absorb" in caption
+    ispa = play(timeline_for(ISPA), tiny_like_reports(2, ISPA)).caption()
+    assert ispa.startswith("No layer has gone local yet (warmup)")
+    chunk_reports = [
+        ChunkReport(engine=r, timings=ChunkTimings(1.0, 0.2), frames=12, end_seconds=1.0) for r in reports
+    ]
+    summary = run_summary_html(chunk_reports)
+    assert "warmup" not in summary and "Absorb step" not in summary
+    assert "Full run: it gathers no attention statistics" in summary and "never absorbs" in summary
+
+
+@pytest.mark.parametrize(
+    ("running", "ispa_runs", "zero_gpu", "expected"),
+    [
+        (False, 0, False, (False, RECALIBRATE_IDLE)),
+        (True, 0, False, (False, RECALIBRATE_FULL)),
+        (True, 1, False, (True, RECALIBRATE_READY)),
+        (True, 1, True, (False, RECALIBRATE_ZERO_GPU)),
+    ],
+)
+def test_recalibrate_is_on_only_while_an_ispa_run_streams(running, ispa_runs, zero_gpu, expected) -> None:
+    assert recalibrate_state(running, ispa_runs, zero_gpu) == expected
