@@ -444,3 +444,62 @@ def test_full_mode_says_what_full_does() -> None:
 )
 def test_recalibrate_is_on_only_while_an_ispa_run_streams(running, ispa_runs, zero_gpu, expected) -> None:
     assert recalibrate_state(running, ispa_runs, zero_gpu) == expected
+
+
+class TimelinePanels:
+    """The part of `app.run_view.RunPanels` the step's updates read, over a real timeline."""
+
+    def __init__(self) -> None:
+        self.timeline = timeline_for(ISPA)
+        self.shown_plot_props = None
+
+    def plot(self) -> pd.DataFrame:
+        return self.timeline.dataframe()
+
+    def plot_props(self, plot: pd.DataFrame) -> dict:
+        return {
+            "caption": self.timeline.caption(),
+            "colors_in_legend": self.timeline.legend_series(),
+            "y_lim": [0.0, self.timeline.y_top()],
+        }
+
+    def layer_map(self) -> str:
+        return "layers"
+
+    def summary(self) -> str:
+        return "summary"
+
+    def drift(self) -> str:
+        return ""
+
+
+def test_the_plot_data_go_before_a_redraw_and_a_step_without_one_sends_one_update() -> None:
+    """Issue 23: the plot lagged the caption and the layer map by one chunk. The browser applies an update's
+    properties before its value (Gradio sends "value" last) and redraws from scratch on a property change, so a
+    step whose plot properties change sends the new data first, alone."""
+    import gradio as gr
+
+    from app.generation import _outputs
+    from app.layout import RunOutputs
+
+    panels = TimelinePanels()
+    plot_at = RunOutputs.position("kv_plot")
+    reports = tiny_like_reports(8, ISPA)
+    sizes = []
+    for i, report in enumerate(reports):
+        panels.timeline.add(report, DURATIONS[0] if i == 0 else 0.48)
+        updates = [u.as_list() for u in _outputs([(ISPA, None)], {}, panels, f"{i + 1} chunks")]
+        sizes.append(len(updates))
+        *first, last = updates
+        expected = panels.plot()
+        for update in first:  # the new data alone, every other output left as it is
+            assert update[plot_at].constructor_args == {"value": update[plot_at].constructor_args["value"]}
+            pd.testing.assert_frame_equal(update[plot_at].constructor_args["value"], expected)
+            assert all(v == gr.skip() for j, v in enumerate(update) if j != plot_at)
+        pd.testing.assert_frame_equal(last[plot_at].constructor_args["value"], expected)
+        assert last[plot_at].constructor_args["caption"] == panels.timeline.caption()
+        assert last[RunOutputs.position("status")] == f"{i + 1} chunks"
+    # The legend changes when the baselines part from the run and at the absorb; a step that changes none of
+    # the plot's properties is one update (the legend list is not sent again: the page would redraw for it).
+    assert sizes[0] == 2 and 1 in sizes
+    assert sizes[-1] == 1 and "colors_in_legend" not in last[plot_at].constructor_args
