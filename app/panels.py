@@ -60,7 +60,7 @@ _L_STYLE = "background:#15803d;color:#fff;"
 _F_STYLE = "background:#e5e7eb;color:#111827;"
 _CELL_STYLE = "border-radius:4px;padding:2px 0;text-align:center;font:11px/1.2 monospace;"
 _TABLE_STYLE = "border-collapse:collapse;font:12px/1.4 sans-serif;"
-_TD_STYLE = "padding:2px 8px;border-bottom:1px solid #e5e7eb;text-align:right;"
+_TD_STYLE = "padding:1px 3px;border-bottom:1px solid #e5e7eb;text-align:right;"  # fits 1280 px wide
 
 
 class KVTimeline:
