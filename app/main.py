@@ -63,7 +63,7 @@ MIC_SESSIONS = 8
 # A streamed video sizes itself to the column's width; a tall portrait video would push everything down.
 CSS = (
     f"#player_a video, #player_b video {{ max-height: {PLAYER_HEIGHT}px; object-fit: contain; }}"
-    " .run-summary table { display: block; overflow-x: auto; font-size: 0.75em; }"
+    " .run-summary table { width: 100%; }"  # its headers and values wrap (app.panels): it fits 1280 px
 )
 
 

@@ -59,8 +59,8 @@ SUMMARY_PLACEHOLDER = (
 _L_STYLE = "background:#15803d;color:#fff;"
 _F_STYLE = "background:#e5e7eb;color:#111827;"
 _CELL_STYLE = "border-radius:4px;padding:2px 0;text-align:center;font:11px/1.2 monospace;"
-_TABLE_STYLE = "border-collapse:collapse;font:12px/1.4 sans-serif;"
-_TD_STYLE = "padding:1px 3px;border-bottom:1px solid #e5e7eb;text-align:right;"  # fits 1280 px wide
+_TABLE_STYLE = "border-collapse:collapse;font:11px/1.3 sans-serif;"
+_TD_STYLE = "padding:1px 2px;border-bottom:1px solid #e5e7eb;text-align:right;white-space:normal;overflow-wrap:anywhere;"  # fits 1280 px wide
 
 
 class KVTimeline:
@@ -330,7 +330,9 @@ def run_summary_html(
         _seconds(sum(e.merge_seconds for e in engines)),
         "",
     ]
-    head = ["chunk", "phase", "model s", "decode s", "mux s", "merge s", "KV"]
+    # Units in a line of their own, not in the headers: the table fits the side column at 1280 px.
+    lines.append("Seconds per chunk: model, VAE decode, mux (the app's mp4 writing), LSE merge.")
+    head = ["chunk", "phase", "model", "decode", "mux", "merge", "KV"]
     summary = "".join(f"<div>{line}</div>" for line in lines)
     return f'<div class="run-summary">{summary}{_table(head, [*rows, totals])}</div>'
 

@@ -275,17 +275,15 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
     assert table.chunk.tolist() == ["7", "8", "9", "all"]
     assert table.phase.tolist()[:3] == ["absorbed"] * 3
     last = reports[7:]
-    assert as_floats(table["model s"][:3]) == pytest.approx([r.timings.model_seconds for r in last], abs=5e-4)
-    assert as_floats(table["decode s"][:3]) == pytest.approx(
-        [r.timings.decode_seconds for r in last], abs=5e-4
-    )
-    assert as_floats(table["mux s"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
+    assert as_floats(table["model"][:3]) == pytest.approx([r.timings.model_seconds for r in last], abs=5e-4)
+    assert as_floats(table["decode"][:3]) == pytest.approx([r.timings.decode_seconds for r in last], abs=5e-4)
+    assert as_floats(table["mux"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
     assert table["KV"][:3].tolist() == [f"{r.engine.kv_bytes / GB:.2f} GB" for r in last]
-    assert float(table["model s"].iloc[-1]) == pytest.approx(
+    assert float(table["model"].iloc[-1]) == pytest.approx(
         sum(r.timings.model_seconds for r in reports), abs=5e-4
     )
-    assert float(table["mux s"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
-    assert float(table["merge s"].iloc[-1]) == pytest.approx(
+    assert float(table["mux"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
+    assert float(table["merge"].iloc[-1]) == pytest.approx(
         sum(r.engine.merge_seconds for r in reports), abs=5e-4
     )
     assert "Statistics memory: <b>0 B</b> now, 2.10 GB at most" in html
@@ -294,7 +292,7 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
 
 def test_run_summary_without_mux_times_and_without_reports() -> None:
     html = run_summary_html([make_report(0)])
-    assert parse_table(html)["mux s"].tolist() == ["—", "0.000"]
+    assert parse_table(html)["mux"].tolist() == ["—", "0.000"]
     assert "Statistics memory: <b>2.10 GB</b> now" in html
     assert run_summary_html([]) == "<div>No chunks yet.</div>"
 

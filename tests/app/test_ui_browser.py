@@ -66,7 +66,7 @@ PANEL_GEOMETRY = """() => {
     for (const id of ['#kv_plot', '#layer_map', '#run_summary', '#status', '#recalibrate_note']) {
         for (const el of [document.querySelector(id), ...document.querySelectorAll(id + ' *')]) {
             const style = getComputedStyle(el);
-            const hides = ['hidden', 'clip'].includes(style.overflowX);  // a scrollable box is not cut
+            const hides = ['hidden', 'clip', 'auto', 'scroll'].includes(style.overflowX);  // cut, or to scroll
             if (hides && el.scrollWidth > el.clientWidth + 1) clipped.push(id + ' ' + el.tagName + ': '
                 + el.textContent.slice(0, 40));
             if (style.textOverflow === 'ellipsis' && el.scrollWidth > el.clientWidth + 1) clipped.push(id);
@@ -155,10 +155,13 @@ def test_a_run_streams_into_the_player_and_redraws_the_plot(
         page.evaluate(WATCH_STATUS)
 
         page.locator("#generate").click()
-        # Mid-stream: the absorb is on the plot, the player is playing, and the run is still generating.
-        mid_stream_or_done = f"""() => document.querySelector('#status').innerText.includes('finished') ||
-            ((document.querySelector('#kv_plot .caption')?.textContent || '').includes('absorbed at')
-             && (!{str(can_play).lower()} || ({PLAYHEAD})() > 0.3))"""
+        # Mid-stream: the absorb is on the plot with two chunks after it (its drop shows as a step, not at the
+        # plot's right edge), the player is playing, and the run is still generating.
+        mid_stream_or_done = f"""() => {{ const status = document.querySelector('#status').innerText;
+            const chunks = Number((status.match(/(\\d+) chunks/) || [0, 0])[1]);
+            return status.includes('finished') || (chunks >= 7
+                && (document.querySelector('#kv_plot .caption')?.textContent || '').includes('absorbed at')
+                && (!{str(can_play).lower()} || ({PLAYHEAD})() > 0.3)); }}"""
         page.wait_for_function(mid_stream_or_done, timeout=GUARD_MS)
         caught_mid_stream = "generating" in page.locator("#status").inner_text()
         if caught_mid_stream:
