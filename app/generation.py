@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from app.worker_pool import on_device
 from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunControl, RunGroup
 
 logger = logging.getLogger(__name__)
+LEGEND = "colors_in_legend"
 
 # ZeroGPU time asked per request: a fixed start-up share plus a share per second of speech and per run.
 GPU_BASE_SECONDS = 60
@@ -107,7 +109,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
-            yield _outputs(spec.shown_runs(), segments, panels, status)
+            yield from _outputs(spec.shown_runs(), segments, panels, status)
             _remove(segments)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
         last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
@@ -129,7 +131,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
         last = {name: recorder.final_video for name, recorder in recorders.items()}
     state = "stopped" if active.stop_requested else "finished"
     status = status_markdown(pipe.label, spec, recorders, first_video_s, meter and meter.summary(), state)
-    yield _outputs(spec.shown_runs(), last, panels, status, final)
+    yield from _outputs(spec.shown_runs(), last, panels, status, final)
     if streaming:
         _remove(last)
 
@@ -219,24 +221,38 @@ def _outputs(
     panels: RunPanels,
     status: str,
     final: FinalOutputs | None = None,
-) -> RunOutputs[Any]:
-    """The values of one step; a player without a new segment is skipped, which leaves its stream as it is."""
+) -> list[RunOutputs[Any]]:
+    """The updates of one step: its values, a player without a new segment skipped (which leaves its stream as
+    it is). When the plot's properties change, its new data go first in an update of their own: the browser
+    applies an update's properties before its value and redraws the plot from scratch on a property change, so
+    in one update the redraw would show the previous step's data."""
     players = [videos.get(shown[i]) if i < len(shown) else None for i in range(2)]
     player_a, player_b = (str(p) if p is not None else gr.skip() for p in players)
     plot = panels.plot()
-    return RunOutputs(
-        player_a=player_a,
-        player_b=player_b,
-        kv_plot=gr.LinePlot(
-            value=plot,
-            color_map=panels.plot_colors(plot),
-            caption=panels.caption(),
-            y_title=panels.plot_y_title(),
-        ),
-        layer_map=panels.layer_map(),
-        run_summary=panels.summary(),
-        drift_table=panels.drift(),
-        status=status,
-        downloads=[str(p) for p in final.files] if final is not None else gr.skip(),
-        report=final.report if final is not None else gr.skip(),
+    props = panels.plot_props(plot)
+    last_props, updates = panels.shown_plot_props, []
+    if props != last_props:
+        updates.append(_plot_only(gr.LinePlot(value=plot)))
+        panels.shown_plot_props = props
+    if last_props is not None and props[LEGEND] == last_props[LEGEND]:
+        # The page compares a list by identity: sent again unchanged, it would redraw the plot all the same.
+        props = {name: value for name, value in props.items() if name != LEGEND}
+    updates.append(
+        RunOutputs(
+            player_a=player_a,
+            player_b=player_b,
+            kv_plot=gr.LinePlot(value=plot, **props),
+            layer_map=panels.layer_map(),
+            run_summary=panels.summary(),
+            drift_table=panels.drift(),
+            status=status,
+            downloads=[str(p) for p in final.files] if final is not None else gr.skip(),
+            report=final.report if final is not None else gr.skip(),
+        )
     )
+    return updates
+
+
+def _plot_only(plot: gr.LinePlot) -> RunOutputs[Any]:
+    """An update of the plot alone, every other output left as it is."""
+    return replace(RunOutputs(*(gr.skip() for _ in fields(RunOutputs))), kv_plot=plot)

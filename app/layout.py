@@ -18,6 +18,7 @@ from app.inputs import COMPARE_CHOICES, DEFAULT_COMPARE, DEFAULT_SIZE, ISPA, POL
 from app.models import MODEL_LABELS, REAL_MODEL
 from app.panels import LAYER_MAP_PLACEHOLDER, SUMMARY_PLACEHOLDER
 from app.portrait_input import portrait_image
+from app.run_view import RECALIBRATE_IDLE
 from app.validation.settings import MAX_T_WARM, MIN_WARM_BLOCKS
 from avatars.liveavatar.block_layout import LATENT_FRAMES_PER_BLOCK
 from ispa import KV_FORMATS, ISPAPolicy
@@ -84,6 +85,7 @@ class InputControls:
     generate: gr.Button
     stop: gr.Button
     recalibrate: gr.Button
+    recalibrate_note: gr.Markdown  # whether Recalibrate can act now, and why
     live_mic: gr.Audio
     owner_token: gr.Textbox  # hidden: the page's run-owner token (`app.sessions`), never in a URL
 
@@ -144,7 +146,11 @@ def input_column(
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", min_width=BUTTON_WIDTH, elem_id="generate")
         stop = gr.Button("Stop", variant="stop", min_width=BUTTON_WIDTH, elem_id="stop")
-        recalibrate = gr.Button("Recalibrate", min_width=BUTTON_WIDTH, elem_id="recalibrate")
+        # Off until an ISPA run streams (`app.main.show_recalibrate`); the line under the buttons says why.
+        recalibrate = gr.Button(
+            "Recalibrate", min_width=BUTTON_WIDTH, interactive=False, elem_id="recalibrate"
+        )
+    recalibrate_note = gr.Markdown(RECALIBRATE_IDLE, elem_id="recalibrate_note")
     if example_rows:
         gr.Examples(
             example_rows, inputs=[portrait, audio, text], label="Offline example", cache_examples=False
@@ -222,6 +228,7 @@ def input_column(
         generate=generate,
         stop=stop,
         recalibrate=recalibrate,
+        recalibrate_note=recalibrate_note,
         live_mic=live_mic,
         owner_token=owner_token,
     )
@@ -257,6 +264,7 @@ def output_columns(can_stream: bool) -> RunOutputs[Any]:
             color="series",
             x_title="video time (s)",
             y_title="KV cache",
+            color_title="",  # no "series" title: the legend's one row under the plot is narrow
             label="KV-cache memory",
             caption="The KV cache this run holds, chunk by chunk, against a Full run's; the absorb is marked.",
             elem_id="kv_plot",

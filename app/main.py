@@ -42,6 +42,7 @@ from app.models import (
 )
 from app.raw_numbers import pass_raw
 from app.request_guard import HEARTBEATS, RequestGuard, behind_space_proxy
+from app.run_view import recalibrate_state
 from app.sessions import SESSIONS, ActiveRun, start_sweeper
 from app.tts import TextToSpeechError
 from app.upload_budget import MAX_FILE_MB, TempUsage, UploadLimits, disk_refusal
@@ -64,7 +65,7 @@ MIC_SESSIONS = 8
 # A streamed video sizes itself to the column's width; a tall portrait video would push everything down.
 CSS = (
     f"#player_a video, #player_b video {{ max-height: {PLAYER_HEIGHT}px; object-fit: contain; }}"
-    " .run-summary table { display: block; overflow-x: auto; font-size: 0.85em; }"
+    " .run-summary table { width: 100%; }"  # its headers and values wrap (app.panels): it fits 1280 px
 )
 
 
@@ -293,6 +294,18 @@ def recalibrate(owner_token: str | None = None, request: gr.Request = None) -> N
         gr.Warning("No ISPA run is running, so there is nothing to recalibrate.")
 
 
+def show_recalibrate(owner_token: str | None = None, request: gr.Request = None) -> tuple:
+    """Recalibrate on while this owner's ISPA run streams, off otherwise, with the line saying why. Called
+    when the status line changes (a run's first chunk, its end) and after every generation event."""
+    run: ActiveRun | None = None
+    if isinstance(owner_token, str) and owner_token:
+        with contextlib.suppress(ValidationError):
+            run = SESSIONS.run(SESSIONS.owner(owner_token))
+    running = run is not None and not run.finished.is_set()
+    enabled, why = recalibrate_state(running, len(run.recalibrable) if running else 0, ON_ZERO_GPU)
+    return gr.Button(interactive=enabled), why
+
+
 def issue_owner_token(request: gr.Request = None) -> str:
     """The page's owner token, sent in this (non-queued) response's body only."""
     return SESSIONS.issue_token(_session(request))
@@ -460,7 +473,7 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     run_outputs = outputs.as_list()
     # One generation per pipeline of the pool (one per GPU); the rest wait in Gradio's queue, told their place.
     gpu_slots = pipeline_pool().size
-    controls.generate.click(
+    generation = controls.generate.click(
         generate,
         inputs=controls.inputs_for(generate),
         outputs=run_outputs,
@@ -471,7 +484,9 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
     )
     live_mic = controls.live_mic
     token = [controls.owner_token]
-    live_mic.start_recording(open_live_feed, token, None, queue=False, api_visibility="private").then(
+    live_generation = live_mic.start_recording(
+        open_live_feed, token, None, queue=False, api_visibility="private"
+    ).then(
         generate_live,
         inputs=controls.inputs_for(generate_live),
         outputs=run_outputs,
@@ -496,6 +511,17 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         stop_run, token, [outputs.downloads, outputs.report], api_name="stop", concurrency_limit=None
     )
     controls.recalibrate.click(recalibrate, token, None, api_name="recalibrate", concurrency_limit=None)
+    # Recalibrate follows the run: on at its first chunk, off at its end, also when it fails or is refused.
+    recalibrate_outputs = [controls.recalibrate, controls.recalibrate_note]
+    for trigger in (outputs.status.change, generation.then, live_generation.then):
+        trigger(
+            show_recalibrate,
+            token,
+            recalibrate_outputs,
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
     compare_choices = [controls.policy, controls.compare_a, controls.compare_b]
     controls.policy.change(
         show_mode,

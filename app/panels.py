@@ -22,7 +22,39 @@ FULL_RING = "Full (ring)"
 FULL_UNBOUNDED = "Full (no bound)"
 FULL_RUN = "Full run"
 ISPA_RUN = "ISPA run"
+FULL_PHASE = "full"  # the phase a Full policy reports for every block (ispa.report)
 EVENT_LABELS = {"absorbed": "absorbed", "evicted": "evicted", "recalibration_started": "recalibration"}
+_EVENT_COLOR_WORDS = {
+    "absorbed": "green",
+    "evicted": "green",
+    "recalibration": "amber",
+}  # the colours app.run_view draws them in
+_BASELINE_FIELDS = {FULL_RING: "kv_bytes_full_ring", FULL_UNBOUNDED: "kv_bytes_full_unbounded"}
+OFF_SCALE = (FULL_UNBOUNDED,)  # grows with the clip: the axis is not stretched to hold it
+HEADROOM = 1.25
+_NICE_STEPS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
+ISPA_WARMUP = "No layer has gone local yet (warmup)"
+FULL_POLICY = (
+    "Full: every layer keeps attending to its whole cached history, bounded by the ring; no warmup statistics, "
+    "no absorb, no layer goes local"
+)
+FULL_MEANING = (
+    f"{THIS_RUN}: KV bytes a Full run holds after each chunk (it grows until the ring is full) · {FULL_UNBOUNDED}: "
+    "the sink plus every block ever written, i.e. a history without the ring bound."
+)
+COMPARE_WARMUP = "No compared run has turned a layer local yet (warmup)"
+
+
+def compare_meaning(runs: Sequence[str]) -> str:
+    """What compare mode's plot shows: the named runs' KV bytes ("Full run / ISPA run: …")."""
+    return f"{' / '.join(runs)}: the KV bytes each run holds after each chunk."
+
+
+ISPA_MEANING = (
+    f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run would hold now, its history "
+    f"bounded by the ring (equal to this run until ISPA absorbs) · {FULL_UNBOUNDED}: the sink plus every block "
+    "ever written, i.e. a history without the ring bound."
+)
 PHASE_AFTER_EVENT = {"absorbed": "absorbed", "evicted": "evicted", "recalibration_started": "recalibrating"}
 
 
@@ -44,84 +76,168 @@ SUMMARY_PLACEHOLDER = (
 _L_STYLE = "background:#15803d;color:#fff;"
 _F_STYLE = "background:#e5e7eb;color:#111827;"
 _CELL_STYLE = "border-radius:4px;padding:2px 0;text-align:center;font:11px/1.2 monospace;"
-_TABLE_STYLE = "border-collapse:collapse;font:12px/1.4 sans-serif;"
-_TD_STYLE = "padding:2px 8px;border-bottom:1px solid #e5e7eb;text-align:right;"
+_TABLE_STYLE = "border-collapse:collapse;font:11px/1.3 sans-serif;"
+_TD_STYLE = "padding:1px 2px;border-bottom:1px solid #e5e7eb;text-align:right;white-space:normal;overflow-wrap:anywhere;"  # fits 1280 px wide
 
 
 class KVTimeline:
     """KV-cache bytes per chunk, gathered as chunks arrive, as a long-format table for `gr.LinePlot`.
 
-    Single mode plots this run against the two full-cache baselines the engine reports; compare mode plots the
-    measured Full and ISPA runs. A chunk's report gives the bytes held after the chunk (and after an absorb at its
-    end), so each value is drawn flat from the chunk's end to the next chunk's end: a step that falls exactly at
-    the absorb. Absorption and recalibration moments are vertical lines in series of their own (two points each,
-    at 0 and at the plot's top). Bytes are shown in the unit that fits the largest value (`unit()`).
+    `runs` are the measured runs (one, or several side by side: compare mode's Full and ISPA runs); a lone run
+    may also carry `baselines`, the full-cache byte counts the engine reports with each chunk. A chunk's report
+    gives the bytes held after the chunk (and after an absorb at its end), so each value is drawn flat from the
+    chunk's end to the next chunk's end: a step that falls exactly at the absorb. Absorption and recalibration
+    moments are vertical lines in series of their own (two points each, at 0 and at the axis' top). Bytes are
+    shown in the unit that fits the largest value (`unit()`).
+
+    What the plot shows must be what it says: the axis fits every series but the unbounded baseline, which grows
+    with the clip and would flatten the absorb's drop into the axis' floor (it leaves the plot at the top, and the
+    caption says so); a series drawn exactly under another over its whole length is left out of the legend and
+    named in the caption instead (`hidden_under`).
     """
 
-    def __init__(self, compare: bool = False, runs: Sequence[str] = (FULL_RUN, ISPA_RUN)) -> None:
-        self.compare = compare
-        self.runs = tuple(runs)  # compare mode's series, A then B
-        self._rows: list[tuple[float, int, str]] = []  # (t_seconds at the chunk's end, bytes, series)
+    def __init__(
+        self,
+        runs: Sequence[str] = (THIS_RUN,),
+        baselines: Sequence[str] = (FULL_RING, FULL_UNBOUNDED),
+        *,
+        meaning: str = ISPA_MEANING,
+        before_events: str = ISPA_WARMUP,
+    ) -> None:
+        if not runs or len(set(runs)) != len(runs):
+            raise ValueError(f"runs must be distinct names, got {list(runs)}")
+        unknown = [b for b in baselines if b not in _BASELINE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}: choose from {list(_BASELINE_FIELDS)}")
+        if baselines and len(runs) != 1:
+            raise ValueError("baselines come from a lone run's reports; give one run with them")
+        self.runs = tuple(runs)
+        self.baselines = tuple(baselines)
+        self.meaning = meaning
+        self.before_events = before_events
+        self._rows: dict[str, list[tuple[float, int]]] = {name: [] for name in self.series()}
         self._clock: dict[str, float] = {}
-        self.events: list[tuple[float, str]] = []  # (t_seconds, label), in arrival order
+        self.events: list[tuple[float, str, str]] = []  # (t_seconds, label, run), in arrival order
 
-    def add(self, report: BlockReport, seconds: float, run: str = THIS_RUN) -> None:
+    def series(self) -> tuple[str, ...]:
+        """The byte series in drawing order: baselines first, so that a run is drawn over a baseline it equals."""
+        return (*self.baselines, *self.runs)
+
+    def add(self, report: BlockReport, seconds: float, run: str | None = None) -> None:
         """Add one chunk's engine report; `seconds` is the chunk's video duration (its frames / fps)."""
-        allowed = self.runs if self.compare else (THIS_RUN,)
-        if run not in allowed:
-            raise ValueError(f"run must be one of {allowed} in this mode, got {run!r}")
+        run = self.runs[0] if run is None and len(self.runs) == 1 else run
+        if run not in self.runs:
+            raise ValueError(f"run must be one of {self.runs} here, got {run!r}")
         if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be positive, got {seconds}")
+        event = report.event
+        if event is not None and event not in EVENT_LABELS:
+            raise ValueError(f"unknown report event {event!r}")
         t = self._clock.get(run, 0.0) + seconds
         self._clock[run] = t
-        self._rows.append((t, report.kv_bytes, run))
-        if not self.compare:
-            self._rows.append((t, report.kv_bytes_full_ring, FULL_RING))
-            self._rows.append((t, report.kv_bytes_full_unbounded, FULL_UNBOUNDED))
-        event = report.event
+        self._rows[run].append((t, report.kv_bytes))
+        for baseline in self.baselines:
+            self._rows[baseline].append((t, getattr(report, _BASELINE_FIELDS[baseline])))
         if event is not None:
-            if event not in EVENT_LABELS:
-                raise ValueError(f"unknown report event {event!r}")
-            self.events.append((t, EVENT_LABELS[event]))
+            self.events.append((t, EVENT_LABELS[event], run))
 
     def unit(self) -> tuple[str, float]:
         """(unit name, bytes per unit) that fits the largest value so far: the tiny model holds kilobytes."""
-        return byte_unit(max((count for _, count, _ in self._rows), default=0))
+        return byte_unit(max((count for rows in self._rows.values() for _, count in rows), default=0))
+
+    def y_top(self) -> float:
+        """The top of the axis, in `unit()`: a round number above every series but the unbounded baseline."""
+        _, scale = self.unit()
+        fitted = [count for name, rows in self._rows.items() if name not in OFF_SCALE for _, count in rows]
+        return nice_ceiling(HEADROOM * max(fitted, default=0) / scale)
 
     def dataframe(self) -> pd.DataFrame:
         """Columns t_seconds, kv_cache (in `unit()`), series: a step per series, plus the event lines."""
         _, scale = self.unit()
         rows: list[tuple[float, float, str]] = []
-        previous: dict[str, float] = {}
-        for t, count, series in self._rows:
-            value = count / scale
-            if series in previous:
-                rows.append((t, previous[series], series))  # the value held until this chunk ended
-            rows.append((t, value, series))
-            previous[series] = value
-        top = max((value for _, value, _ in rows), default=0.0) or 1.0
-        seen: dict[str, int] = {}
-        for t, label in self.events:
-            seen[label] = seen.get(label, 0) + 1
-            name = label if seen[label] == 1 else f"{label} {seen[label]}"
+        for name, points in self._rows.items():
+            rows += [(t, value / scale, name) for t, value in _steps(points)]
+        top = self.y_top()
+        for t, name in self._event_series():
             rows += [(t, 0.0, name), (t, top, name)]
         return pd.DataFrame(rows, columns=["t_seconds", "kv_cache", "series"])
 
+    def _event_series(self) -> list[tuple[float, str]]:
+        seen: dict[str, int] = {}
+        named = []
+        for t, label, _ in self.events:
+            seen[label] = seen.get(label, 0) + 1
+            named.append((t, label if seen[label] == 1 else f"{label} {seen[label]}"))
+        return named
+
+    def hidden_under(self) -> dict[str, str]:
+        """{series: the series drawn over it} for each series whose whole line lies under a later-drawn one:
+        e.g. a Full run's "Full (ring)" baseline, which is that run itself."""
+        hidden = {}
+        order = [name for name in self.series() if self._rows[name]]
+        for i, name in enumerate(order):
+            points = set(_steps(self._rows[name]))
+            cover = next((o for o in reversed(order[i + 1 :]) if points <= set(_steps(self._rows[o]))), None)
+            if cover is not None:
+                hidden[name] = cover
+        return hidden
+
+    def legend_series(self) -> list[str]:
+        """The series the legend names: every drawn run and baseline that can be seen (runs first). The event
+        lines are named in the caption: the legend sits in one row under a narrow plot and must fit it."""
+        hidden = self.hidden_under()
+        return [name for name in (*self.runs, *self.baselines) if self._rows[name] and name not in hidden]
+
     def legend(self) -> str:
         """What each curve means, in one line."""
-        if self.compare:
-            return f"{' / '.join(self.runs)}: the KV bytes each run holds after each chunk."
-        return (
-            f"{THIS_RUN}: KV bytes held after each chunk · {FULL_RING}: what a Full run would hold now, its "
-            f"history bounded by the ring (equal to this run until ISPA absorbs) · {FULL_UNBOUNDED}: the sink plus "
-            "every block ever written, i.e. a history without the ring bound."
-        )
+        return self.meaning
 
     def annotation(self) -> str:
-        """The event moments in words, for a caption under the plot."""
+        """The event moments in words (their colour too), or what happens before the first one."""
         if not self.events:
-            return "No layer has gone local yet (warmup)." if not self.compare else ""
-        return " · ".join(f"{label} at {t:.2f} s" for t, label in self.events)
+            return self.before_events
+        whose = (lambda run: f"{run} ") if len(self.runs) > 1 else (lambda run: "")
+        return " · ".join(
+            f"{_EVENT_COLOR_WORDS[label]} line: {whose(run)}{label} at {t:.2f} s"
+            for t, label, run in self.events
+        )
+
+    def notes(self) -> list[str]:
+        """What the plot cannot show by itself: series hidden under another, series above the axis' top."""
+        notes = [
+            f"{name} is drawn under {cover} (equal so far)" for name, cover in self.hidden_under().items()
+        ]
+        _, scale = self.unit()
+        top = self.y_top()
+        for name in OFF_SCALE:
+            above = [t for t, count in self._rows.get(name, []) if count / scale > top]
+            if above:  # no value that changes every chunk: a new caption redraws the whole plot
+                notes.append(f"{name} leaves the plot at {above[0]:.2f} s and keeps growing with the clip")
+        return notes
+
+    def caption(self) -> str:
+        """The events, the notes and the legend's meaning, as the caption under the plot."""
+        notes = self.notes()
+        head = self.annotation() + (f" ({'; '.join(notes)})" if notes else "")
+        return f"{head}. {self.legend()}" if head else self.legend()
+
+
+def _steps(points: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
+    """A value per chunk end as a step: each value is held until the next chunk's end, where the line jumps."""
+    steps: list[tuple[float, int]] = []
+    for i, (t, value) in enumerate(points):
+        if i:
+            steps.append((t, points[i - 1][1]))
+        steps.append((t, value))
+    return steps
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest of 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 (times a power of ten) at or above `value`; 1 for none."""
+    if not (math.isfinite(value) and value > 0):
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(step * power for step in _NICE_STEPS if step * power >= value * (1 - 1e-9))
 
 
 def layer_map_html(report: BlockReport) -> str:
@@ -199,10 +315,17 @@ def run_summary_html(
     stats_now = format_bytes(engines[-1].stats_bytes)
     stats_peak = format_bytes(max(e.stats_bytes for e in engines))
     absorb_total = sum(e.absorb_seconds for e in engines)
-    lines = [
-        f"Statistics memory: <b>{stats_now}</b> now, {stats_peak} at most (held during warmup only).",
-        f"Absorb step: {absorb_total:.3f} s in all.",
-    ]
+    if all(e.phase == FULL_PHASE for e in engines):
+        # A Full run has no warmup and no absorb: its statistics memory is shown, not explained as ISPA's.
+        lines = [
+            f"Full run: it gathers no attention statistics (<b>{stats_peak}</b>) and never absorbs; "
+            "the KV column is its whole cache."
+        ]
+    else:
+        lines = [
+            f"Statistics memory: <b>{stats_now}</b> now, {stats_peak} at most (held during warmup only).",
+            f"Absorb step: {absorb_total:.3f} s in all.",
+        ]
     rows = [
         [
             str(r.engine.index),
@@ -224,7 +347,9 @@ def run_summary_html(
         _seconds(sum(e.merge_seconds for e in engines)),
         "",
     ]
-    head = ["chunk", "phase", "model s", "decode s", "mux s", "merge s", "KV"]
+    # Units in a line of their own, not in the headers: the table fits the side column at 1280 px.
+    lines.append("Seconds per chunk: model, VAE decode, mux (the app's mp4 writing), LSE merge.")
+    head = ["chunk", "phase", "model", "decode", "mux", "merge", "KV"]
     summary = "".join(f"<div>{line}</div>" for line in lines)
     return f'<div class="run-summary">{summary}{_table(head, [*rows, totals])}</div>'
 

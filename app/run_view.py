@@ -12,16 +12,20 @@ from typing import Any
 
 import pandas as pd
 
-from app.inputs import COMPARE, FULL, ISPA, RunSpec
+from app.inputs import COMPARE, DEFAULT_COMPARE, FULL, ISPA, RunSpec
 from app.live_audio import LiveAudioFeed
 from app.metrics import ChunkDrift, chunk_drift
 from app.panels import (
+    COMPARE_WARMUP,
+    FULL_MEANING,
+    FULL_POLICY,
     FULL_RING,
     FULL_RUN,
     FULL_UNBOUNDED,
     ISPA_RUN,
     THIS_RUN,
     KVTimeline,
+    compare_meaning,
     drift_table_html,
     layer_map_html,
     run_label,
@@ -42,6 +46,34 @@ SERIES_COLORS = {
 }
 # by prefix: "absorbed 2" is green too
 EVENT_COLORS = {"absorbed": "#15803d", "evicted": "#15803d", "recalibration": "#d97706"}
+RECALIBRATE_READY = "Recalibrate: the running ISPA run warms up again from its next block and absorbs anew."
+RECALIBRATE_IDLE = "Recalibrate acts on a running ISPA run (policy ISPA or Compare); none is running now."
+RECALIBRATE_FULL = "Recalibrate is off: a Full run has no warmup statistics and no absorb to redo."
+RECALIBRATE_ZERO_GPU = "Recalibrate is off on ZeroGPU: the request cannot reach the GPU worker mid-run."
+
+
+def timeline_for(mode: str, compared: Sequence[str] = DEFAULT_COMPARE) -> KVTimeline:
+    """The KV plot of a request's mode: its runs (in compare mode the `compared` ones, A then B), the baselines
+    drawn with them, and what the caption says."""
+    if mode == COMPARE:
+        runs = tuple(run_label(name) for name in compared)
+        return KVTimeline(runs, (), meaning=compare_meaning(runs), before_events=COMPARE_WARMUP)
+    if mode == FULL:
+        return KVTimeline(
+            (THIS_RUN,), (FULL_RING, FULL_UNBOUNDED), meaning=FULL_MEANING, before_events=FULL_POLICY
+        )
+    return KVTimeline((THIS_RUN,), (FULL_RING, FULL_UNBOUNDED))
+
+
+def recalibrate_state(running: bool, ispa_runs: int, zero_gpu: bool = False) -> tuple[bool, str]:
+    """Whether Recalibrate can act now, and the line that says why (or why not)."""
+    if zero_gpu:
+        return False, RECALIBRATE_ZERO_GPU
+    if not running:
+        return False, RECALIBRATE_IDLE
+    if ispa_runs == 0:
+        return False, RECALIBRATE_FULL
+    return True, RECALIBRATE_READY
 
 
 class DelayMeter:
@@ -96,7 +128,7 @@ class RunPanels:
         self.recorders = recorders
         self.compare = spec.mode == COMPARE
         self.shown = spec.shown_runs()
-        self.timeline = KVTimeline(compare=self.compare, runs=tuple(run_label(name) for name in self.shown))
+        self.timeline = timeline_for(spec.mode, self.shown)
         self._drift_jobs: dict[str, list[Future[ChunkDrift]]] = {
             name: [] for name in self.shown if self.compare and name != FULL
         }
@@ -105,6 +137,7 @@ class RunPanels:
         )
         self._unpaired: dict[str, dict[int, AvatarChunk]] = {name: {} for name in recorders}
         self._paired: dict[int, int] = {}  # chunk index -> compared runs already paired with Full's chunk
+        self.shown_plot_props: dict[str, Any] | None = None  # the plot properties last handed to the page
 
     def add(self, step: Mapping[str, AvatarChunk]) -> None:
         """One step: a new chunk of one run or more (compare mode's runs take turns)."""
@@ -155,6 +188,17 @@ class RunPanels:
     def plot(self) -> pd.DataFrame:
         return self.timeline.dataframe()
 
+    def plot_props(self, plot: pd.DataFrame) -> dict[str, Any]:
+        """The plot's properties besides its data, as `gr.LinePlot` keywords. Gradio redraws the plot from
+        scratch when one of them changes (new data alone is drawn into the old legend, colours and axis)."""
+        return {
+            "color_map": self.plot_colors(plot),
+            "colors_in_legend": self.timeline.legend_series(),
+            "caption": self.caption(),
+            "y_title": self.plot_y_title(),
+            "y_lim": [0.0, self.timeline.y_top()],
+        }
+
     def plot_y_title(self) -> str:
         return f"KV cache ({self.timeline.unit()[0]})"
 
@@ -168,14 +212,9 @@ class RunPanels:
         return colors
 
     def caption(self) -> str:
-        """The absorb moments in words, and how far the plot goes. It changes with every chunk on purpose:
-        Gradio's LinePlot redraws its legend and colours only when a property such as the caption changes
-        (new data alone is drawn into the old legend, which would leave an absorb marker out)."""
-        longest = max(recorder.video_seconds for recorder in self.recorders.values())
-        progress = f"up to {longest:.2f} s of video"
-        note = self.timeline.annotation()
-        events = f"{note} ({progress})" if note else progress
-        return f"{events}. {self.timeline.legend()}"
+        """The events (or what the policy does before any), what the plot cannot show, and the legend's
+        meaning. It changes only with what it says, so the plot is not redrawn from scratch every chunk."""
+        return self.timeline.caption()
 
     def layer_map(self) -> str:
         """The layer map of the run that can have local layers (the ISPA one, else the first shown one that is

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from app.inputs import COMPARE, FULL, ISPA
 from app.metrics import ChunkDrift
 from app.panels import (
     FULL_RING,
     FULL_RUN,
     FULL_UNBOUNDED,
+    HEADROOM,
     ISPA_RUN,
     THIS_RUN,
     KVTimeline,
@@ -22,6 +24,14 @@ from app.panels import (
     format_bytes,
     layer_map_html,
     run_summary_html,
+)
+from app.run_view import (
+    RECALIBRATE_FULL,
+    RECALIBRATE_IDLE,
+    RECALIBRATE_READY,
+    RECALIBRATE_ZERO_GPU,
+    recalibrate_state,
+    timeline_for,
 )
 from avatars.base import ChunkReport, ChunkTimings
 from ispa.report import BlockReport
@@ -92,8 +102,11 @@ def test_kv_timeline_tracks_this_run_and_both_baselines() -> None:
     assert after_absorb.t_seconds.min() == pytest.approx(ends[4])
     marker = df[df.series == "absorbed"]
     assert marker.t_seconds.tolist() == pytest.approx([ends[4], ends[4]])
-    assert marker.kv_cache.tolist() == pytest.approx([0.0, df[df.series != "absorbed"].kv_cache.max()])
-    assert timeline.annotation() == f"absorbed at {ends[4]:.2f} s"
+    # The marker spans the axis, whose top is above every series but the unbounded one (which leaves the plot).
+    assert marker.kv_cache.tolist() == pytest.approx([0.0, timeline.y_top()])
+    fitted = df[df.series.isin([THIS_RUN, FULL_RING])].kv_cache.max()
+    assert fitted < timeline.y_top() <= 1.5 * HEADROOM * fitted
+    assert timeline.annotation() == f"green line: absorbed at {ends[4]:.2f} s"
 
 
 def test_kv_timeline_picks_a_unit_that_fits_the_numbers() -> None:
@@ -113,7 +126,7 @@ def test_kv_timeline_before_absorption_says_warmup() -> None:
 
 
 def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
-    timeline = KVTimeline(compare=True)
+    timeline = KVTimeline((FULL_RUN, ISPA_RUN), ())
     for i, seconds in enumerate(DURATIONS[:6]):
         full = engine(i, event=None, kv_bytes=int(2.5e10))
         timeline.add(full, seconds, run=FULL_RUN)
@@ -129,6 +142,9 @@ def test_kv_timeline_compare_mode_keeps_a_clock_per_run() -> None:
         timeline.add(engine(6), 0.48, run=THIS_RUN)
     with pytest.raises(ValueError, match="run must be one of"):
         KVTimeline().add(engine(0), 0.36, run=ISPA_RUN)
+    with pytest.raises(ValueError, match="baselines come from a lone run"):
+        KVTimeline((FULL_RUN, ISPA_RUN), (FULL_RING,))
+    assert timeline.annotation() == f"green line: {ISPA_RUN} absorbed at {ends[4]:.2f} s"
 
 
 def test_every_event_gets_its_own_vertical_line() -> None:
@@ -259,17 +275,15 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
     assert table.chunk.tolist() == ["7", "8", "9", "all"]
     assert table.phase.tolist()[:3] == ["absorbed"] * 3
     last = reports[7:]
-    assert as_floats(table["model s"][:3]) == pytest.approx([r.timings.model_seconds for r in last], abs=5e-4)
-    assert as_floats(table["decode s"][:3]) == pytest.approx(
-        [r.timings.decode_seconds for r in last], abs=5e-4
-    )
-    assert as_floats(table["mux s"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
+    assert as_floats(table["model"][:3]) == pytest.approx([r.timings.model_seconds for r in last], abs=5e-4)
+    assert as_floats(table["decode"][:3]) == pytest.approx([r.timings.decode_seconds for r in last], abs=5e-4)
+    assert as_floats(table["mux"][:3]) == pytest.approx([mux[i] for i in (7, 8, 9)], abs=5e-4)
     assert table["KV"][:3].tolist() == [f"{r.engine.kv_bytes / GB:.2f} GB" for r in last]
-    assert float(table["model s"].iloc[-1]) == pytest.approx(
+    assert float(table["model"].iloc[-1]) == pytest.approx(
         sum(r.timings.model_seconds for r in reports), abs=5e-4
     )
-    assert float(table["mux s"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
-    assert float(table["merge s"].iloc[-1]) == pytest.approx(
+    assert float(table["mux"].iloc[-1]) == pytest.approx(sum(mux.values()), abs=5e-4)
+    assert float(table["merge"].iloc[-1]) == pytest.approx(
         sum(r.engine.merge_seconds for r in reports), abs=5e-4
     )
     assert "Statistics memory: <b>0 B</b> now, 2.10 GB at most" in html
@@ -278,7 +292,7 @@ def test_run_summary_shows_statistics_memory_and_timings() -> None:
 
 def test_run_summary_without_mux_times_and_without_reports() -> None:
     html = run_summary_html([make_report(0)])
-    assert parse_table(html)["mux s"].tolist() == ["—", "0.000"]
+    assert parse_table(html)["mux"].tolist() == ["—", "0.000"]
     assert "Statistics memory: <b>2.10 GB</b> now" in html
     assert run_summary_html([]) == "<div>No chunks yet.</div>"
 
@@ -319,7 +333,7 @@ def test_drift_table_has_a_column_pair_per_compared_run_and_marks_pending_chunks
 
 
 def test_kv_timeline_compare_mode_plots_the_two_chosen_runs() -> None:
-    timeline = KVTimeline(compare=True, runs=("Evict run", "Window run"))
+    timeline = timeline_for(COMPARE, ("Evict", "Window"))
     timeline.add(engine(0, event="evicted"), 0.36, run="Evict run")
     timeline.add(engine(0, event="evicted"), 0.36, run="Window run")
     assert set(timeline.dataframe().series) == {"Evict run", "Window run", "evicted", "evicted 2"}
@@ -344,3 +358,169 @@ def test_layer_map_names_the_phase_its_cells_show() -> None:
     assert "phase: recalibrating" in layer_map_html(
         engine(6, event="recalibration_started", phase="absorbed")
     )
+
+
+MB = 1e6
+
+
+def tiny_like_reports(chunks: int, policy: str) -> list[BlockReport]:
+    """Reports shaped like the tiny model's (issue 23): the ring fills in three chunks (1.00, 1.75, 2.52 MB), the
+    unbounded history grows 0.77 MB a chunk, and an ISPA run drops to 1.34 MB at its absorb (chunk 4)."""
+    ring = [1.0, 1.75, 2.52]
+    reports = []
+    for i in range(chunks):
+        full_ring = ring[min(i, 2)] * MB
+        absorbed = policy == ISPA and i >= 4
+        event = "absorbed" if policy == ISPA and i == 4 else None
+        reports.append(
+            engine(
+                i,
+                make={"absorbed_from": 4 if policy == ISPA else 10**6},
+                phase="full" if policy == FULL else ("absorbed" if absorbed else "warmup"),
+                kv_bytes=int(1.34 * MB) if absorbed else int(full_ring),
+                kv_bytes_full_ring=int(full_ring),
+                kv_bytes_full_unbounded=int((1.0 + 0.77 * i) * MB) if i >= 3 else int(full_ring),
+                event=event,
+            )
+        )
+    return reports
+
+
+def play(timeline: KVTimeline, reports: list[BlockReport]) -> KVTimeline:
+    for i, report in enumerate(reports):
+        timeline.add(report, DURATIONS[0] if i == 0 else 0.48)
+    return timeline
+
+
+def test_the_absorb_drop_is_a_visible_step_after_a_16_s_clip() -> None:
+    """Issue 23: after 16 s the unbounded baseline reaches about 27 MB; the axis must not be stretched to hold
+    it, or the 2.52 -> 1.34 MB drop sits at the axis' floor."""
+    chunks = 1 + round((16 - DURATIONS[0]) / 0.48)
+    timeline = play(timeline_for(ISPA), tiny_like_reports(chunks, ISPA))
+    df = timeline.dataframe()
+    assert df[df.series == FULL_UNBOUNDED].kv_cache.max() > 25  # MB: the line that set the old axis
+    assert (2.52 - 1.34) / timeline.y_top() >= 0.25  # the drop spans a quarter of the axis or more
+    assert timeline.y_top() > 2.52
+    assert any(f"{FULL_UNBOUNDED} leaves the plot at" in note for note in timeline.notes())
+    assert f"{FULL_UNBOUNDED} leaves the plot" in timeline.caption()
+    assert timeline.legend_series() == [THIS_RUN, FULL_RING, FULL_UNBOUNDED]
+
+
+@pytest.mark.parametrize(("policy", "chunks"), [(FULL, 2), (FULL, 8), (ISPA, 2), (ISPA, 8), (COMPARE, 8)])
+def test_the_legend_names_only_lines_that_can_be_seen(policy: str, chunks: int) -> None:
+    """A series drawn under a later-drawn one over its whole length is not in the legend but named in the
+    caption: a Full run's "Full (ring)" is that run itself (issue 23: "this run" under "Full (ring)")."""
+    timeline = timeline_for(policy)
+    if policy == COMPARE:
+        for i, (full, ispa) in enumerate(
+            zip(tiny_like_reports(chunks, FULL), tiny_like_reports(chunks, ISPA), strict=True)
+        ):
+            seconds = DURATIONS[0] if i == 0 else 0.48
+            timeline.add(full, seconds, run=FULL_RUN)
+            timeline.add(ispa, seconds, run=ISPA_RUN)
+    else:
+        play(timeline, tiny_like_reports(chunks, policy))
+    df = timeline.dataframe()
+    drawn = [name for name in timeline.series() if name in set(df.series)]  # in drawing order
+    legend = timeline.legend_series()
+    for name in legend:
+        points = set(zip(df[df.series == name].t_seconds, df[df.series == name].kv_cache, strict=True))
+        for later in drawn[drawn.index(name) + 1 :]:
+            over = set(zip(df[df.series == later].t_seconds, df[df.series == later].kv_cache, strict=True))
+            assert not points <= over, f"{name} is named in the legend but drawn under {later}"
+    for name in set(drawn) - set(legend):
+        assert f"{name} is drawn under" in timeline.caption()
+    if policy == FULL:
+        assert FULL_RING not in legend and THIS_RUN in legend
+    if policy == COMPARE and chunks > 4:  # the runs part at the absorb
+        assert legend == [FULL_RUN, ISPA_RUN]
+
+
+def test_full_mode_says_what_full_does() -> None:
+    """Issue 23: a Full run's caption said "No layer has gone local yet (warmup)", its memory panel showed
+    warmup and absorb statistics."""
+    reports = tiny_like_reports(6, FULL)
+    caption = play(timeline_for(FULL), reports).caption()
+    assert "No layer has gone local yet" not in caption and "(warmup)" not in caption
+    assert caption.startswith("Full: every layer keeps attending to its whole cached history")
+    assert "no absorb" in caption
+    ispa = play(timeline_for(ISPA), tiny_like_reports(2, ISPA)).caption()
+    assert ispa.startswith("No layer has gone local yet (warmup)")
+    chunk_reports = [
+        ChunkReport(engine=r, timings=ChunkTimings(1.0, 0.2), frames=12, end_seconds=1.0) for r in reports
+    ]
+    summary = run_summary_html(chunk_reports)
+    assert "warmup" not in summary and "Absorb step" not in summary
+    assert "Full run: it gathers no attention statistics" in summary and "never absorbs" in summary
+
+
+@pytest.mark.parametrize(
+    ("running", "ispa_runs", "zero_gpu", "expected"),
+    [
+        (False, 0, False, (False, RECALIBRATE_IDLE)),
+        (True, 0, False, (False, RECALIBRATE_FULL)),
+        (True, 1, False, (True, RECALIBRATE_READY)),
+        (True, 1, True, (False, RECALIBRATE_ZERO_GPU)),
+    ],
+)
+def test_recalibrate_is_on_only_while_an_ispa_run_streams(running, ispa_runs, zero_gpu, expected) -> None:
+    assert recalibrate_state(running, ispa_runs, zero_gpu) == expected
+
+
+class TimelinePanels:
+    """The part of `app.run_view.RunPanels` the step's updates read, over a real timeline."""
+
+    def __init__(self) -> None:
+        self.timeline = timeline_for(ISPA)
+        self.shown_plot_props = None
+
+    def plot(self) -> pd.DataFrame:
+        return self.timeline.dataframe()
+
+    def plot_props(self, plot: pd.DataFrame) -> dict:
+        return {
+            "caption": self.timeline.caption(),
+            "colors_in_legend": self.timeline.legend_series(),
+            "y_lim": [0.0, self.timeline.y_top()],
+        }
+
+    def layer_map(self) -> str:
+        return "layers"
+
+    def summary(self) -> str:
+        return "summary"
+
+    def drift(self) -> str:
+        return ""
+
+
+def test_the_plot_data_go_before_a_redraw_and_a_step_without_one_sends_one_update() -> None:
+    """Issue 23: the plot lagged the caption and the layer map by one chunk. The browser applies an update's
+    properties before its value (Gradio sends "value" last) and redraws from scratch on a property change, so a
+    step whose plot properties change sends the new data first, alone."""
+    import gradio as gr
+
+    from app.generation import _outputs
+    from app.layout import RunOutputs
+
+    panels = TimelinePanels()
+    plot_at = RunOutputs.position("kv_plot")
+    reports = tiny_like_reports(8, ISPA)
+    sizes = []
+    for i, report in enumerate(reports):
+        panels.timeline.add(report, DURATIONS[0] if i == 0 else 0.48)
+        updates = [u.as_list() for u in _outputs([(ISPA, None)], {}, panels, f"{i + 1} chunks")]
+        sizes.append(len(updates))
+        *first, last = updates
+        expected = panels.plot()
+        for update in first:  # the new data alone, every other output left as it is
+            assert update[plot_at].constructor_args == {"value": update[plot_at].constructor_args["value"]}
+            pd.testing.assert_frame_equal(update[plot_at].constructor_args["value"], expected)
+            assert all(v == gr.skip() for j, v in enumerate(update) if j != plot_at)
+        pd.testing.assert_frame_equal(last[plot_at].constructor_args["value"], expected)
+        assert last[plot_at].constructor_args["caption"] == panels.timeline.caption()
+        assert last[RunOutputs.position("status")] == f"{i + 1} chunks"
+    # The legend changes when the baselines part from the run and at the absorb; a step that changes none of
+    # the plot's properties is one update (the legend list is not sent again: the page would redraw for it).
+    assert sizes[0] == 2 and 1 in sizes
+    assert sizes[-1] == 1 and "colors_in_legend" not in last[plot_at].constructor_args

@@ -14,7 +14,17 @@ import pytest
 from gradio_client import Client
 from gradio_client.utils import Status
 
-from tests.app.test_ui_client import FILES, LAYERS, REPORT, fetch, local_cells, run, speech_clip, submit
+from tests.app.test_ui_client import (
+    FILES,
+    LAYERS,
+    REPORT,
+    fetch,
+    is_step,
+    local_cells,
+    run,
+    speech_clip,
+    submit,
+)
 
 QUEUE_WAIT_SECONDS = 60.0
 
@@ -81,7 +91,7 @@ def test_two_clients_run_at_once_and_a_third_waits_told_its_place(
 
         # Recalibrate, then Stop, from the second client reach its run and nobody else's.
         recalibrated = stopped = None
-        for out in job_b:
+        for out in filter(is_step, job_b):
             if recalibrated is None and local_cells(out[LAYERS]) > 0:
                 second.predict(token_b, api_name="/recalibrate")
                 recalibrated = True
