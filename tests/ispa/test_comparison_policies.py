@@ -34,13 +34,13 @@ def test_evict_is_ispa_with_delta_forced_to_zero_bit_for_bit(monkeypatch) -> Non
     model = ToyTransformer(CONFIG)
     evict, evict_session = _run(EvictPolicy(k_fraction=0.5, t_warm=T_WARM), 6, model)
     ispa, _ = _run(ISPAPolicy(k_fraction=0.5, t_warm=T_WARM), 6, model)
-    real_solve = session_module.solve_layer
+    real_solve = session_module.solve_layer_lean
 
     def zero_delta(*args):
         delta, error = real_solve(*args)
         return torch.zeros_like(delta), error  # same ε, so the same ranking
 
-    monkeypatch.setattr(session_module, "solve_layer", zero_delta)
+    monkeypatch.setattr(session_module, "solve_layer_lean", zero_delta)
     zeroed, _ = _run(ISPAPolicy(k_fraction=0.5, t_warm=T_WARM), 6, model)
 
     for (out_e, rep_e), (out_z, rep_z) in zip(evict, zeroed, strict=True):
