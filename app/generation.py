@@ -4,8 +4,10 @@ panel and the status out, and at the end the final mp4(s) and the report.
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
 opens a Full and an ISPA stream on the same pipeline: the Full run goes first, alone, until its first video
 segment is out (so the first player starts about when a lone run's would, and the ISPA run's own set-up waits
-until then), then the two take turns chunk by chunk. Each chunk is handed out as soon as it exists; each step
-yields an `app.layout.RunOutputs` of values, by name.
+until then), then the two take turns chunk by chunk. Each chunk is handed out as soon as it exists, except that
+the first video segments of speech of known length are held back just long enough for playback not to stop at
+the rate measured so far (`app.playback`, `app.pacing`); each step yields an `app.layout.RunOutputs` of values,
+by name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from app.inputs import ISPA, RunSpec
 from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
 from app.models import pipeline_pool
+from app.playback import Playback
 from app.run_recorder import RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
@@ -70,6 +73,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     panels = RunPanels(spec, recorders)
     meter = DelayMeter(feed) if feed is not None else None
     timed_run = runs[-1][0]  # in compare mode the ISPA run, which follows the Full one
+    playback = Playback([name for name, _ in runs], spec, pipe.size_choices())
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
@@ -95,20 +99,31 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
         for step in _take_turns(streams, lead_until=video_out.is_set):
             panels.add(step)
             segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
+            now = time.monotonic() - started
+            for name in step:
+                playback.made(name, now, recorders[name].video_seconds)
             if meter is not None and timed_run in step:
                 meter.chunk_ready(step[timed_run].report.end_seconds)
                 if segments.get(timed_run) is not None:
                     meter.handed_over()
             if first_video_s is None and any(segments.values()):
-                first_video_s = time.monotonic() - started
+                first_video_s = now
                 video_out.set()
+            note = playback.note(now, meter is not None)
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
-            yield _outputs(runs, segments, panels, status)
-            _remove(segments)  # Gradio has encoded them into its own stream by the time the generator resumes
+            for due in playback.due(segments, now) or [{}]:
+                yield _outputs(runs, due, panels, status + (f"  \n{note}" if note else ""))
+                _remove(due)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
         last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
+        for due in playback.due({}, time.monotonic() - started, finished=True):
+            status = status_markdown(
+                pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
+            )
+            yield _outputs(runs, due, panels, status)
+            _remove(due)
         if meter is not None:
             meter.handed_over()
         if first_video_s is None:
