@@ -28,6 +28,7 @@ from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
 from app.models import pipeline_pool
 from app.playback import Playback
+from app.prefetch import Prefetch
 from app.run_recorder import RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
@@ -77,6 +78,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
+    production: Prefetch[dict[str, AvatarChunk]] | None = None
     group = RunGroup()  # compare mode's runs may share set-up work (LiveAvatar: the decoder's warm-up)
     try:
         for name, policy in runs:
@@ -96,24 +98,33 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
         video_out = threading.Event()  # the first video segment is out (never, without streaming)
         if not streaming:
             video_out.set()
-        for step in _take_turns(streams, lead_until=video_out.is_set):
-            panels.add(step)
-            segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
+        production = Prefetch(
+            _take_turns(streams, lead_until=video_out.is_set),
+            clock=lambda: time.monotonic() - started,
+            on_stop=lambda: [control.cancel() for control in controls.values()],
+        )
+        while (made := production.take(playback.wait_s(time.monotonic() - started))) is not None:
             now = time.monotonic() - started
-            for name in step:
-                playback.made(name, now, recorders[name].video_seconds)
-            if meter is not None and timed_run in step:
-                meter.chunk_ready(step[timed_run].report.end_seconds)
-                if segments.get(timed_run) is not None:
-                    meter.handed_over()
-            if first_video_s is None and any(segments.values()):
-                first_video_s = now
-                video_out.set()
+            out: list[dict[str, Path]] = []
+            for made_s, step in made:
+                panels.add(step)
+                segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
+                for name in step:
+                    playback.made(name, made_s, recorders[name].video_seconds)
+                if meter is not None and timed_run in step:
+                    meter.chunk_ready(step[timed_run].report.end_seconds)
+                    if segments.get(timed_run) is not None:
+                        meter.handed_over()
+                if first_video_s is None and any(segments.values()):
+                    first_video_s = now
+                    video_out.set()
+                out += playback.due(segments, now)
+            out += playback.due({}, now)  # a hold that ran out while no chunk came
             note = playback.note(now, meter is not None)
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
-            for due in playback.due(segments, now) or [{}]:
+            for due in out or [{}]:
                 yield _outputs(runs, due, panels, status + (f"  \n{note}" if note else ""))
                 _remove(due)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
@@ -133,7 +144,8 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     except BaseException:
         # Stopped (Gradio closes the generator) or failed: the files of what exists go to the session, where
         # the Stop button collects them.
-        _close(streams)
+        if production is None or production.stop():
+            _close(streams)
         if not active.finished.is_set():
             final = _finish(pipe, spec, recorders, panels, run_dir, first_video_s, meter, stopped=True)
             SESSIONS.finish(active, final)

@@ -25,6 +25,7 @@ taken as proportional to it: an estimate, attention grows faster than that).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,7 +83,8 @@ class StartPacer:
         return production_rate(self.points)
 
     def start_s(self, now_s: float) -> float | None:
-        """When playback may start, as far as is known at `now_s`; None before the first segment."""
+        """When playback may start, as far as is known at `now_s` (at or before it: at once); None before the
+        first segment."""
         if self.first_ready_s is None:
             return None
         rate = self.rate()
@@ -90,9 +92,9 @@ class StartPacer:
             return now_s
         if rate <= 0:
             return None  # nothing made yet since the first chunk: no estimate, keep holding
-        made = self.points[-1][1]
+        last_s, made = self.points[-1]  # production goes on from the last chunk, whenever this is asked
         return start_time(
-            now_s=now_s,
+            now_s=last_s,
             made_s=made,
             total_s=self.total_s,
             rate=rate,
@@ -117,7 +119,7 @@ class StartPacer:
 
 def buffering_note(hold_s: float, rate: float | None) -> str:
     """The status line while segments are held back."""
-    note = f"Buffering {hold_s:.0f} s so playback will not stop"
+    note = f"Buffering {math.ceil(hold_s)} s so playback will not stop"
     if rate is not None:
         note += f" (video is made at {rate:.2f}× real time)"
     return note

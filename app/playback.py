@@ -10,6 +10,8 @@ from pathlib import Path
 from app.inputs import RunSpec
 from app.pacing import StartPacer, buffering_note, live_pace_note
 
+NOTE_EVERY_S = 1.0
+
 
 class Playback:
     """Per run: its pacer, its held segments, the video seconds already cut into segments."""
@@ -44,6 +46,13 @@ class Playback:
                 out[run], self.held[run] = self.held[run], []
         steps = max((len(paths) for paths in out.values()), default=0)
         return [{run: paths[i] for run, paths in out.items() if i < len(paths)} for i in range(steps)]
+
+    def wait_s(self, now_s: float) -> float | None:
+        """How long to wait for the next chunk before checking the holds again: until the first hold runs out, at
+        most `NOTE_EVERY_S` (the status counts down); None (until the next chunk) when nothing is held."""
+        holds = [self.pacers[run].hold_s(now_s) for run, paths in self.held.items() if paths]
+        known = [hold for hold in holds if hold is not None]
+        return max(0.0, min(*known, NOTE_EVERY_S)) if known else None
 
     def note(self, now_s: float, live: bool) -> str | None:
         """The status line on playback: why video is held back, or live mode's pace; None when nothing to say."""

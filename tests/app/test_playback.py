@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from app.inputs import FULL, ISPA
 from app.playback import Playback
 
@@ -23,8 +25,16 @@ def test_held_segments_go_out_in_order_once_playback_can_run_to_the_end() -> Non
     playback.made(FULL, 4.0, 1.5)  # 0.5 video s per wall s from the first chunk on
     assert playback.due({FULL: seg[0]}, 4.0) == []  # held: 4 + 6.5 / 0.5 - 6.5 is 10.5
     assert playback.note(4.0, live=False) == (
-        "Buffering 6 s so playback will not stop (video is made at 0.50× real time)"
+        "Buffering 7 s so playback will not stop (video is made at 0.50× real time)"
     )
+    assert playback.wait_s(4.0) == 1.0  # the status counts down once a second
+    assert playback.wait_s(10.2) == pytest.approx(0.3)  # then wakes when the hold runs out, chunk or not
+    assert playback.due({}, 10.5) == [{FULL: seg[0]}]  # and hands it over then
+    playback = Playback([FULL, ISPA], Spec(8.0), [("big", 400)])
+    for run in (FULL, ISPA):
+        playback.made(run, 2.0, 0.5)
+    playback.made(FULL, 4.0, 1.5)
+    assert playback.due({FULL: seg[0]}, 4.0) == []
     playback.made(FULL, 6.0, 2.5)
     playback.made(ISPA, 6.0, 4.5)
     assert playback.due({FULL: seg[1], ISPA: seg[2]}, 6.0) == [{ISPA: seg[2]}]  # ISPA: 1 video s per wall s

@@ -1,0 +1,72 @@
+"""The backend's chunks made on a thread of their own, so that the time Gradio takes to hand each output over
+(it encodes every stream segment with ffmpeg between two steps of the generator) does not hold up the model,
+and so that held-back video can be released at its due time rather than at the next chunk."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STOP_WAIT_SECONDS = 120.0  # a block in flight finishes before the thread can end (a 14B block: seconds)
+
+
+class Prefetch(Generic[T]):
+    """Iterates `steps` on a daemon thread; `take` hands over what is made, each with `clock()` at the moment
+    it was made."""
+
+    def __init__(self, steps: Iterator[T], clock: Callable[[], float], on_stop: Callable[[], None]) -> None:
+        self._steps, self._clock, self._on_stop = steps, clock, on_stop
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="chunk-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for step in self._steps:
+                self._queue.put(("step", (self._clock(), step)))
+                if self._stopping.is_set():
+                    break
+            self._queue.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it in the request's thread
+            self._queue.put(("error", exc))
+
+    def take(self, timeout: float | None) -> list[tuple[float, T]] | None:
+        """Every step made so far, waiting up to `timeout` seconds (None: until one comes) for the first; [] when
+        none came in time; None once the steps are over. The producer's exception is raised here."""
+        if self._ended:
+            return None
+        items = []
+        try:
+            items.append(self._queue.get(timeout=timeout))
+            while True:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        steps: list[tuple[float, T]] = []
+        for kind, value in items:
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            if kind == "end":
+                self._ended = True
+                return steps or None
+            steps.append(value)  # type: ignore[arg-type]
+        return steps
+
+    def stop(self) -> bool:
+        """Ask the steps to end (`on_stop`, e.g. cancel the runs) and wait for the thread; False when it is still
+        inside a step after `STOP_WAIT_SECONDS` (its generators must not be closed then)."""
+        self._stopping.set()
+        self._on_stop()
+        self._thread.join(STOP_WAIT_SECONDS)
+        if self._thread.is_alive():
+            logger.warning("the model's thread did not end within %.0f s of a stop", STOP_WAIT_SECONDS)
+            return False
+        return True
