@@ -22,7 +22,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.gpu import gpu
+from app.gpu import ON_ZERO_GPU, gpu, gpu_budget
 from app.inputs import ISPA, RunSpec
 from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
@@ -38,25 +38,38 @@ from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunContr
 
 logger = logging.getLogger(__name__)
 
-# ZeroGPU time asked per request: a fixed start-up share plus a share per second of speech and per run.
-GPU_BASE_SECONDS = 60
-GPU_SECONDS_PER_SPEECH_SECOND = 8
-GPU_MAX_SECONDS = 900
 
-
-def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
+def gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
+    """The GPU time one request asks ZeroGPU for (`app.gpu_time`); spaces calls it with the call's arguments.
+    Never more than a call may take: longer speech is refused before (`check_gpu_time`)."""
+    budget = gpu_budget()
     speech = MAX_AUDIO_SECONDS if spec.speech_seconds is None else spec.speech_seconds
-    runs = len(spec.policies())
-    return min(GPU_MAX_SECONDS, int(GPU_BASE_SECONDS + GPU_SECONDS_PER_SPEECH_SECOND * speech * runs))
+    asked = budget.seconds(speech, len(spec.policies()), spec.max_area)
+    return min(asked, int(budget.max_s / budget.duration_factor))
 
 
-@gpu(duration=_gpu_seconds)
+def check_gpu_time(spec: RunSpec, pipe: AvatarBackend) -> None:
+    """On ZeroGPU, refuse speech too long for one call of a model on the GPU (before any GPU time is asked)."""
+    if ON_ZERO_GPU and pipe.device.type == "cuda" and spec.speech_seconds is not None:
+        gpu_budget().check(spec.speech_seconds, len(spec.policies()), spec.max_area, spec.size_label)
+
+
 def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
     at the end the final mp4(s) and the report. Compare mode's two runs take turns (see the module).
-    The request holds one free pipeline of the pool (`app.worker_pool`) from start to end."""
+    On ZeroGPU a model on the GPU runs in a call that borrows one (`app.gpu`); a model on the CPU (the tiny
+    one) runs here and spends no GPU time."""
+    on_gpu = ON_ZERO_GPU and pipeline_pool().pipeline(model).device.type == "cuda"
+    yield from (run_with_gpu if on_gpu else run_leased)(spec, model, session, live)
+
+
+def run_leased(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
+    """The request on one free pipeline of the pool (`app.worker_pool`), held from start to end."""
     with pipeline_pool().lease(model) as pipe:
         yield from _run_on(pipe, spec, session, live)
+
+
+run_with_gpu = gpu(duration=gpu_seconds)(run_leased)
 
 
 def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:

@@ -130,11 +130,14 @@ def build_liveavatar_pipeline(
     )
 
 
-def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = "cuda") -> LiveAvatarPipeline:
+def load_pipeline(
+    name: str, *, fp8: bool = False, device: torch.device | str = "cuda", compile_regions: bool | None = None
+) -> LiveAvatarPipeline:
     """'tiny' (always on the CPU, no download) or '14b' (on the CUDA `device`, weights under $ISPA_WEIGHTS or
     ./weights).
 
-    With ISPA_COMPILE=1 in the environment the DiT's pointwise regions are compiled (`avatars.liveavatar.compiled`).
+    `compile_regions`: compile the DiT's pointwise regions (`avatars.liveavatar.compiled`); None: as ISPA_COMPILE=1 in
+    the environment says.
     """
     if name == "tiny":
         pipeline = build_tiny_pipeline()
@@ -142,7 +145,7 @@ def load_pipeline(name: str, *, fp8: bool = False, device: torch.device | str = 
         pipeline = build_liveavatar_pipeline(_liveavatar_weights(), fp8=fp8, device=device)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if _compile_asked():
+    if _compile_asked() if compile_regions is None else compile_regions:
         set_compiled_regions(pipeline)
     return pipeline
 
