@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from app.media import RunDir, ffmpeg_status
 from app.models import pipeline_pool
 from app.playback import Playback
 from app.prefetch import Prefetch
-from app.run_recorder import RunRecorder
+from app.run_recorder import MIN_SEGMENT_SECONDS, RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
@@ -108,18 +107,23 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
             )
             chunks = pipe.stream(request, controls[name], group)
             streams[name] = on_device(pipe.device, chunks)
-        video_out = threading.Event()  # the first video segment is out (never, without streaming)
-        if not streaming:
-            video_out.set()
+        # The lead run goes alone until its chunks fill the first segment (decided on the model's thread, as the
+        # recorder will cut it), or not at all without streaming.
+        lead_name = runs[0][0]
+        lead_video_s = [0.0]
+        streams[lead_name] = _counted(streams[lead_name], lead_video_s)
         production = Prefetch(
-            _take_turns(streams, lead_until=video_out.is_set),
+            _take_turns(
+                streams, lead_until=lambda: not streaming or lead_video_s[0] >= MIN_SEGMENT_SECONDS - 1e-9
+            ),
             clock=lambda: time.monotonic() - started,
             on_stop=lambda: [control.cancel() for control in controls.values()],
         )
         while (made := production.take(playback.wait_s(time.monotonic() - started))) is not None:
             now = time.monotonic() - started
             out: list[dict[str, Path]] = []
-            for made_s, step in made:
+            if made:  # one chunk per update, as it is made (False: a hold may have run out meanwhile)
+                made_s, step = made
                 panels.add(step)
                 segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
                 for name in step:
@@ -130,7 +134,6 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
                         meter.handed_over()
                 if first_video_s is None and any(segments.values()):
                     first_video_s = now
-                    video_out.set()
                 out += playback.due(segments, now)
             out += playback.due({}, now)  # a hold that ran out while no chunk came
             note = playback.note(now, meter is not None)
@@ -170,6 +173,18 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     yield _outputs(runs, last, panels, status, final)
     if streaming:
         _remove(last)
+
+
+def _counted(chunks: Iterator[AvatarChunk], video_s: list[float]) -> Iterator[AvatarChunk]:
+    """`chunks`, adding each one's video seconds to `video_s[0]` as it is made; closing it closes `chunks`."""
+    try:
+        for chunk in chunks:
+            video_s[0] += len(chunk.frames) / chunk.fps
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _take_turns(

@@ -38,27 +38,21 @@ class Prefetch(Generic[T]):
         except BaseException as exc:  # handed to the consumer, which raises it in the request's thread
             self._queue.put(("error", exc))
 
-    def take(self, timeout: float | None) -> list[tuple[float, T]] | None:
-        """Every step made so far, waiting up to `timeout` seconds (None: until one comes) for the first; [] when
-        none came in time; None once the steps are over. The producer's exception is raised here."""
+    def take(self, timeout: float | None) -> tuple[float, T] | bool | None:
+        """The next step made, with the time it was made, waiting up to `timeout` seconds (None: until one
+        comes); False when none came in time; None once the steps are over. The producer's error is raised here."""
         if self._ended:
             return None
-        items = []
         try:
-            items.append(self._queue.get(timeout=timeout))
-            while True:
-                items.append(self._queue.get_nowait())
+            kind, value = self._queue.get(timeout=timeout)
         except queue.Empty:
-            pass
-        steps: list[tuple[float, T]] = []
-        for kind, value in items:
-            if kind == "error":
-                raise value  # type: ignore[misc]
-            if kind == "end":
-                self._ended = True
-                return steps or None
-            steps.append(value)  # type: ignore[arg-type]
-        return steps
+            return False
+        if kind == "error":
+            raise value  # type: ignore[misc]
+        if kind == "end":
+            self._ended = True
+            return None
+        return value  # type: ignore[return-value]
 
     def stop(self) -> bool:
         """Ask the steps to end (`on_stop`, e.g. cancel the runs) and wait for the thread; False when it is still

@@ -15,7 +15,7 @@ def test_steps_arrive_in_order_stamped_then_the_end() -> None:
     production = Prefetch(iter("abc"), clock=lambda: next(ticks), on_stop=lambda: None)
     seen = []
     while (made := production.take(timeout=None)) is not None:
-        seen += made
+        seen.append(made)
     assert [step for _, step in seen] == ["a", "b", "c"]
     assert [t for t, _ in seen] == sorted(t for t, _ in seen)
     assert production.take(timeout=None) is None  # and stays over
@@ -30,8 +30,8 @@ def test_an_error_reaches_the_consumer_and_a_wait_can_time_out() -> None:
         raise RuntimeError("the model broke")
 
     production = Prefetch(steps(), clock=lambda: 0.0, on_stop=lambda: None)
-    assert production.take(timeout=None) == [(0.0, 1)]
-    assert production.take(timeout=0.01) == []
+    assert production.take(timeout=None) == (0.0, 1)
+    assert production.take(timeout=0.01) is False
     gate.set()
     with pytest.raises(RuntimeError, match="the model broke"):
         production.take(timeout=None)
