@@ -2,9 +2,11 @@
 panel and the status out, and at the end the final mp4(s) and the report.
 
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
-opens a Full and an ISPA stream on the same pipeline: the Full run goes first, alone, until its first video
-segment is out (so the first player starts about when a lone run's would, and the ISPA run's own set-up waits
-until then), then the two take turns chunk by chunk. Each chunk is handed out as soon as it exists, except that
+opens a Full and an ISPA stream on the same pipeline: the Full run goes first, alone, until its chunks fill its
+first video segment (so the first player starts about when a lone run's would, and the ISPA run's own set-up waits
+until then), then the two take turns chunk by chunk. The chunks are made on a thread of their own
+(`app.prefetch`), so Gradio's encoding of each output never holds up the model. Each chunk is handed out as soon
+as it exists, except that
 the first video segments of speech of known length are held back just long enough for playback not to stop at
 the rate measured so far (`app.playback`, `app.pacing`); each step yields an `app.layout.RunOutputs` of values,
 by name.

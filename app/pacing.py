@@ -15,8 +15,10 @@ Below real time (r < 1) the right side grows with e, so the last segment (e = to
     P = now + (total - made) / r - (total - L)
 
 At or above real time it shrinks with e, so the next segment decides, which is ready before the one now
-playing ends: P = the moment the first segment is ready, no delay added. The estimate is renewed with every
-chunk until the segments are released; released segments stay released.
+playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds
+`MARGIN_S` to P: each segment still has to be encoded by Gradio and fetched by the player, and on a busy server
+that takes longer for some segments than for the first (a Chromium test saw a 0.04 s stall without it). The
+estimate is renewed with every chunk until the segments are released; released segments stay released.
 
 Live speech (`live_pace_note`): speech arrives in real time, so at a rate r < 1 the delay behind the speaker
 grows by 1 / r - 1 seconds per second of speech. The size that keeps up is estimated by pixel count (work
@@ -28,6 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+MARGIN_S = 0.5
 
 
 def production_rate(points: Sequence[tuple[float, float]]) -> float | None:
@@ -42,15 +46,22 @@ def production_rate(points: Sequence[tuple[float, float]]) -> float | None:
 
 
 def start_time(
-    *, now_s: float, made_s: float, total_s: float, rate: float, longest_segment_s: float
+    *,
+    now_s: float,
+    made_s: float,
+    total_s: float,
+    rate: float,
+    longest_segment_s: float,
+    margin_s: float = 0.0,
 ) -> float:
     """The earliest wall time (s since the run's start) playback may begin so that, making the rest at `rate`,
-    every segment is ready before the player reaches it; `now_s` when at or above real time (see the module)."""
+    every segment is ready before the player reaches it, plus `margin_s`; `now_s` when at or above real time
+    (see the module)."""
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     if rate >= 1 or made_s >= total_s:
         return now_s
-    return max(now_s, now_s + (total_s - made_s) / rate - (total_s - longest_segment_s))
+    return max(now_s, now_s + (total_s - made_s) / rate - (total_s - longest_segment_s) + margin_s)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class StartPacer:
     segments over. `total_s` None (live speech) never holds anything back."""
 
     total_s: float | None
+    margin_s: float = MARGIN_S
     points: list[tuple[float, float]] = field(default_factory=list)
     longest_segment_s: float = 0.0
     first_ready_s: float | None = None
@@ -99,6 +111,7 @@ class StartPacer:
             total_s=self.total_s,
             rate=rate,
             longest_segment_s=self.longest_segment_s,
+            margin_s=self.margin_s,
         )
 
     def hold_s(self, now_s: float) -> float | None:

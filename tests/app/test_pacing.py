@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from app.pacing import (
+    MARGIN_S,
     StartPacer,
     buffering_note,
     live_pace_note,
@@ -74,25 +75,26 @@ def feed(pacer: StartPacer, made_at, segments, chunk_s: float, until: float) -> 
     return pacer
 
 
+@pytest.mark.parametrize("margin", [0.0, MARGIN_S])
 @pytest.mark.parametrize("rate", [0.3, 0.5, 0.8])
-def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(rate: float) -> None:
+def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(rate: float, margin: float) -> None:
     """Re-estimated chunk by chunk (the first chunk, slowed by set-up, only counts until a second is in): the
-    release is never before the least start and at most one chunk's production after it."""
+    release is never before the least start (plus the margin) and at most one chunk's production after it."""
     chunk_s, total_s = 0.5, 8.0
     made_at, segments = simulated_run(rate, total_s, chunk_s, per_segment=2, setup_s=3.0)
     released_at = None
     for wall in made_at:
-        if feed(StartPacer(total_s), made_at, segments, chunk_s, until=wall).release_due(wall):
+        if feed(StartPacer(total_s, margin), made_at, segments, chunk_s, until=wall).release_due(wall):
             released_at = wall
             break
     assert released_at is not None
     least = least_start(segments)
-    assert least <= released_at <= least + chunk_s / rate + 1e-9
+    assert least + margin <= released_at <= least + margin + chunk_s / rate + 1e-9
     assert not stalls(released_at, segments)
 
 
 def test_before_a_second_chunk_the_rate_counts_from_the_start_and_a_finished_run_releases() -> None:
-    pacer = StartPacer(10.0)
+    pacer = StartPacer(10.0, margin_s=0.0)
     pacer.made(4.0, 1.0)  # 3 s of set-up, then a 1 s chunk
     assert pacer.rate() == pytest.approx(0.25)
     pacer.made(6.0, 2.0)

@@ -23,13 +23,13 @@ def test_held_segments_go_out_in_order_once_playback_can_run_to_the_end() -> Non
     playback.made(ISPA, 2.0, 0.5)
     assert playback.due({FULL: None, ISPA: None}, 2.0) == []
     playback.made(FULL, 4.0, 1.5)  # 0.5 video s per wall s from the first chunk on
-    assert playback.due({FULL: seg[0]}, 4.0) == []  # held: 4 + 6.5 / 0.5 - 6.5 is 10.5
+    assert playback.due({FULL: seg[0]}, 4.0) == []  # held: 4 + 6.5 / 0.5 - 6.5 is 10.5, plus the margin
     assert playback.note(4.0, live=False) == (
         "Buffering 7 s so playback will not stop (video is made at 0.50× real time)"
     )
     assert playback.wait_s(4.0) == 1.0  # the status counts down once a second
-    assert playback.wait_s(10.2) == pytest.approx(0.3)  # then wakes when the hold runs out, chunk or not
-    assert playback.due({}, 10.5) == [{FULL: seg[0]}]  # and hands it over then
+    assert playback.wait_s(10.2) == pytest.approx(0.8)  # then wakes when the hold runs out, chunk or not
+    assert playback.due({}, 11.0) == [{FULL: seg[0]}]  # and hands it over then (10.5 plus the margin)
     playback = Playback([FULL, ISPA], Spec(8.0), [("big", 400)])
     for run in (FULL, ISPA):
         playback.made(run, 2.0, 0.5)
