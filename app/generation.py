@@ -147,7 +147,11 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
                 _remove(due)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
         last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
-        for due in playback.due({}, time.monotonic() - started, finished=True):
+        # What is left goes to the players before the report is written: a player may be waiting for it.
+        ending = playback.due({}, time.monotonic() - started, finished=True)
+        ending += [tail] if (tail := {name: path for name, path in last.items() if path is not None}) else []
+        last = {}
+        for due in ending:
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
@@ -173,8 +177,6 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     state = "stopped" if active.stop_requested else "finished"
     status = status_markdown(pipe.label, spec, recorders, first_video_s, meter and meter.summary(), state)
     yield _outputs(runs, last, panels, status, final)
-    if streaming:
-        _remove(last)
 
 
 def _counted(chunks: Iterator[AvatarChunk], video_s: list[float]) -> Iterator[AvatarChunk]:

@@ -15,10 +15,11 @@ Below real time (r < 1) the right side grows with e, so the last segment (e = to
     P = now + (total - made) / r - (total - L)
 
 At or above real time it shrinks with e, so the next segment decides, which is ready before the one now
-playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds
-`MARGIN_S` to P: each segment still has to be encoded by Gradio and fetched by the player, and on a busy server
-that takes longer for some segments than for the first (a Chromium test saw a 0.04 s stall without it). The
-estimate is renewed with every chunk until the segments are released; released segments stay released.
+playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds a
+margin to P, by default the stream's target duration (the longest segment rounded up, as Gradio writes it into
+the playlist): a live HLS player finds a new segment only when it reloads the playlist, about once per target
+duration, and so gets a later segment up to that much later after it is made than it got the first (a Chromium
+test saw a 1.1 s stall with a 0.5 s margin on a busy machine). The estimate is renewed with every chunk until the segments are released; released segments stay released.
 
 Live speech (`live_pace_note`): speech arrives in real time, so at a rate r < 1 the delay behind the speaker
 grows by 1 / r - 1 seconds per second of speech. The size that keeps up is estimated by pixel count (work
@@ -30,8 +31,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-MARGIN_S = 0.5
 
 
 def production_rate(points: Sequence[tuple[float, float]]) -> float | None:
@@ -72,7 +71,7 @@ class StartPacer:
     segments over. `total_s` None (live speech) never holds anything back."""
 
     total_s: float | None
-    margin_s: float = MARGIN_S
+    margin_s: float | None = None  # None: the target duration, ceil(longest segment)
     points: list[tuple[float, float]] = field(default_factory=list)
     longest_segment_s: float = 0.0
     first_ready_s: float | None = None
@@ -111,7 +110,7 @@ class StartPacer:
             total_s=self.total_s,
             rate=rate,
             longest_segment_s=self.longest_segment_s,
-            margin_s=self.margin_s,
+            margin_s=math.ceil(self.longest_segment_s) if self.margin_s is None else self.margin_s,
         )
 
     def hold_s(self, now_s: float) -> float | None:

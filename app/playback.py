@@ -16,10 +16,16 @@ NOTE_EVERY_S = 1.0
 class Playback:
     """Per run: its pacer, its held segments, the video seconds already cut into segments."""
 
-    def __init__(self, runs: Sequence[str], spec: RunSpec, sizes: Sequence[tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        runs: Sequence[str],
+        spec: RunSpec,
+        sizes: Sequence[tuple[str, int]],
+        margin_s: float | None = None,
+    ) -> None:
         self.spec = spec
         self.sizes = list(sizes)
-        self.pacers = {name: StartPacer(spec.speech_seconds) for name in runs}
+        self.pacers = {name: StartPacer(spec.speech_seconds, margin_s) for name in runs}
         self.held: dict[str, list[Path]] = {name: [] for name in runs}
         self._video_s = dict.fromkeys(runs, 0.0)
         self._cut_s = dict.fromkeys(runs, 0.0)

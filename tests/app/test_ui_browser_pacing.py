@@ -5,10 +5,12 @@ delay that avoids a stall, computed afterwards from when the server made each se
 moment the app hands the first segment to Gradio, since Gradio's encoding and the player's fetch add the same to
 both).
 
-Why 6 s and not the issue's 16 s: the property needs playback to outrun production, which half real time gives
-from the second segment on; 6 s is five segments, so without the hold-back every later segment would come late
-(the least stall-free start is 4 s after the first segment), and it keeps the test at about 20 s. At 1× and 2×
-real time the pacing adds no delay by its arithmetic, tested exactly in tests/app/test_pacing.py."""
+Why 10 s and not the issue's 16 s: the property needs playback to outrun production, which half real time gives
+from the second segment on, and a start late enough that the margin the app adds (the stream's target duration,
+2 s: how late a live HLS player may find a new segment) is small beside the whole delay, so that 20 % can tell
+a right start from a late one; 10 s gives a least start near 11 s. 16 s would cost 12 s more for the same
+property. At 1× and 2× real time the pacing adds no delay by its arithmetic, tested exactly in
+tests/app/test_pacing.py."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from tests.fixtures.paced_backend import PacedBackend
 
 pytestmark = pytest.mark.browser
 
-CLIP_S = 6.0
+CLIP_S = 10.0
 RATE = 0.5
 # Records each media event of the player with the wall clock (Date.now, the server's time.time) and the
 # status lines shown.
@@ -100,17 +102,26 @@ def test_playback_below_real_time_starts_late_enough_never_to_stall(
         statuses = page.evaluate("() => window.statusLines")
         playlist = page.request.get(playlists[-1]).text()
 
+    bounds = segment_bounds(playlist)
+    # The playlist's last entry is Gradio's end-of-stream audio tail (a fraction of a second), which it writes only
+    # once the generator has returned; waiting for it is counted apart (see docs/testing.md).
+    tail_start, tail_end = bounds[-1]
+    tail_from = tail_start - 0.3 if tail_end - tail_start < 0.5 else float("inf")
     started = next(t for kind, t, _ in events if kind == "playing")
     ended = next(t for kind, t, _ in events if kind == "ended")
-    after = [(kind, t) for kind, t, _ in events if started < t < ended]
-    waits = [t for kind, t in after if kind == "waiting"]
-    stall_s = sum(
-        next((t2 for kind2, t2 in after if kind2 == "playing" and t2 > t), ended) - t for t in waits
-    )
-    stalled = [t for kind, t in after if kind == "stalled"]
+    after = [(kind, t, media) for kind, t, media in events if started < t < ended]
+
+    def stall_time(waits: list[float]) -> float:
+        return sum(
+            next((t2 for kind2, t2, _ in after if kind2 == "playing" and t2 > t), ended) - t for t in waits
+        )
+
+    waits = [t for kind, t, media in after if kind == "waiting" and media < tail_from]
+    tail_waits = [t for kind, t, media in after if kind == "waiting" and media >= tail_from]
+    stall_s, tail_stall_s = stall_time(waits), stall_time(tail_waits)
+    stalled = [t for kind, t, _ in after if kind == "stalled"]
 
     made = paced.chunk_times  # (wall clock, video seconds made) per chunk
-    bounds = segment_bounds(playlist)
     last_made = made[-1][1]
     # A segment is ready with its last chunk (the playlist's last entry is Gradio's own audio tail).
     ready = [next(t for t, video_s in made if video_s >= min(end, last_made) - 1e-6) for _, end in bounds]
@@ -119,10 +130,13 @@ def test_playback_below_real_time_starts_late_enough_never_to_stall(
     report = (
         f"video handed over {released - clicked:.2f} s after the click, the least stall-free start "
         f"{least - clicked:.2f} s; the player started at {started - clicked:.2f} s; waiting {len(waits)}, "
-        f"stalled {len(stalled)}, stall time {stall_s:.2f} s"
+        f"stalled {len(stalled)}, stall time {stall_s:.2f} s; at the end-of-stream tail: waiting {len(tail_waits)}, "
+        f"{tail_stall_s:.2f} s; player events (kind, s after the click, media s): "
+        f"{[(kind, round(t - clicked, 2), round(media, 2)) for kind, t, media in events]}; segments made (s after "
+        f"the click, media start): {[(round(t - clicked, 2), start) for t, (start, _) in zip(ready, bounds, strict=True)]}"
     )
     print(report)
-    assert len(bounds) >= 5, playlist
+    assert len(bounds) >= 8, playlist
     assert any("so playback will not stop" in line for line in statuses), statuses
     assert waits == [] and stalled == [] and stall_s == 0, report
     # The delay is judged where the app decides it, the hand-over: Gradio's encoding and the player's fetch
