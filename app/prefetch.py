@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STOP_WAIT_SECONDS = 120.0  # a block in flight finishes before the thread can end (a 14B block: seconds)
+AHEAD = 4  # steps made and not yet taken, at most: bounds what a slow consumer leaves waiting in memory
 
 
 class Prefetch(Generic[T]):
@@ -22,7 +23,7 @@ class Prefetch(Generic[T]):
 
     def __init__(self, steps: Iterator[T], clock: Callable[[], float], on_stop: Callable[[], None]) -> None:
         self._steps, self._clock, self._on_stop = steps, clock, on_stop
-        self._queue: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(AHEAD)
         self._stopping = threading.Event()
         self._ended = False
         self._thread = threading.Thread(target=self._run, name="chunk-prefetch", daemon=True)
@@ -31,12 +32,21 @@ class Prefetch(Generic[T]):
     def _run(self) -> None:
         try:
             for step in self._steps:
-                self._queue.put(("step", (self._clock(), step)))
-                if self._stopping.is_set():
-                    break
-            self._queue.put(("end", None))
+                if not self._put(("step", (self._clock(), step))) or self._stopping.is_set():
+                    return
+            self._put(("end", None))
         except BaseException as exc:  # handed to the consumer, which raises it in the request's thread
-            self._queue.put(("error", exc))
+            self._put(("error", exc))
+
+    def _put(self, item: tuple[str, object]) -> bool:
+        """Queue `item`, waiting while the queue is full; False when a stop came meanwhile."""
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def take(self, timeout: float | None) -> tuple[float, T] | bool | None:
         """The next step made, with the time it was made, waiting up to `timeout` seconds (None: until one

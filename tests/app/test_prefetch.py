@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from app.prefetch import Prefetch
+from app.prefetch import AHEAD, Prefetch
 
 
 def test_steps_arrive_in_order_stamped_then_the_end() -> None:
@@ -48,3 +48,19 @@ def test_a_stop_asks_the_steps_to_end_and_waits_for_the_thread() -> None:
     production = Prefetch(steps(), clock=lambda: 0.0, on_stop=cancelled.set)
     assert production.take(timeout=None)
     assert production.stop() is True and cancelled.is_set()
+
+
+def test_the_model_runs_at_most_a_few_steps_ahead_and_a_stop_frees_it_when_nobody_takes_them() -> None:
+    made = []
+
+    def steps():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    production = Prefetch(steps(), clock=lambda: 0.0, on_stop=lambda: None)
+    assert production.take(timeout=None) == (0.0, 0)
+    deadline = threading.Event()
+    deadline.wait(0.3)
+    assert len(made) <= AHEAD + 2  # the queue's steps, one blocked on it, the one taken
+    assert production.stop() is True

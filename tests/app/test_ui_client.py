@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -279,7 +280,9 @@ def recalibrate_then_stop(client: Client, examples_dir: Path, tmp_path: Path) ->
     files, report = stopped
     chunks = report["runs"]["ISPA"]["chunks"]
     assert report["stopped_early"]
-    assert 3 <= len(chunks) < 10
+    # The model runs a few chunks ahead of the updates the client reacts to (app.prefetch), but stops early.
+    whole_run = math.ceil(5.0 * FPS / chunks[0]["frames"])
+    assert 3 <= len(chunks) < whole_run
     assert [c["event"] for c in chunks].count("recalibration_started") == 1
     # What the Stop button hands over is what was generated, and the stream's last update says so.
     names = {f["orig_name"]: f for f in files}
