@@ -3,17 +3,18 @@ panel and the status out, and at the end the final mp4(s) and the report.
 
 This is the part that holds the GPU (the `spaces.GPU`-decorated generator on a ZeroGPU Space). Compare mode
 opens a stream per policy on the same pipeline (A and B, Full vs ISPA by default, plus a Full run when neither
-is Full, to measure their drift against): the first run goes first, alone, until its first video segment is out
-(so the first player starts about when a lone run's would, and the others' set-up waits until then), then they
-take turns chunk by chunk. Each chunk is handed out as soon as it exists; each step
-yields an `app.layout.RunOutputs` of values, by name.
+is Full, to measure their drift against): the first run goes first, alone, until its chunks fill its first video
+segment (so the first player starts about when a lone run's would, and the others' set-up waits until then), then
+they take turns chunk by chunk. The chunks are made on a thread of their own (`app.prefetch`), so Gradio's encoding
+of each output never holds up the model. Each chunk is handed out as soon as it exists, except that the first
+video segments of speech of known length are held back just long enough for playback not to stop at the rate
+measured so far (`app.playback`, `app.pacing`); each step yields `app.layout.RunOutputs` of values, by name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields, replace
@@ -22,12 +23,14 @@ from typing import Any
 
 import gradio as gr
 
-from app.gpu import gpu
+from app.gpu import ON_ZERO_GPU, gpu, gpu_budget
 from app.inputs import ISPA, RunSpec
 from app.layout import RunOutputs
 from app.media import RunDir, ffmpeg_status
 from app.models import pipeline_pool
-from app.run_recorder import RunRecorder
+from app.playback import Playback
+from app.prefetch import Prefetch
+from app.run_recorder import MIN_SEGMENT_SECONDS, RunRecorder
 from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
@@ -37,25 +40,38 @@ from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunContr
 logger = logging.getLogger(__name__)
 LEGEND = "colors_in_legend"
 
-# ZeroGPU time asked per request: a fixed start-up share plus a share per second of speech and per run.
-GPU_BASE_SECONDS = 60
-GPU_SECONDS_PER_SPEECH_SECOND = 8
-GPU_MAX_SECONDS = 900
 
-
-def _gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
+def gpu_seconds(spec: RunSpec, model: str, session: str, live: bool) -> int:
+    """The GPU time one request asks ZeroGPU for (`app.gpu_time`); spaces calls it with the call's arguments.
+    Never more than a call may take: longer speech is refused before (`check_gpu_time`)."""
+    budget = gpu_budget()
     speech = MAX_AUDIO_SECONDS if spec.speech_seconds is None else spec.speech_seconds
-    runs = len(spec.policies())
-    return min(GPU_MAX_SECONDS, int(GPU_BASE_SECONDS + GPU_SECONDS_PER_SPEECH_SECOND * speech * runs))
+    asked = budget.seconds(speech, len(spec.policies()), spec.max_area)
+    return min(asked, int(budget.max_s / budget.duration_factor))
 
 
-@gpu(duration=_gpu_seconds)
+def check_gpu_time(spec: RunSpec, pipe: AvatarBackend) -> None:
+    """On ZeroGPU, refuse speech too long for one call of a model on the GPU (before any GPU time is asked)."""
+    if ON_ZERO_GPU and pipe.device.type == "cuda" and spec.speech_seconds is not None:
+        gpu_budget().check(spec.speech_seconds, len(spec.policies()), spec.max_area, spec.size_label)
+
+
 def run_generation(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
     """Stream the run(s) of one request: per step the new video segment(s), the side panel and the status;
     at the end the final mp4(s) and the report. Compare mode's two runs take turns (see the module).
-    The request holds one free pipeline of the pool (`app.worker_pool`) from start to end."""
+    On ZeroGPU a model on the GPU runs in a call that borrows one (`app.gpu`); a model on the CPU (the tiny
+    one) runs here and spends no GPU time."""
+    on_gpu = ON_ZERO_GPU and pipeline_pool().pipeline(model).device.type == "cuda"
+    yield from (run_with_gpu if on_gpu else run_leased)(spec, model, session, live)
+
+
+def run_leased(spec: RunSpec, model: str, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
+    """The request on one free pipeline of the pool (`app.worker_pool`), held from start to end."""
     with pipeline_pool().lease(model) as pipe:
         yield from _run_on(pipe, spec, session, live)
+
+
+run_with_gpu = gpu(duration=gpu_seconds)(run_leased)
 
 
 def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Iterator[RunOutputs[Any]]:
@@ -73,9 +89,11 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     panels = RunPanels(spec, recorders)
     meter = DelayMeter(feed) if feed is not None else None
     timed_run = spec.shown_runs()[-1]  # in compare mode run B, which follows run A
+    playback = Playback([name for name, _ in runs], spec, pipe.size_choices())
     streams: dict[str, Iterator[AvatarChunk]] = {}
     started = time.monotonic()
     first_video_s: float | None = None
+    production: Prefetch[dict[str, AvatarChunk]] | None = None
     group = RunGroup()  # compare mode's runs may share set-up work (LiveAvatar: the decoder's warm-up)
     try:
         for name, policy in runs:
@@ -93,26 +111,54 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
             )
             chunks = pipe.stream(request, controls[name], group)
             streams[name] = on_device(pipe.device, chunks)
-        video_out = threading.Event()  # the first video segment is out (never, without streaming)
-        if not streaming:
-            video_out.set()
-        for step in _take_turns(streams, lead_until=video_out.is_set):
-            panels.add(step)
-            segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
-            if meter is not None and timed_run in step:
-                meter.chunk_ready(step[timed_run].report.end_seconds)
-                if segments.get(timed_run) is not None:
-                    meter.handed_over()
-            if first_video_s is None and any(segments.values()):
-                first_video_s = time.monotonic() - started
-                video_out.set()
+        # The lead run goes alone until its chunks fill the first segment (decided on the model's thread, as the
+        # recorder will cut it), or not at all without streaming.
+        lead_name = runs[0][0]
+        lead_video_s = [0.0]
+        streams[lead_name] = _counted(streams[lead_name], lead_video_s)
+        production = Prefetch(
+            _take_turns(
+                streams, lead_until=lambda: not streaming or lead_video_s[0] >= MIN_SEGMENT_SECONDS - 1e-9
+            ),
+            clock=lambda: time.monotonic() - started,
+            on_stop=lambda: [control.cancel() for control in controls.values()],
+        )
+        while (made := production.take(playback.wait_s(time.monotonic() - started))) is not None:
+            now = time.monotonic() - started
+            out: list[dict[str, Path]] = []
+            if made:  # one chunk per update, as it is made (False: a hold may have run out meanwhile)
+                made_s, step = made
+                panels.add(step)
+                segments = {name: recorders[name].add(chunk) for name, chunk in step.items()}
+                for name in step:
+                    playback.made(name, made_s, recorders[name].video_seconds)
+                if meter is not None and timed_run in step:
+                    meter.chunk_ready(step[timed_run].report.end_seconds)
+                    if segments.get(timed_run) is not None:
+                        meter.handed_over()
+                if first_video_s is None and any(segments.values()):
+                    first_video_s = now
+                out += playback.due(segments, now)
+            out += playback.due({}, now)  # a hold that ran out while no chunk came
+            note = playback.note(now, meter is not None)
             status = status_markdown(
                 pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
             )
-            yield from _outputs(spec.shown_runs(), segments, panels, status)
-            _remove(segments)  # Gradio has encoded them into its own stream by the time the generator resumes
+            for due in out or [{}]:
+                yield from _outputs(spec.shown_runs(), due, panels, status + (f"  \n{note}" if note else ""))
+                _remove(due)  # Gradio has encoded them into its own stream by the time the generator resumes
         _close(streams)
         last = {name: recorder.finish()[0] for name, recorder in recorders.items()} if streaming else {}
+        # What is left goes to the players before the report is written: a player may be waiting for it.
+        ending = playback.due({}, time.monotonic() - started, finished=True)
+        ending += [tail] if (tail := {name: path for name, path in last.items() if path is not None}) else []
+        last = {}
+        for due in ending:
+            status = status_markdown(
+                pipe.label, spec, recorders, first_video_s, meter and meter.summary(), "generating"
+            )
+            yield from _outputs(spec.shown_runs(), due, panels, status)
+            _remove(due)
         if meter is not None:
             meter.handed_over()
         if first_video_s is None:
@@ -122,7 +168,8 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     except BaseException:
         # Stopped (Gradio closes the generator) or failed: the files of what exists go to the session, where
         # the Stop button collects them.
-        _close(streams)
+        if production is None or production.stop():
+            _close(streams)
         if not active.finished.is_set():
             final = _finish(pipe, spec, recorders, panels, run_dir, first_video_s, meter, stopped=True)
             SESSIONS.finish(active, final)
@@ -132,8 +179,18 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     state = "stopped" if active.stop_requested else "finished"
     status = status_markdown(pipe.label, spec, recorders, first_video_s, meter and meter.summary(), state)
     yield from _outputs(spec.shown_runs(), last, panels, status, final)
-    if streaming:
-        _remove(last)
+
+
+def _counted(chunks: Iterator[AvatarChunk], video_s: list[float]) -> Iterator[AvatarChunk]:
+    """`chunks`, adding each one's video seconds to `video_s[0]` as it is made; closing it closes `chunks`."""
+    try:
+        for chunk in chunks:
+            video_s[0] += len(chunk.frames) / chunk.fps
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _take_turns(

@@ -21,7 +21,7 @@ from app.inputs import RunSpec
 from app.validation import ValidationError
 from avatars.base import AvatarBackend
 from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, compare_peak_bytes, fits_capacity
-from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy
+from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy
 
 
 def gpu_total_bytes(device: torch.device) -> int | None:
@@ -80,6 +80,43 @@ def check_run_fits(
         f"with {spec.kv_format} KV peaks at {peak / GIB:.2f} GiB{' on its heaviest rank' if on_ranks else ''} "
         f"by the memory plan, plus {CUDA_CONTEXT_BYTES / GIB:.1f} GiB for the CUDA context, "
         f"and the GPU has {total / GIB:.2f} GiB; {advice}."
+    )
+
+
+def settings_that_fit(
+    backend: AvatarBackend, *, gpu_bytes: Callable[[torch.device], int | None] = gpu_total_bytes
+) -> list[str]:
+    """Per size, the KV formats with which a Full run, an ISPA run (its default k_fraction and T_warm) and
+    compare mode fit the GPU by the memory plan, one line each, for the size chooser; [] without a GPU. Planned
+    once per backend and GPU size (each plan is a model built on `meta`)."""
+    total = gpu_bytes(backend.device)
+    if total is None:
+        return []
+    key = (id(backend), total)
+    if key not in _FITTING:
+        _FITTING[key] = [_fitting_line(backend, label, area, total) for label, area in backend.size_choices()]
+    return _FITTING[key]
+
+
+_FITTING: dict[tuple[int, int], list[str]] = {}
+
+
+def _fitting_line(backend: AvatarBackend, label: str, area: int, total: int) -> str:
+    height, width = backend.planned_size(area)
+    fits: dict[str, list[str]] = {"Full": [], "ISPA": [], "compare": []}
+    for kv_format in KV_FORMATS:
+        full = backend.memory_plans(height, width, FullPolicy(), kv_format)
+        ispa = backend.memory_plans(height, width, ISPAPolicy(), kv_format)
+        peaks = {
+            "Full": max(plan.peak_bytes for plan in full),
+            "ISPA": max(plan.peak_bytes for plan in ispa),
+            "compare": max(compare_peak_bytes(*pair) for pair in zip(full, ispa, strict=True)),
+        }
+        for mode, peak in peaks.items():
+            if fits_capacity(peak, total):
+                fits[mode].append(kv_format)
+    return f"{label}: " + "; ".join(
+        f"{mode} {', '.join(formats) or 'none'}" for mode, formats in fits.items()
     )
 
 

@@ -22,9 +22,9 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from app.examples import bundled_example
-from app.generation import run_generation
+from app.generation import check_gpu_time, run_generation
 from app.gpu import ON_ZERO_GPU
-from app.gpu_sizes import check_run_fits
+from app.gpu_sizes import check_run_fits, settings_that_fit
 from app.inputs import COMPARE, DEFAULT_COMPARE, DEFAULT_SIZE, EngineChoices, RunSpec, prepare_run
 from app.layout import PLAYER_HEIGHT, InputControls, RunOutputs, input_column, output_columns
 from app.live_audio import decode_mic_piece
@@ -38,6 +38,7 @@ from app.models import (
     hide_paths,
     model_availability,
     pipeline_pool,
+    preload_for_zero_gpu,
     usable_sizes,
 )
 from app.raw_numbers import pass_raw
@@ -248,6 +249,7 @@ def _prepare(
         live=live,
     )
     check_run_fits(spec, pipe)
+    check_gpu_time(spec, pipe)
     for note in spec.warnings:
         gr.Warning(_as_text(note))
     return spec
@@ -391,7 +393,13 @@ def refresh_sizes(model: str) -> Any:
     except ValidationError:
         return gr.skip()
     sizes, too_big = usable_sizes(pipe)
-    note = "Left out, by the memory plan: " + "; ".join(too_big) if too_big else None
+    notes = []
+    fitting = settings_that_fit(pipe)
+    if fitting:
+        notes.append("KV formats that fit this GPU, by the memory plan: " + "; ".join(fitting))
+    if too_big:
+        notes.append("Left out, by the memory plan: " + "; ".join(too_big))
+    note = ". ".join(notes) or None
     return gr.Dropdown(choices=[DEFAULT_SIZE, *(label for label, _ in sizes)], value=DEFAULT_SIZE, info=note)
 
 
@@ -431,7 +439,9 @@ def _example_rows() -> list[list[str]]:
 
 
 def build_demo() -> gr.Blocks:
-    """The whole UI; builds no model (the first run, or the first page load, loads it)."""
+    """The whole UI; builds no model (the first run, or the first page load, loads it), except on ZeroGPU,
+    where the real model must be loaded before the app launches."""
+    preload_for_zero_gpu()
     availability = model_availability()
     media = ffmpeg_status()
     with gr.Blocks(title="ispa-avatar", delete_cache=(STALE_RUN_DIR_SECONDS, STALE_RUN_DIR_SECONDS)) as demo:

@@ -8,6 +8,7 @@ app sees every model through `avatars.base.AvatarBackend` only.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,8 @@ from app.validation import ValidationError
 from app.worker_pool import PipelinePool, devices_from_env
 from avatars.base import AvatarBackend
 from avatars.liveavatar.loading import available_models, load_pipeline
+
+logger = logging.getLogger(__name__)
 
 TEST_MODEL = "tiny"
 REAL_MODEL = "14b"
@@ -110,7 +113,20 @@ def _load(name: str, device: torch.device) -> AvatarBackend:
         raise ValidationError(
             f"The {MODEL_LABELS[name]} model needs a GPU; this generation slot is on {device}."
         )
-    return load_pipeline(name, fp8=name == REAL_MODEL and wants_fp8(), device=device)
+    # torch.compile does not work in ZeroGPU's forked workers: never there, whatever ISPA_COMPILE says.
+    compile_dit = False if ON_ZERO_GPU else None
+    return load_pipeline(
+        name, fp8=name == REAL_MODEL and wants_fp8(), device=device, compile_regions=compile_dit
+    )
+
+
+def preload_for_zero_gpu() -> None:
+    """On ZeroGPU, load the real model now, in the main process at start-up: spaces intercepts its `.to("cuda")`
+    and packs the weights when the app launches, and each call's forked worker gets them moved onto its GPU.
+    Loaded later (in a worker), the 14B would be read from disk again on every call. Elsewhere nothing."""
+    if ON_ZERO_GPU and model_availability().get(REAL_MODEL, "unknown") is None:
+        logger.info("ZeroGPU: loading %s before the app launches", MODEL_LABELS[REAL_MODEL])
+        get_pipeline(REAL_MODEL)
 
 
 def get_pipeline(name: str) -> AvatarBackend:

@@ -10,11 +10,19 @@ from app.media import RunDir, Segment, SegmentBuffer, write_segment
 from avatars.base import AvatarChunk, ChunkReport
 from avatars.media.run_video import RunVideoWriter
 
+MIN_SEGMENT_SECONDS = 1.0  # Gradio's HLS player plays segments of at least about 1 s smoothly (app.media)
+
 
 class RunRecorder:
     """Turns one run's chunks into stream segments (when `streaming`) and its final mp4."""
 
-    def __init__(self, run_dir: RunDir, video_name: str, streaming: bool, min_segment_seconds: float = 1.0):
+    def __init__(
+        self,
+        run_dir: RunDir,
+        video_name: str,
+        streaming: bool,
+        min_segment_seconds: float = MIN_SEGMENT_SECONDS,
+    ):
         self.run_dir = run_dir
         self.streaming = streaming
         self.reports: list[ChunkReport] = []

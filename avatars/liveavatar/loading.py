@@ -161,12 +161,18 @@ def build_liveavatar_pipeline(
 
 
 def load_pipeline(
-    name: str, *, fp8: bool = False, device: torch.device | str = "cuda", audio_fp32: bool = False
+    name: str,
+    *,
+    fp8: bool = False,
+    device: torch.device | str = "cuda",
+    audio_fp32: bool = False,
+    compile_regions: bool | None = None,
 ) -> LiveAvatarPipeline:
     """'tiny' (always on the CPU, no download) or '14b' (on the CUDA `device`, weights under $ISPA_WEIGHTS or
     ./weights). `audio_fp32`: the 14B's wav2vec2 in fp32 instead of the official bf16 (the tiny one is fp32).
 
-    With ISPA_COMPILE=1 in the environment the DiT's pointwise regions are compiled (`avatars.liveavatar.compiled`).
+    `compile_regions`: compile the DiT's pointwise regions (`avatars.liveavatar.compiled`); None: as ISPA_COMPILE=1 in
+    the environment says.
     """
     if name == "tiny":
         pipeline = build_tiny_pipeline()
@@ -176,7 +182,7 @@ def load_pipeline(
         )
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    if _compile_asked():
+    if _compile_asked() if compile_regions is None else compile_regions:
         set_compiled_regions(pipeline)
     return pipeline
 

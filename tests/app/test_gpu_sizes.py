@@ -15,7 +15,7 @@ from app.validation import Settings, ValidationError
 from avatars.liveavatar.memory_plan import Role, plan_roles
 from avatars.liveavatar.rank_layout import RankLayout
 from avatars.liveavatar.sizing import LIVEAVATAR_SIZES, PLANNED_ASPECT, choose_size, planned_size
-from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, TermKind, compare_peak_bytes
+from avatars.memory import CUDA_CONTEXT_BYTES, GIB, MemoryPlan, Term, TermKind, compare_peak_bytes
 from ispa import KV_FORMATS, LIGHTEST_KV_FORMAT, FullPolicy, ISPAPolicy, Policy
 
 SIZES = [(s.label, s.max_area) for s in LIVEAVATAR_SIZES]
@@ -184,3 +184,64 @@ def test_on_a_pipeline_of_ranks_the_heaviest_rank_is_planned() -> None:
     offered_on_ranks, _ = sizes_for_gpu(on_ranks, gpu_bytes=lambda device: gpu)
     offered_alone, _ = sizes_for_gpu(alone, gpu_bytes=lambda device: gpu)
     assert SIZES[0] in offered_on_ranks and SIZES[0] not in offered_alone
+
+
+ZERO_GPU_CARDS = {
+    "H200 slice": 74_625_056_768,
+    "RTX PRO 6000": 101_973_950_464,
+}  # as spaces 0.51.3 reports them
+KV_GIB = {"bf16": 31.0, "fp8": 17.0, "fp8-all": 16.0, "int4": 11.0, "int4+w": 13.3, "q2": 4.1, "q2+w": 7.0}
+# about the 14B's at the official size
+
+
+class SyntheticPlans(PlannedBackend):
+    """Plans of made-up terms, cheap to build (the real planner builds the 14B DiT on `meta` for each): model
+    weights held once per model, KV by format and area, ISPA's statistics; the selection is what is tested."""
+
+    def memory_plans(self, height: int, width: int, policy: Policy, kv_format: str) -> list[MemoryPlan]:
+        scale = height * width / (720 * 400)
+        stats = 6 * GIB if isinstance(policy, ISPAPolicy) else 0
+        terms = (
+            Term(TermKind.DIT_WEIGHTS, "weights", 33 * GIB, 33 * GIB, "made up", per_model=True),
+            Term(
+                TermKind.KV_CACHE,
+                "kv",
+                int(KV_GIB[kv_format] * scale * GIB),
+                int(KV_GIB[kv_format] * scale * GIB),
+                "made up",
+            ),
+            Term(TermKind.ISPA_STATISTICS, "stats", stats, 0, "made up"),
+        )
+        return [MemoryPlan({"kv_format": kv_format}, terms)]
+
+
+@pytest.mark.parametrize("card", ZERO_GPU_CARDS)
+def test_the_size_chooser_names_exactly_the_kv_formats_that_fit_each_mode(card: str) -> None:
+    from app.gpu_sizes import settings_that_fit
+    from avatars.memory import fits_capacity
+    from ispa import KV_FORMATS
+
+    capacity = ZERO_GPU_CARDS[card]
+    backend = SyntheticPlans()
+    lines = settings_that_fit(backend, gpu_bytes=lambda device: capacity)
+    assert len(lines) == len(SIZES)
+    seen = set()
+    for (label, area), line in zip(SIZES, lines, strict=True):
+        height, width = planned_size(area, DIVISOR)
+
+        def plan(policy: Policy, kv: str, height: int = height, width: int = width) -> MemoryPlan:
+            return backend.memory_plans(height, width, policy, kv)[0]
+
+        modes = {
+            "Full": lambda kv: plan(FullPolicy(), kv).peak_bytes,
+            "ISPA": lambda kv: plan(ISPAPolicy(), kv).peak_bytes,
+            "compare": lambda kv: compare_peak_bytes(plan(FullPolicy(), kv), plan(ISPAPolicy(), kv)),
+        }
+        parts = []
+        for mode, peak in modes.items():
+            fitting = [kv for kv in KV_FORMATS if fits_capacity(peak(kv), capacity)]
+            seen.add((mode, len(fitting)))
+            parts.append(f"{mode} {', '.join(fitting) or 'none'}")
+        assert line == f"{label}: " + "; ".join(parts)
+    assert len({count for _, count in seen}) > 1  # the capacities draw lines between the formats
+    assert settings_that_fit(backend, gpu_bytes=lambda device: None) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -172,9 +173,14 @@ def test_ispa_run_streams_and_its_panels_follow_the_engine(
     report = check_final_files(outputs, ["ISPA"])
     chunks = report["runs"]["ISPA"]["chunks"]
     assert len(chunks) >= 3
-    assert len(outputs) == len(chunks) + 1  # one update per chunk, then the final one
     assert report["is_test_model"] and "untrained" in report["model"]
     assert all("untrained" in o[STATUS] for o in outputs)
+    # One update per chunk, then the final one; the updates between carry no new chunk: they hand over held-back
+    # segments or count the hold down (app.playback).
+    sizes = [len(plotted_bytes(o[PLOT], THIS_RUN)) for o in outputs[:-1]]
+    fresh = [k for k, n in enumerate(sizes) if n != (sizes[k - 1] if k else 0)]
+    assert [sizes[k] for k in fresh] == list(range(1, len(chunks) + 1))
+    updates, outputs = outputs, [outputs[k] for k in fresh] + [outputs[-1]]
 
     # The plot grows by one step per chunk and carries the engine's own byte counts, in a unit that fits them.
     for i, out in enumerate(outputs[:-1]):
@@ -196,8 +202,8 @@ def test_ispa_run_streams_and_its_panels_follow_the_engine(
     assert local_cells(outputs[-1][LAYERS]) == round(0.5 * TINY_LAYERS)
 
     total_frames = round(report["runs"]["ISPA"]["video_seconds"] * FPS)
-    check_stream(outputs, PLAYER_A, total_frames, client)
-    assert not streamed(outputs, PLAYER_B)  # the second player is for compare mode only
+    check_stream(updates, PLAYER_A, total_frames, client)
+    assert not streamed(updates, PLAYER_B)  # the second player is for compare mode only
     assert report["first_video_after_s"] > 0 and not report["stopped_early"]
 
 
@@ -243,16 +249,18 @@ def test_compare_mode_streams_both_runs_and_their_drift(client, examples_dir: Pa
     url_b = check_stream(outputs, PLAYER_B, round(report["runs"]["ISPA"]["video_seconds"] * FPS), client)
     assert url_a != url_b
 
-    # Both KV curves on one plot, one point per chunk each, one new chunk per update: the Full run alone until
-    # its first video segment is out (the ISPA run not started before), then the two in turn, ISPA first.
+    # Both KV curves on one plot, one point per chunk each, at most one new chunk per update (an update without
+    # one hands over held-back segments or counts the hold down): the Full run alone until its first video
+    # segment is made (the ISPA run not started before), then the two in turn, ISPA first.
     counts = [(len(plotted_bytes(o[PLOT], FULL_RUN)), len(plotted_bytes(o[PLOT], ISPA_RUN))) for o in outputs]
     assert counts[-1] == (len(full), len(ispa))
-    assert [f + i for f, i in counts[:-1]] == list(range(1, len(outputs)))
-    first_video = next(k for k, o in enumerate(outputs) if streamed([o], PLAYER_A))
+    totals = [f + i for f, i in counts]
+    assert all(b - a in (0, 1) for a, b in zip([0, *totals], totals, strict=False)) and totals[0] == 1
+    first_video = next(k for k, o in enumerate(outputs) if "first video" in o[STATUS])
     assert all(i == 0 for _, i in counts[: first_video + 1])
     lead = counts[first_video][0]
     assert all(0 <= f - i <= lead for f, i in counts[first_video:])
-    assert counts[first_video + 1] == (lead, 1)
+    assert next(c for c in counts[first_video:] if c != counts[first_video]) == (lead, 1)
 
     # Full and ISPA are the same computation until ISPA's absorb, so their frames agree exactly up to that
     # block and differ after it.
@@ -287,7 +295,9 @@ def recalibrate_then_stop(client: Client, examples_dir: Path, tmp_path: Path) ->
     files, report = stopped
     chunks = report["runs"]["ISPA"]["chunks"]
     assert report["stopped_early"]
-    assert 3 <= len(chunks) < 10
+    # The model runs a few chunks ahead of the updates the client reacts to (app.prefetch), but stops early.
+    whole_run = math.ceil(5.0 * FPS / chunks[0]["frames"])
+    assert 3 <= len(chunks) < whole_run
     assert [c["event"] for c in chunks].count("recalibration_started") == 1
     # What the Stop button hands over is what was generated, and the stream's last update says so.
     names = {f["orig_name"]: f for f in files}

@@ -173,7 +173,10 @@ def test_models_load_once_per_process_and_14b_reads_fp8_from_the_environment(
 
     loads: list[tuple[str, bool]] = []
 
-    def fake_load(name: str, *, fp8: bool = False, device: object = None) -> object:
+    def fake_load(
+        name: str, *, fp8: bool = False, device: object = None, compile_regions: bool | None = None
+    ) -> object:
+        assert compile_regions is None  # off ZeroGPU, ISPA_COMPILE decides
         loads.append((name, fp8))
         return object()
 

@@ -125,7 +125,6 @@ def test_stop_ends_a_live_run_that_waits_for_speech(
     files, report = handed_over[0]
     assert report["stopped_early"] and "stopped" in rest[-1][STATUS]
     assert {Path(f).name for f in files} == {"avatar-full.mp4", "report.json"}
-    assert len(report["runs"]["Full"]["chunks"]) == len(
-        rest
-    )  # one update per chunk after the first, then the final one
+    # One update per chunk after the first, one handing over the last segment when one is left, then the final one.
+    assert len(rest) - len(report["runs"]["Full"]["chunks"]) in (0, 1)
     main.SESSIONS.end_page("stop-session")

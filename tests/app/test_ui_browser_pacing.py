@@ -1,0 +1,144 @@
+"""Playback without stalls, in Chromium: a backend that makes video at half real time (tests/fixtures/
+paced_backend.py) streams a 6 s clip; the page counts the video element's `waiting` and `stalled` events and the
+time spent waiting once playback has started. None may happen, and playback must start within 20 % of the least
+delay that avoids a stall, computed afterwards from when the server made each segment (the delay judged at the
+moment the app hands the first segment to Gradio, since Gradio's encoding and the player's fetch add the same to
+both).
+
+Why 10 s and not the issue's 16 s: the property needs playback to outrun production, which half real time gives
+from the second segment on, and a start late enough that the margin the app adds (the stream's target duration,
+2 s: how late a live HLS player may find a new segment) is small beside the whole delay, so that 20 % can tell
+a right start from a late one; 10 s gives a least start near 11 s. 16 s would cost 12 s more for the same
+property. At 1× and 2× real time the pacing adds no delay by its arithmetic, tested exactly in
+tests/app/test_pacing.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app import generation, models
+from app.playback import Playback
+from tests.app.test_ui_browser import GUARD_MS, chromium, speech_clip, upload_portrait, wait_for_status
+from tests.fixtures.paced_backend import PacedBackend
+
+pytestmark = pytest.mark.browser
+
+CLIP_S = 10.0
+RATE = 0.5
+# Records each media event of the player with the wall clock (Date.now, the server's time.time) and the
+# status lines shown.
+WATCH_PLAYER = """() => {
+    window.mediaEvents = [];
+    for (const type of ['playing', 'waiting', 'stalled', 'ended']) {
+        document.addEventListener(type, (e) => {
+            if (e.target.closest && e.target.closest('#player_a'))
+                window.mediaEvents.push([type, Date.now() / 1000, e.target.currentTime]);
+        }, true);
+    }
+    window.statusLines = [];
+    new MutationObserver(() => window.statusLines.push(document.querySelector('#status').innerText))
+        .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+class WatchedPlayback(Playback):
+    """The app's playback, noting (wall clock) when it first hands video to the player."""
+
+    released: list[float] = []
+
+    def due(self, *args, **kwargs) -> list[dict[str, Path]]:
+        out = super().due(*args, **kwargs)
+        if out:
+            self.released.append(time.time())
+        return out
+
+
+@pytest.fixture
+def paced(monkeypatch: pytest.MonkeyPatch) -> Iterator[PacedBackend]:
+    """Every run goes to a backend at half real time (the module's pool and served model restored after)."""
+    monkeypatch.setattr(models, "_pool", None)
+    monkeypatch.setattr(models, "_only", None)
+    monkeypatch.setattr(generation, "Playback", WatchedPlayback)
+    WatchedPlayback.released = []
+    backend = PacedBackend(RATE, clock=time.time)
+    models.serve_only(models.TEST_MODEL, backend, "this test serves one backend")
+    yield backend
+
+
+def segment_bounds(playlist: str) -> list[tuple[float, float]]:
+    """(media start, media end) of each segment, from the playlist's EXTINF lines."""
+    bounds, start = [], 0.0
+    for line in playlist.splitlines():
+        if line.startswith("#EXTINF:"):
+            length = float(line.removeprefix("#EXTINF:").rstrip(","))
+            bounds.append((start, start + length))
+            start += length
+    return bounds
+
+
+def test_playback_below_real_time_starts_late_enough_never_to_stall(
+    paced: PacedBackend, app_url: str, examples_dir: Path, tmp_path: Path
+) -> None:
+    speech = speech_clip(examples_dir, tmp_path, CLIP_S)
+    with chromium(tmp_path) as context:
+        page = context.new_page()
+        playlists: list[str] = []
+        page.on("response", lambda r: playlists.append(r.url) if r.url.endswith("playlist.m3u8") else None)
+        page.goto(app_url)
+        page.wait_for_selector("#generate", timeout=GUARD_MS)
+        upload_portrait(page, examples_dir)
+        page.locator("#speech input[type=file]").set_input_files(str(speech))
+        page.wait_for_function("() => !document.body.innerText.includes('Uploading')", timeout=GUARD_MS)
+        page.evaluate(WATCH_PLAYER)
+        clicked = page.evaluate("() => Date.now() / 1000")
+        page.locator("#generate").click()
+        wait_for_status(page, "finished")
+        page.wait_for_function("() => window.mediaEvents.some(e => e[0] === 'ended')", timeout=GUARD_MS)
+        events = page.evaluate("() => window.mediaEvents")
+        statuses = page.evaluate("() => window.statusLines")
+        playlist = page.request.get(playlists[-1]).text()
+
+    bounds = segment_bounds(playlist)
+    # The playlist's last entry is Gradio's end-of-stream audio tail (a fraction of a second), which it writes only
+    # once the generator has returned; waiting for it is counted apart (see docs/testing.md).
+    tail_start, tail_end = bounds[-1]
+    tail_from = tail_start - 0.3 if tail_end - tail_start < 0.5 else float("inf")
+    started = next(t for kind, t, _ in events if kind == "playing")
+    ended = next(t for kind, t, _ in events if kind == "ended")
+    after = [(kind, t, media) for kind, t, media in events if started < t < ended]
+
+    def stall_time(waits: list[float]) -> float:
+        return sum(
+            next((t2 for kind2, t2, _ in after if kind2 == "playing" and t2 > t), ended) - t for t in waits
+        )
+
+    waits = [t for kind, t, media in after if kind == "waiting" and media < tail_from]
+    tail_waits = [t for kind, t, media in after if kind == "waiting" and media >= tail_from]
+    stall_s, tail_stall_s = stall_time(waits), stall_time(tail_waits)
+    stalled = [t for kind, t, _ in after if kind == "stalled"]
+
+    made = paced.chunk_times  # (wall clock, video seconds made) per chunk
+    last_made = made[-1][1]
+    # A segment is ready with its last chunk (the playlist's last entry is Gradio's own audio tail).
+    ready = [next(t for t, video_s in made if video_s >= min(end, last_made) - 1e-6) for _, end in bounds]
+    least = max(t - start for t, (start, _) in zip(ready, bounds, strict=True))
+    released = WatchedPlayback.released[0]
+    report = (
+        f"video handed over {released - clicked:.2f} s after the click, the least stall-free start "
+        f"{least - clicked:.2f} s; the player started at {started - clicked:.2f} s; waiting {len(waits)}, "
+        f"stalled {len(stalled)}, stall time {stall_s:.2f} s; at the end-of-stream tail: waiting {len(tail_waits)}, "
+        f"{tail_stall_s:.2f} s; player events (kind, s after the click, media s): "
+        f"{[(kind, round(t - clicked, 2), round(media, 2)) for kind, t, media in events]}; segments made (s after "
+        f"the click, media start): {[(round(t - clicked, 2), start) for t, (start, _) in zip(ready, bounds, strict=True)]}"
+    )
+    print(report)
+    assert len(bounds) >= 8, playlist
+    assert any("so playback will not stop" in line for line in statuses), statuses
+    assert waits == [] and stalled == [] and stall_s == 0, report
+    # The delay is judged where the app decides it, the hand-over: Gradio's encoding and the player's fetch
+    # add the same to the least start as to the actual one.
+    assert least - 0.05 <= released <= clicked + 1.2 * (least - clicked), report
