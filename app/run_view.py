@@ -47,7 +47,7 @@ SERIES_COLORS = {
 # by prefix: "absorbed 2" is green too
 EVENT_COLORS = {"absorbed": "#15803d", "evicted": "#15803d", "recalibration": "#d97706"}
 RECALIBRATE_READY = "Recalibrate: the running ISPA run warms up again from its next block and absorbs anew."
-RECALIBRATE_IDLE = "Recalibrate acts on a running ISPA run (policy ISPA or Compare); none is running now."
+RECALIBRATE_IDLE = "Recalibrate acts on a running ISPA run; none is streaming now."
 RECALIBRATE_FULL = "Recalibrate is off: a Full run has no warmup statistics and no absorb to redo."
 RECALIBRATE_ZERO_GPU = "Recalibrate is off on ZeroGPU: the request cannot reach the GPU worker mid-run."
 
