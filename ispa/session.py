@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ispa.absorption import AbsorptionStats, StatisticsReducer, select_local_layers
-from ispa.attention import attention_with_lse, merge_attention
+from ispa.attention import attention_with_lse
 from ispa.cache import CacheLayout, KVCache, KVLayerFactory, SinkRingLayer
 from ispa.checks import is_int
 from ispa.fused_merge import merge_and_measure
@@ -242,18 +242,7 @@ class AttentionSession:
         out, lse = out_loc, lse_loc
         if hist_k.shape[1] > 0:
             out_hist, lse_hist = attention_with_lse(q, hist_k, hist_v, backend=self.backend)
-            if self.fused_merge:
-                with self._merge_timer.span(q.device):
-                    out, peak, share = merge_and_measure(out_loc, lse_loc, out_hist, lse_hist)
-                self._note_peak(layer, peak)
-                self._add_share(layer, share)
-                if self._tracks_mass:  # the fused merge keeps its union LSE to itself; salience needs it
-                    lse = torch.logaddexp(lse_loc.float(), lse_hist.float())
-            else:
-                self._note_lse(layer, lse_hist)
-                with self._merge_timer.span(q.device):
-                    out, lse = merge_attention(out_loc, lse_loc, out_hist, lse_hist)
-                self._add_history_mass(layer, lse_loc, lse_hist)
+            out, lse = self._merge_history(layer, out_loc, lse_loc, out_hist, lse_hist)
             if self.policy.collects_statistics(self.state):
                 with self._statistics_timer.span(q.device):
                     self._statistics(out).update(
@@ -282,11 +271,7 @@ class AttentionSession:
         kept = self._kept[layer][ring]
         if kept is not None and kept.tokens > 0:
             out_hist, lse_hist = attention_with_lse(q, kept.k, kept.v, backend=self.backend)
-            self._note_lse(layer, lse_hist)
-            lse_loc = lse
-            with self._merge_timer.span(q.device):
-                out, lse = merge_attention(out, lse_loc, out_hist, lse_hist)
-            self._add_history_mass(layer, lse_loc, lse_hist)
+            out, lse = self._merge_history(layer, out, lse, out_hist, lse_hist)
         new_scores = None
         if self._tracks_mass:
             if kept is not None:
@@ -517,9 +502,18 @@ class AttentionSession:
             )
         return self._stats
 
-    def _add_history_mass(self, layer: int, lse_loc: Tensor, lse_hist: Tensor) -> None:
-        # Share of each query's softmax mass on history: exp(lse_hist - lse_full) = sigmoid(lse_hist - lse_loc).
-        self._add_share(layer, torch.sigmoid(lse_hist - lse_loc).mean())
+    def _merge_history(
+        self, layer: int, out_loc: Tensor, lse_loc: Tensor, out_hist: Tensor, lse_hist: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(merged output, union LSE): the merge, compiled with `fused_merge` (`ispa.fused_merge`), also gives the
+        history LSE's peak (the NaN/+inf check at `end_block`) and the history's share of softmax mass, which are
+        noted here. The union LSE is only read by salience, so it is only computed for it (else the local one)."""
+        with self._merge_timer.span(out_loc.device):
+            out, peak, share = merge_and_measure(out_loc, lse_loc, out_hist, lse_hist, fused=self.fused_merge)
+        self._note_peak(layer, peak)
+        self._add_share(layer, share)
+        lse = torch.logaddexp(lse_loc.float(), lse_hist.float()) if self._tracks_mass else lse_loc
+        return out, lse
 
     def _add_share(self, layer: int, share: Tensor) -> None:
         previous = self._mass_sum[layer]
