@@ -45,6 +45,7 @@ from app.raw_numbers import pass_raw
 from app.request_guard import HEARTBEATS, RequestGuard, behind_space_proxy
 from app.run_view import recalibrate_state
 from app.sessions import SESSIONS, ActiveRun, start_sweeper
+from app.stream_end import RELOAD_ENDED_STREAMS_JS
 from app.tts import TextToSpeechError
 from app.upload_budget import MAX_FILE_MB, TempUsage, UploadLimits, disk_refusal
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
@@ -515,6 +516,10 @@ def _wire_events(demo: gr.Blocks, controls: InputControls, outputs: RunOutputs[A
         concurrency_id="mic",
         api_visibility="private",
     )
+    # A run's streams end when its generator returns; the players are told at once (see app.stream_end).
+    players = [outputs.player_a, outputs.player_b]
+    for ended in (generation.then, live_generation.then):
+        ended(None, players, players, js=RELOAD_ENDED_STREAMS_JS, queue=False, api_visibility="private")
     live_mic.stop_recording(close_live_feed, token, None, queue=False, api_visibility="private")
     # No `cancels=`: Gradio's cancel acts on a session hash anyone can name; Stop ends the run between chunks.
     controls.stop.click(

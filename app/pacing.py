@@ -15,11 +15,13 @@ Below real time (r < 1) the right side grows with e, so the last segment (e = to
     P = now + (total - made) / r - (total - L)
 
 At or above real time it shrinks with e, so the next segment decides, which is ready before the one now
-playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds a
-margin to P, by default the stream's target duration (the longest segment rounded up, as Gradio writes it into
-the playlist): a live HLS player finds a new segment only when it reloads the playlist, about once per target
-duration, and so gets a later segment up to that much later after it is made than it got the first (a Chromium
-test saw a 1.1 s stall with a 0.5 s margin on a busy machine). The estimate is renewed with every chunk until the segments are released; released segments stay released.
+playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds
+`HANDOVER_MARGIN_S` to P. It covers two things. A segment reaches the player a little after the app hands it over:
+Gradio encodes it, the page gets the update and loads the playlist and the segment (0.05-0.5 s from hand-over to
+the playlist load in the Chromium test on a 2-core machine), and not always equally fast. And the rate measured
+so far may overestimate the rest. With no margin that test released 0.24 s before the least start and stalled
+0.27 s; with 0.5 s, two runs did not stall. The estimate is renewed with every chunk until the segments are
+released; released segments stay released.
 
 Live speech (`live_pace_note`): speech arrives in real time, so at a rate r < 1 the delay behind the speaker
 grows by 1 / r - 1 seconds per second of speech. The size that keeps up is estimated by pixel count (work
@@ -31,6 +33,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+HANDOVER_MARGIN_S = 1.0  # seconds added to a held start below real time (see the module)
 
 
 def production_rate(points: Sequence[tuple[float, float]]) -> float | None:
@@ -71,7 +75,7 @@ class StartPacer:
     segments over. `total_s` None (live speech) never holds anything back."""
 
     total_s: float | None
-    margin_s: float | None = None  # None: the target duration, ceil(longest segment)
+    margin_s: float = HANDOVER_MARGIN_S
     points: list[tuple[float, float]] = field(default_factory=list)
     longest_segment_s: float = 0.0
     first_ready_s: float | None = None
@@ -110,7 +114,7 @@ class StartPacer:
             total_s=self.total_s,
             rate=rate,
             longest_segment_s=self.longest_segment_s,
-            margin_s=math.ceil(self.longest_segment_s) if self.margin_s is None else self.margin_s,
+            margin_s=self.margin_s,
         )
 
     def hold_s(self, now_s: float) -> float | None:

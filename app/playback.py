@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from app.inputs import RunSpec
-from app.pacing import StartPacer, buffering_note, live_pace_note
+from app.pacing import HANDOVER_MARGIN_S, StartPacer, buffering_note, live_pace_note
 
 NOTE_EVERY_S = 1.0
 
@@ -21,7 +21,7 @@ class Playback:
         runs: Sequence[str],
         spec: RunSpec,
         sizes: Sequence[tuple[str, int]],
-        margin_s: float | None = None,
+        margin_s: float = HANDOVER_MARGIN_S,
     ) -> None:
         self.spec = spec
         self.sizes = list(sizes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from app.pacing import (
+    HANDOVER_MARGIN_S,
     StartPacer,
     buffering_note,
     live_pace_note,
@@ -74,11 +75,9 @@ def feed(pacer: StartPacer, made_at, segments, chunk_s: float, until: float) -> 
     return pacer
 
 
-@pytest.mark.parametrize("margin", [0.0, 0.5, None])
+@pytest.mark.parametrize("margin", [0.0, 0.5, HANDOVER_MARGIN_S])
 @pytest.mark.parametrize("rate", [0.3, 0.5, 0.8])
-def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(
-    rate: float, margin: float | None
-) -> None:
+def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(rate: float, margin: float) -> None:
     """Re-estimated chunk by chunk (the first chunk, slowed by set-up, only counts until a second is in): the
     release is never before the least start (plus the margin) and at most one chunk's production after it."""
     chunk_s, total_s = 0.5, 8.0
@@ -90,8 +89,7 @@ def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(
             break
     assert released_at is not None
     least = least_start(segments)
-    added = 1.0 if margin is None else margin  # by default the target duration: 1 s segments, rounded up
-    assert least + added <= released_at <= least + added + chunk_s / rate + 1e-9
+    assert least + margin <= released_at <= least + margin + chunk_s / rate + 1e-9
     assert not stalls(released_at, segments)
 
 
