@@ -70,6 +70,24 @@ def test_a_reset_and_a_cut_mid_file_are_retried_from_the_last_byte(hub, tmp_path
     assert (tmp_path / "Wan2.2-S2V-14B" / SHARD).read_bytes() == data
 
 
+def test_files_the_hub_sends_to_its_cdn_arrive_whole_resume_there_and_the_token_stays_home(hub, tmp_path):
+    """The Hub answers a weights file with a redirect to a CDN on another host; a cut there resumes there."""
+    hub.redirect_lfs = True
+    hub.cut[SHARD] = (700, 1)
+    fetch.download_weights(tmp_path, token="hf_not_for_the_cdn", retry_wait=0)
+    for source in SOURCES:
+        for path, data in hub.repos[source.repo_id].items():
+            if path not in NOT_WANTED.get(source.repo_id, {}):
+                assert (tmp_path / source.folder_name / path).read_bytes() == data
+    cdn_gets = [
+        (path, rng) for method, path, rng in hub.requests if method == "GET" and path.startswith("/cdn/")
+    ]
+    assert [rng for path, rng in cdn_gets if path.endswith(SHARD)] == [None, "bytes=700-"]
+    assert len(cdn_gets) >= len([p for p in hub.repos["Wan-AI/Wan2.2-S2V-14B"] if p.endswith(".safetensors")])
+    assert {auth for path, auth in hub.auth if "/resolve/" in path} == {"Bearer hf_not_for_the_cdn"}
+    assert {auth for path, auth in hub.auth if path.startswith("/cdn/")} == {None}
+
+
 def test_a_file_cut_off_in_one_run_resumes_from_its_bytes_in_the_next(hub, tmp_path):
     hub.cut[SHARD] = (900, 3)  # more failures in a row than the run allows
     with pytest.raises(fetch.DownloadError, match="kept failing .* run again to continue") as err:
