@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from avatars.base import GenerationRequest
 from bench.streaming import parse_args, run_policy
@@ -23,26 +24,59 @@ BLOCKS, T_WARM = 3, 6  # warmup = 2 blocks, so the last block runs absorbed
 POLICY_KEYS = {"kv_bytes_peak", "stats_bytes_peak", "peak_allocated_bytes", "block_seconds_median", "fps"}
 
 
-# The benchmark's GPU machine has neither librosa nor soxr: the run below makes both unimportable first.
-WITHOUT_LIBROSA_AND_SOXR = (
-    "import runpy, sys; sys.modules['librosa'] = None; sys.modules['soxr'] = None; "
-    "sys.argv = ['bench/streaming.py', *sys.argv[1:]]; runpy.run_path('bench/streaming.py', run_name='__main__')"
-)
+# The benchmark's GPU machine has neither librosa nor soxr. One process without them (both made unimportable
+# first) runs what --model 14b builds, `bench.random_pipeline`, at a small spec for one block, saying its frame
+# count on stderr, then the benchmark on the tiny model: one interpreter start for both.
+WITHOUT_LIBROSA_AND_SOXR = """
+import runpy, sys
+sys.modules['librosa'] = None
+sys.modules['soxr'] = None
+import torch
+from tests.bench.test_random_pipeline import SMALL
+from bench.random_pipeline import build_random_pipeline
+from bench.streaming import make_request, run_policy
+from ispa import FullPolicy
+pipe = build_random_pipeline(SMALL, 'cpu', dtype=torch.float32)
+print('random 14b builder frames:', run_policy(pipe, make_request('tiny', 1, 0), FullPolicy(), 1, 1)['frames'],
+      file=sys.stderr)
+sys.argv = ['bench/streaming.py', *sys.argv[1:]]
+runpy.run_path('bench/streaming.py', run_name='__main__')
+"""
 
 
 @pytest.fixture(scope="module")
-def bench_run():
-    command = [sys.executable, "-c", WITHOUT_LIBROSA_AND_SOXR, "--model", "tiny", "--blocks", str(BLOCKS)]
-    command += ["--t-warm", str(T_WARM), "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    return lines, json.loads(lines[-1])
+def bench_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> SimpleNamespace:
+    """The run above, made once per session: the first test worker to need it runs it, the others read its
+    outcome (pytest-xdist's recipe: the workers' temp folders share a parent unique to the session)."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root if worker_id == "master" else root.parent) / "streaming-bench-run.json"
+    with FileLock(f"{shared}.lock"):
+        if not shared.is_file():
+            command = [
+                sys.executable,
+                "-c",
+                WITHOUT_LIBROSA_AND_SOXR,
+                "--model",
+                "tiny",
+                "--blocks",
+                str(BLOCKS),
+            ]
+            command += ["--t-warm", str(T_WARM), "--json"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+            done = subprocess.run(
+                command, cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env
+            )
+            shared.write_text(
+                json.dumps({"code": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
+            )
+        done = json.loads(shared.read_text())
+    assert done["code"] == 0, done["stderr"]
+    lines = done["stdout"].strip().splitlines()
+    return SimpleNamespace(lines=lines, result=json.loads(lines[-1]), stderr=done["stderr"])
 
 
 def test_prints_a_table_then_one_json_object_with_the_contract_keys(bench_run):
-    lines, result = bench_run
+    lines, result = bench_run.lines, bench_run.result
     assert lines[0].startswith("device: CPU") and "model: tiny" in lines[0]
     assert sum(line.startswith("{") for line in lines) == 1
     assert {"warmup_overhead_ratio", "absorb_seconds", "device"} <= set(result)
@@ -53,7 +87,7 @@ def test_prints_a_table_then_one_json_object_with_the_contract_keys(bench_run):
 
 
 def test_each_block_is_printed_as_it_is_measured_before_the_summary(bench_run):
-    lines, result = bench_run
+    lines, result = bench_run.lines, bench_run.result
     summary = next(i for i, line in enumerate(lines) if i > 0 and line.startswith("device: "))
     rows = [line for line in lines[:summary] if " block " in line]
     expected = [("Full", b, "full") for b in result["full"]["blocks"]] + [
@@ -86,29 +120,13 @@ def test_rows_measured_before_a_crash_have_already_been_handed_over():
     assert [row["index"] for row in seen] == [0, 1] and seen[1]["dit_seconds"] == 0.1  # the fixture's timing
 
 
-def test_the_14b_builder_needs_neither_librosa_nor_soxr():
+def test_the_14b_builder_needs_neither_librosa_nor_soxr(bench_run):
     """`bench.random_pipeline` (what --model 14b builds) at a small spec streams one block without them."""
-    script = (
-        "import sys; sys.modules['librosa'] = None; sys.modules['soxr'] = None\n"
-        "import torch\n"
-        "from tests.bench.test_random_pipeline import SMALL\n"
-        "from bench.random_pipeline import build_random_pipeline\n"
-        "from bench.streaming import make_request, run_policy\n"
-        "from ispa import FullPolicy\n"
-        "pipe = build_random_pipeline(SMALL, 'cpu', dtype=torch.float32)\n"
-        "request = make_request('tiny', 1, 0)\n"
-        "print(run_policy(pipe, request, FullPolicy(), 1, 1)['frames'])\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=False, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "9"  # the first block drops 3 of its 12 frames
+    assert "random 14b builder frames: 9" in bench_run.stderr  # the first block drops 3 of its 12 frames
 
 
 def test_ispa_warms_up_absorbs_and_then_holds_what_the_memory_model_predicts(bench_run):
-    _, result = bench_run
+    result = bench_run.result
     full, ispa, predicted = result["full"], result["ispa"], result["predicted"]
     assert [b["phase"] for b in ispa["blocks"]] == ["warmup", "warmup", "absorbed"]
     assert [b["event"] for b in ispa["blocks"]] == [None, "absorbed", None]
@@ -130,7 +148,7 @@ def test_ispa_warms_up_absorbs_and_then_holds_what_the_memory_model_predicts(ben
 
 
 def test_timings_follow_their_definitions(bench_run):
-    _, result = bench_run
+    result = bench_run.result
     for name in ("full", "ispa"):
         policy = result[name]
         blocks = policy["blocks"]
