@@ -35,7 +35,7 @@ from app.run_view import DelayMeter, RunPanels, run_report, status_markdown
 from app.sessions import SESSIONS, FinalOutputs
 from app.validation import MAX_AUDIO_SECONDS, ValidationError
 from app.worker_pool import on_device
-from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunControl, RunGroup
+from avatars.base import AvatarBackend, AvatarChunk, GenerationRequest, RunControl
 
 logger = logging.getLogger(__name__)
 LEGEND = "colors_in_legend"
@@ -94,7 +94,6 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
     started = time.monotonic()
     first_video_s: float | None = None
     production: Prefetch[dict[str, AvatarChunk]] | None = None
-    group = RunGroup()  # compare mode's runs may share set-up work (LiveAvatar: the decoder's warm-up)
     try:
         for name, policy in runs:
             request = GenerationRequest(
@@ -109,7 +108,7 @@ def _run_on(pipe: AvatarBackend, spec: RunSpec, session: str, live: bool) -> Ite
                 refresh_sink=spec.refresh_sink,
                 steps=spec.steps,
             )
-            chunks = pipe.stream(request, controls[name], group)
+            chunks = pipe.stream(request, controls[name])
             streams[name] = on_device(pipe.device, chunks)
         # The lead run goes alone until its chunks fill the first segment (decided on the model's thread, as the
         # recorder will cut it), or not at all without streaming.

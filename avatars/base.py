@@ -120,33 +120,6 @@ class RunControl:
             return requested
 
 
-class RunGroup:
-    """The runs of one app request on the same inputs (compare mode's two runs).
-
-    A backend may hand set-up work of one run to the next through it (LiveAvatar hands over its warmed decoder
-    cache): what the first run offers under a key, the next run with an equal key takes, once. It holds what is
-    offered only until it is taken, so it adds no memory once the runs stream. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._offered: tuple[object, object] | None = None
-
-    def offer(self, key: object, value: object) -> None:
-        """Keep `value` for the next run asking with `key` (compared by identity); the first offer wins."""
-        with self._lock:
-            if self._offered is None:
-                self._offered = (key, value)
-
-    def take(self, key: object) -> object | None:
-        """What was offered under `key` (the very same object), else None; each offer is taken at most once."""
-        with self._lock:
-            if self._offered is None or self._offered[0] is not key:
-                return None
-            value, self._offered = self._offered[1], None
-            return value
-
-
 @runtime_checkable
 class AvatarBackend(Protocol):
     """What the app needs of a loaded model, on one process or over a pipeline of ranks.
@@ -181,9 +154,7 @@ class AvatarBackend(Protocol):
         for a single GPU; one per rank role for a pipeline of ranks)."""
         ...
 
-    def stream(
-        self, request: GenerationRequest, control: RunControl | None = None, group: RunGroup | None = None
-    ) -> Iterator[AvatarChunk]:
+    def stream(self, request: GenerationRequest, control: RunControl | None = None) -> Iterator[AvatarChunk]:
         """Generate chunk by chunk. Bad input raises ValueError (naming the field) before anything runs; a broken
         backend raises `BackendFailure`. Closing the generator or `control.cancel()` ends the run."""
         ...

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from avatars.base import AvatarChunk, GenerationRequest, RunControl, RunGroup
+from avatars.base import AvatarChunk, GenerationRequest, RunControl
 from avatars.liveavatar.block_layout import FPS
 from avatars.liveavatar.dit import LiveAvatarDiT
 from avatars.liveavatar.encoders.audio import SAMPLE_RATE, AudioEncoder
@@ -131,22 +131,18 @@ class LiveAvatarPipeline:
         """Nothing to tell anyone: the models go with the object."""
 
     # ---- one run -------------------------------------------------------------------------------------------
-    def stream(
-        self, request: GenerationRequest, control: RunControl | None = None, group: RunGroup | None = None
-    ) -> Iterator[AvatarChunk]:
+    def stream(self, request: GenerationRequest, control: RunControl | None = None) -> Iterator[AvatarChunk]:
         """Generate chunk by chunk. Bad input raises ValueError before anything runs.
 
         Closing the generator (or `control.cancel()`, honoured between blocks) ends the run and frees what it
         held on the device. `request.refresh_sink`: at the start of clip 1 (block 4), prefill the sink again with
         the first generated latent frame as its reference, as the official 5-GPU pipeline does (and the
         single-GPU one with `--enable_online_decode`); off by default, as in the official single-GPU scripts.
-        `group`: one object given to the runs of one request (compare mode) so that the decoder is warmed up
-        once for them; the frames are the same as without it.
+        A run on a portrait an earlier run used starts from that run's warmed decoder (`portrait_latents`); the
+        frames are the same as without it.
         """
         height, width = self.check_run(request)
-        if group is not None and not isinstance(group, RunGroup):
-            raise ValueError(f"group must be a RunGroup or None, got {group!r}")
-        return self._run(request, height, width, control or RunControl(), group)
+        return self._run(request, height, width, control or RunControl())
 
     def check_run(self, request: GenerationRequest) -> tuple[int, int]:
         """`stream()`'s input checks: (height, width) of the run's video, or ValueError naming the field."""
@@ -190,16 +186,17 @@ class LiveAvatarPipeline:
         return spec, latents
 
     def _run(
-        self, request: GenerationRequest, height: int, width: int, control: RunControl, group: RunGroup | None
+        self, request: GenerationRequest, height: int, width: int, control: RunControl
     ) -> Iterator[AvatarChunk]:
         audio = AudioTimeline(request.audio, request.sample_rate, self.audio_encoder)
         spec, portrait = self.run_spec(request, height, width)
         stage = DenoisingStage(self.dit, DenoisingSchedule.liveavatar(spec.steps), spec)
         try:
-            warm = group.take(portrait) if group is not None else None
+            warm = self.portrait_latents.warmed_decoder(portrait, self.decoder_warmup, self.vae.device)
             decoder = DecoderStage(self.vae, spec.motion_latents, warm, self.decoder_warmup)
-            if group is not None and warm is None:
-                group.offer(portrait, decoder.snapshot())
+            if warm is None:
+                host_copy = decoder.snapshot(torch.device("cpu"))
+                self.portrait_latents.keep_warmed_decoder(portrait, self.decoder_warmup, host_copy)
             downstream = LocalDownstream(decoder, self.overlap_decode, live=audio.live)
         except BaseException:
             stage.close()

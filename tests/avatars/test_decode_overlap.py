@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from avatars.base import GenerationRequest, RunControl, RunGroup
+from avatars.base import GenerationRequest, RunControl
 from avatars.liveavatar import pipeline as pipeline_module
 from avatars.liveavatar.encoders.vae import MOTION_LATENT_FRAMES, StreamingDecoder
 from avatars.liveavatar.loading import build_tiny_pipeline
+from avatars.liveavatar.portrait_latents import PortraitLatentCache
 from avatars.liveavatar.streaming.local import LocalDownstream
 from ispa import ISPAPolicy
 
@@ -127,9 +128,9 @@ class _CudaLooking:
 
 
 def test_a_restored_decoder_cache_is_recorded_on_the_decode_stream_before_it_is_read(pipe, monkeypatch):
-    """CUDA streams emulated on the CPU, with the overlap on and a RunGroup (compare mode): every tensor of the cache
-    each run starts from (warmed up; restored from the first run's) is `record_stream`ed onto that run's decode
-    stream, which has waited for the loop's stream, before a decode reads it; the frames are unchanged."""
+    """CUDA streams emulated on the CPU, with the overlap on and two runs on one portrait: every tensor of the cache
+    each run starts from (warmed up; restored from the first run's warm-up) is `record_stream`ed onto that run's
+    decode stream, which has waited for the loop's stream, before a decode reads it; the frames are unchanged."""
     request = _request(1.0)
     alone = _chunks(pipe, False, request)
     default = _FakeStream("default")
@@ -180,12 +181,12 @@ def test_a_restored_decoder_cache_is_recorded_on_the_decode_stream_before_it_is_
     monkeypatch.setattr(
         pipeline_module, "LocalDownstream", lambda d, *a, **k: LocalDownstream(_CudaLooking(d), *a, **k)
     )
-    group = RunGroup()
+    monkeypatch.setattr(pipe, "portrait_latents", PortraitLatentCache(pipe.vae))  # nothing warmed yet
     pipe.overlap_decode = True
     try:
-        first = pipe.stream(request, group=group)
-        head = next(first)  # the first run warms up and offers its state
-        second = list(pipe.stream(request, group=group))
+        first = pipe.stream(request)
+        head = next(first)  # the first run warms up and keeps a copy of its warmed decoder
+        second = list(pipe.stream(request))
         first_chunks = [head, *first]
     finally:
         pipe.overlap_decode = None

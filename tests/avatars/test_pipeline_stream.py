@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatars.base import GenerationRequest, RunControl, RunGroup
+from avatars.base import GenerationRequest, RunControl
 from avatars.liveavatar.block_layout import DROPPED_FIRST_FRAMES, FPS
 from avatars.liveavatar.encoders.audio import (
     SAMPLE_RATE,
@@ -57,7 +57,7 @@ def expected_frames(pipe, audio: np.ndarray, rate: int) -> int:
     return num_video_frames(int(steps_50hz / 50 * 30)) - DROPPED_FIRST_FRAMES
 
 
-def run(pipe, portrait, audio, rate, policy, seed=3, group=None, **settings):
+def run(pipe, portrait, audio, rate, policy, seed=3, **settings):
     request = GenerationRequest(
         portrait=portrait,
         audio=audio,
@@ -67,7 +67,7 @@ def run(pipe, portrait, audio, rate, policy, seed=3, group=None, **settings):
         policy=policy,
         **settings,
     )
-    return list(pipe.stream(request, group=group))
+    return list(pipe.stream(request))
 
 
 @pytest.mark.parametrize("rate", [16000, 24000, 44100])
@@ -243,36 +243,38 @@ def test_an_unknown_kv_format_is_refused_before_anything_runs(pipe, portrait):
         pipe.stream(replace(request, kv_format="int3"))
 
 
-def test_a_run_group_decodes_the_motion_latents_once_and_changes_no_frame(pipe, portrait, monkeypatch):
-    audio = speech(1.0, 16000)
-    alone = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
+def test_a_later_run_on_the_same_portrait_starts_from_the_first_runs_warmed_decoder(
+    pipe, portrait, monkeypatch
+):
+    """The decoder's warm-up on the motion latents runs once per portrait and warm-up mode; its host copy gives a
+    later run (compare mode's second, a regeneration) the frames a warm-up of its own gives."""
     warmups = []
     original = StreamingDecoder.decode_block
 
     def counting(self, latents):
-        if latents.shape[2] == MOTION_LATENT_FRAMES:
-            warmups.append(latents.shape)
+        if self.latent_frames_done == 0:  # a fresh decoder's first decode is its warm-up
+            warmups.append(latents.shape[2])
         return original(self, latents)
 
     monkeypatch.setattr(StreamingDecoder, "decode_block", counting)
-    group = RunGroup()
-    full = pipe.stream(
-        GenerationRequest(
-            portrait=portrait, audio=audio, sample_rate=16000, prompt="a person speaks", seed=3
-        ),
-        group=group,
-    )
-    first = next(full)  # the Full run warms up and offers its state
-    ispa = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6), group=group)
-    rest = list(full)
-    assert len(warmups) == 1 and first.index == 0 and rest
-    for a, b in zip(alone, ispa, strict=True):
+    for entry in pipe.portrait_latents._entries.values():
+        entry.warmed.clear()  # nothing warmed yet (the portraits' encodes stay: they are not under test)
+    audio = speech(1.0, 16000)
+    warmed = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
+    restored = run(pipe, portrait, audio, 16000, ISPAPolicy(k_fraction=0.5, t_warm=6))
+    assert warmups == [MOTION_LATENT_FRAMES]
+    for a, b in zip(warmed, restored, strict=True):
         assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
-    other = np.random.default_rng(5).integers(0, 256, size=portrait.shape, dtype=np.uint8)
-    run(pipe, other, audio, 16000, FullPolicy(), group=RunGroup())
-    assert len(warmups) == 2  # a fresh group: its run warms up on its own
-    with pytest.raises(ValueError, match="group"):
-        pipe.stream(GenerationRequest(portrait=portrait, audio=audio, sample_rate=16000), group=object())
+    cache = pipe.portrait_latents
+    (latents,) = [
+        entry for entry in cache._entries.values() if entry.warmed
+    ]  # kept with this portrait's latents
+    kept = latents.warmed["sink"]
+    assert all(t.device.type == "cpu" for t in kept.cache if isinstance(t, torch.Tensor))  # host memory
+    copy = cache.warmed_decoder(latents, "sink", torch.device("cpu"))
+    for mine, theirs in zip(copy.cache, kept.cache, strict=True):  # a copy per run, equal to the kept one
+        assert (mine is None and theirs is None) or (torch.equal(mine, theirs) and mine is not theirs)
+    assert cache.warmed_decoder(latents, "all", torch.device("cpu")) is None  # each warm-up mode its own
 
 
 def test_a_non_finite_lse_stops_the_run_with_a_clear_error_and_the_same_pipeline_runs_on(
@@ -364,7 +366,10 @@ def test_sink_refresh_prefills_again_once_at_clip_1_from_the_first_latent_frame(
     refill_at = next(i for i, (name, _) in enumerate(calls.events) if name == "prefill_sink" and i > 0)
     forwards_before = sum(name == "forward_block" for name, _ in calls.events[:refill_at])
     assert forwards_before == 4 * 4  # clip 0 = 4 blocks × 4 steps, then the refresh, before block 4
-    block_0 = calls.named("decode_block")[1][0]  # [0] is the decoder warm-up on the motion latents
+    # The first decode that is not the warm-up on the motion latents (which this portrait's earlier run made).
+    block_0 = next(
+        args[0] for args in calls.named("decode_block") if args[0].shape[2] != MOTION_LATENT_FRAMES
+    )
     (_, first_ref, first_motion, _), (_, new_ref, new_motion, _) = prefills
     assert torch.equal(new_ref, block_0[:, :, :1])  # the first generated latent frame
     assert not torch.equal(new_ref, first_ref)

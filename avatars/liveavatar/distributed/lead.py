@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from avatars.base import AvatarChunk, GenerationRequest, RunControl, RunGroup
+from avatars.base import AvatarChunk, GenerationRequest, RunControl
 from avatars.liveavatar.distributed.channel import RankFailure, Tag
 from avatars.liveavatar.distributed.follow import dit_stage
 from avatars.liveavatar.distributed.messages import KeepAlive
@@ -83,11 +83,9 @@ class PipelineLead:
         """One plan per role of the layout's ranks (rank 0 with the encoders, the other DiT ranks, the decoder)."""
         return self.pipeline.memory_plans(height, width, policy, kv_format, layout=self.world.layout)
 
-    def stream(
-        self, request: GenerationRequest, control: RunControl | None = None, group: RunGroup | None = None
-    ) -> Iterator[AvatarChunk]:
-        """`group` is not used: the decoder rank warms each run's decoder as soon as the run's spec reaches it,
-        while the DiT ranks work on the first block."""
+    def stream(self, request: GenerationRequest, control: RunControl | None = None) -> Iterator[AvatarChunk]:
+        """The decoder rank warms each run's decoder as soon as the run's spec reaches it, while the DiT ranks
+        work on the first block (it keeps no warmed decoder between runs: the latents reach it anew each run)."""
         self._check_up()
         height, width = self.pipeline.check_run(request)
         self.world.layout.check_steps(request.steps)

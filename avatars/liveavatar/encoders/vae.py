@@ -159,10 +159,10 @@ class StreamingDecoder:
             if isinstance(entry, torch.Tensor):
                 entry.record_stream(stream)
 
-    def snapshot(self) -> DecoderState:
-        """A copy of where this decoder stands (its causal cache and frame count), for `restore` on another."""
-        cache = [t.clone() if isinstance(t, torch.Tensor) else t for t in self._cache]
-        return DecoderState(cache, self.latent_frames_done)
+    def snapshot(self, device: torch.device | None = None) -> DecoderState:
+        """A copy of where this decoder stands (its causal cache and frame count), for `restore` on another;
+        on `device` (default: where the cache is), copied there directly."""
+        return DecoderState(self._cache, self.latent_frames_done).copy_to(device)
 
     def restore(self, state: DecoderState) -> None:
         """Continue from `state` as if this decoder had decoded what the snapshot's decoder had (state is taken
@@ -181,3 +181,10 @@ class DecoderState:
 
     cache: list
     latent_frames_done: int
+
+    def copy_to(self, device: torch.device | str | None = None) -> DecoderState:
+        """A copy with every tensor on `device` (None: where each is), sharing no memory with this one."""
+        cache = [
+            t.to(device or t.device, copy=True) if isinstance(t, torch.Tensor) else t for t in self.cache
+        ]
+        return DecoderState(cache, self.latent_frames_done)

@@ -22,8 +22,8 @@ DEFAULT_DECODER_WARMUP = "sink"
 
 
 class DecoderStage:
-    """One run's decoder: `warm` is a state to start from (another run's warm-up on the same latents) or None;
-    `warmup`: which motion latents warm it (`DECODER_WARMUPS`)."""
+    """One run's decoder: `warm` is a state to start from (an earlier run's warm-up on the same latents, taken
+    over) or None; `warmup`: which motion latents warm it (`DECODER_WARMUPS`)."""
 
     def __init__(
         self,
@@ -52,9 +52,9 @@ class DecoderStage:
         """The causal cache as it stands (made on this thread's stream) is from now on used on `stream`."""
         self._decoder.record_stream(stream)
 
-    def snapshot(self) -> DecoderState:
-        """A copy of the causal cache (between decodes)."""
-        return self._decoder.snapshot()
+    def snapshot(self, device: torch.device | None = None) -> DecoderState:
+        """A copy of the causal cache (between decodes), on `device` (default: the decoder's)."""
+        return self._decoder.snapshot(device)
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ With `overlap` (default: on CUDA) a worker thread decodes block k, on a CUDA str
 runs the DiT of block k+1; otherwise each decode runs at once in the loop's thread. What crosses from the loop's
 stream to the decode stream is ordered and kept safe from the caching allocator: each decode waits for the loop's
 stream; the latents stay referenced until their decode's frames are on the host; the decoder's cache as the run
-starts (warmed up, or restored from another run of a `RunGroup`) is `record_stream`ed onto the decode stream. Either way the same calls run
-in the same order, so the frames are the same; each decode reports the seconds the loop was blocked on it (the
+starts (warmed up, or restored from an earlier run's warm-up on the same portrait) is `record_stream`ed onto the
+decode stream. Either way the same calls run in the same order, so the frames are the same; each decode reports the seconds the loop was blocked on it (the
 rest was hidden behind the DiT). On a CPU both would share the same cores, so the overlap is off there.
 """
 
