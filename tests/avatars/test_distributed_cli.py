@@ -34,7 +34,7 @@ def test_torchrun_three_processes_writes_the_one_process_report(tmp_path: Path):
     speech = tmp_path / "speech.wav"
     sf.write(speech, samples[: int(1.5 * rate)], rate)
     args = ["--model", "tiny", "--portrait", str(EXAMPLES / "cyclops_baker.jpg"), "--audio", str(speech),
-            "--policy", "full", "--seed", "3"]  # fmt: skip
+            "--policy", "full", "--seed", "3", "--max-area", "4096"]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
     command = [*torchrun, "-m", "avatars.liveavatar", *args,
                "--out", str(tmp_path / "three.mp4"), "--report", str(tmp_path / "three.json")]  # fmt: skip
