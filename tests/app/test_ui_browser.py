@@ -18,6 +18,7 @@ from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from app.panels import FULL_RING, FULL_RUN, ISPA_RUN, THIS_RUN
 from app.run_view import RECALIBRATE_IDLE, SERIES_COLORS
+from avatars.liveavatar.sizing import TINY_SIZES
 
 pytestmark = pytest.mark.browser
 
@@ -118,6 +119,22 @@ def upload_portrait(page: Page, examples_dir: Path) -> None:
     page.wait_for_selector("#portrait img", timeout=GUARD_MS)
 
 
+SMALL_SIZE = min(TINY_SIZES, key=lambda size: size.max_area).label
+
+
+def choose_small_size(page: Page) -> None:
+    """The tiny model's smaller size, in the settings (closed again after): the panels and the player do not
+    depend on it, and it halves the VAE's work, most of a tiny run."""
+    settings = page.locator("#settings").get_by_text("Prompt and engine settings")
+    settings.click()
+    size = page.get_by_label("Size")
+    size.fill(SMALL_SIZE)
+    size.press("Enter")
+    assert size.input_value() == SMALL_SIZE
+    settings.click()
+    page.evaluate("() => window.scrollTo(0, 0)")  # the screen checks are of the first screen
+
+
 def wait_for_status(page: Page, word: str) -> str:
     page.wait_for_function(
         f"() => document.querySelector('#status').innerText.includes('{word}')", timeout=GUARD_MS
@@ -148,6 +165,7 @@ def test_a_run_streams_into_the_player_and_redraws_the_plot(
         assert page.locator("#recalibrate_note").inner_text() == RECALIBRATE_IDLE
 
         upload_portrait(page, examples_dir)
+        choose_small_size(page)
         page.locator("#speech input[type=file]").set_input_files(str(speech))
         page.wait_for_selector("#speech audio", state="attached", timeout=GUARD_MS)
         page.wait_for_function("() => !document.body.innerText.includes('Uploading')", timeout=GUARD_MS)
