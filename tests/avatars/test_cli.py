@@ -53,7 +53,8 @@ def test_cli_writes_mp4_with_audio_and_report(tmp_path, short_speech):
     command = [
         sys.executable, "-m", "avatars.liveavatar", "--model", "tiny",
         "--portrait", str(EXAMPLES / "fashion_blogger.jpg"), "--audio", str(short_speech),
-        "--policy", "ispa", "--k-fraction", "0.5", "--t-warm", "6", "--out", str(out), "--report", str(report_path),
+        "--max-area", "4096", "--policy", "ispa", "--k-fraction", "0.5", "--t-warm", "6",
+        "--out", str(out), "--report", str(report_path),
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # the tests' one-thread setting, for the child process too
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -82,7 +83,7 @@ def test_cli_writes_mp4_with_audio_and_report(tmp_path, short_speech):
 
 def test_full_policy_reports_no_local_layers(tmp_path, short_speech, pipe, monkeypatch):
     out, report_path = tmp_path / "v.mp4", tmp_path / "r.json"
-    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--max-area", "4096", "--policy", "full",
             "--refresh-sink", "--out", str(out), "--report", str(report_path)]  # fmt: skip
     prefills = []
     prefill_sink = pipe.dit.prefill_sink
@@ -129,7 +130,7 @@ def test_kv_format_is_passed_to_the_session_and_recorded(tmp_path, short_speech,
     reports = {}
     for kv_format in ("bf16", "int4"):
         report_path = tmp_path / f"{kv_format}.json"
-        argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+        argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--max-area", "4096", "--policy", "full",
                 "--kv-format", kv_format, "--out", str(tmp_path / f"{kv_format}.mp4"),
                 "--report", str(report_path)]  # fmt: skip
         assert main(argv, pipeline=pipe) == 0
@@ -203,7 +204,7 @@ def test_decoder_warmup_and_audio_dtype_are_chosen_and_recorded(tmp_path, short_
 
     monkeypatch.setattr(StreamingDecoder, "decode_block", decode_block)
     report_path = tmp_path / "r.json"
-    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--policy", "full",
+    argv = ["--portrait", str(EXAMPLES / "man.png"), "--audio", str(short_speech), "--max-area", "4096", "--policy", "full",
             "--decoder-warmup", "all", "--out", str(tmp_path / "v.mp4"), "--report", str(report_path)]  # fmt: skip
     try:
         assert main(argv, pipeline=pipe) == 0

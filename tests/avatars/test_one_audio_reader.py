@@ -100,10 +100,9 @@ def test_int16_and_float_wav_give_the_same_audio_in_the_mp4(pipe, speech, tmp_pa
     for subtype in ("PCM_16", "FLOAT"):
         wav, out = tmp_path / f"{subtype}.wav", tmp_path / f"{subtype}.mp4"
         sf.write(wav, speech, RATE, subtype=subtype)
-        assert (
-            main(["--portrait", portrait, "--audio", str(wav), "--policy", "full", "--out", str(out)], pipe)
-            == 0
-        )
+        argv = ["--portrait", portrait, "--audio", str(wav), "--policy", "full", "--max-area", "4096",
+                "--out", str(out)]  # fmt: skip
+        assert main(argv, pipe) == 0
         tracks.append(mp4_audio(out))
     int16, floats = tracks
     assert len(int16) == len(floats) > RATE // 4

@@ -55,23 +55,27 @@ def test_cli_and_app_read_a_sideways_phone_photo_upright_and_make_the_same_video
     pipe = build_tiny_pipeline()
     app_spec = prepare_run(
         portrait=path, audio=speech, text=None, prompt="", policy="Full", k_fraction=0.5, t_warm=6, lam=1e-3,
-        seed=0, size="default", size_choices=pipe.size_choices(), sample_rate=pipe.sample_rate,
+        seed=0, size="64×64 area", size_choices=pipe.size_choices(), sample_rate=pipe.sample_rate,
         speech_dir=tmp_path, live=False,
     )  # fmt: skip
     np.testing.assert_array_equal(app_spec.portrait, portrait)  # the app reads exactly what the CLI reads
 
     out = tmp_path / "cli.mp4"
-    argv = ["--portrait", str(path), "--audio", str(speech), "--policy", "full", "--out", str(out)]
+    argv = ["--portrait", str(path), "--audio", str(speech), "--policy", "full", "--max-area", "4096"]
+    argv += ["--out", str(out)]
     assert main(argv, pipe) == 0
     cli_frames = video_frames(out)
+    assert (
+        app_spec.max_area == 4096
+    )  # the smaller size, in both front ends: the tiny VAE's work grows with it
     request = GenerationRequest(
-        portrait=app_spec.portrait, audio=app_spec.audio, sample_rate=pipe.sample_rate
+        portrait=app_spec.portrait, audio=app_spec.audio, sample_rate=pipe.sample_rate, max_area=4096
     )
     app_video = RunVideoWriter(tmp_path / "app.mp4")  # the writer both front ends use
     for chunk in pipe.stream(request):
         app_video.add(chunk)
     app_frames = video_frames(app_video.close())
-    assert cli_frames.shape[1:] == (*pipe.output_size(portrait), 3)
+    assert cli_frames.shape[1:] == (*pipe.output_size(portrait, 4096), 3)
     np.testing.assert_array_equal(cli_frames, app_frames)
 
 
