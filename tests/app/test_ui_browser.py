@@ -107,8 +107,13 @@ def chromium(
             context.close()
 
 
-def speech_clip(examples_dir: Path, tmp_path: Path, seconds: float) -> Path:
-    audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
+def speech_clip(
+    examples_dir: Path, tmp_path: Path, seconds: float, source: str = "fashion_blogger.wav"
+) -> Path:
+    """The first `seconds` of an example recording (which must be that long) as a 16-bit WAV."""
+    audio, rate = sf.read(examples_dir / source, dtype="float32")
+    if len(audio) < round(seconds * rate):
+        raise ValueError(f"{source} lasts {len(audio) / rate:.1f} s, shorter than the {seconds} s asked for")
     path = tmp_path / "speech.wav"
     sf.write(path, audio[: round(seconds * rate)], rate, subtype="PCM_16")
     return path
