@@ -15,13 +15,16 @@ Below real time (r < 1) the right side grows with e, so the last segment (e = to
     P = now + (total - made) / r - (total - L)
 
 At or above real time it shrinks with e, so the next segment decides, which is ready before the one now
-playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds
-`HANDOVER_MARGIN_S` to P. It covers two things. A segment reaches the player a little after the app hands it over:
+playing ends: P = the moment the first segment is ready, no delay added. Below real time the pacer adds a
+margin to P: the delay itself (P's distance past the moment the first segment was ready), at most
+`HANDOVER_MARGIN_S`. It covers two things. A segment reaches the player a little after the app hands it over:
 Gradio encodes it, the page gets the update and loads the playlist and the segment (0.05-0.5 s from hand-over to
 the playlist load in the Chromium test on a 2-core machine), and not always equally fast. And the rate measured
 so far may overestimate the rest. With no margin that test released 0.24 s before the least start and stalled
-0.27 s; with 0.5 s, two runs did not stall. The estimate is renewed with every chunk until the segments are
-released; released segments stay released.
+0.27 s; with 0.5 s, two runs did not stall. The margin is capped by the delay so that it fades out as the rate
+nears real time, where the delay, and what an error in the rate can add to it, tend to nothing: a run measured
+at 0.99× real time (timing jitter at 1×) is held back about 2 × 0.01 × the rest, not a whole margin. The
+estimate is renewed with every chunk until the segments are released; released segments stay released.
 
 Live speech (`live_pace_note`): speech arrives in real time, so at a rate r < 1 the delay behind the speaker
 grows by 1 / r - 1 seconds per second of speech. The size that keeps up is estimated by pixel count (work
@@ -55,16 +58,20 @@ def start_time(
     total_s: float,
     rate: float,
     longest_segment_s: float,
+    first_ready_s: float,
     margin_s: float = 0.0,
 ) -> float:
     """The earliest wall time (s since the run's start) playback may begin so that, making the rest at `rate`,
-    every segment is ready before the player reaches it, plus `margin_s`; `now_s` when at or above real time
-    (see the module)."""
+    every segment is ready before the player reaches it, plus a margin: the delay past `first_ready_s` (when the
+    first segment was ready), at most `margin_s`. `now_s` when nothing needs holding back, as at or above real
+    time (see the module)."""
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     if rate >= 1 or made_s >= total_s:
         return now_s
-    return max(now_s, now_s + (total_s - made_s) / rate - (total_s - longest_segment_s) + margin_s)
+    least = now_s + (total_s - made_s) / rate - (total_s - longest_segment_s)
+    delay = least - first_ready_s
+    return max(now_s, least + min(margin_s, delay)) if delay > 0 else now_s
 
 
 @dataclass
@@ -114,6 +121,7 @@ class StartPacer:
             total_s=self.total_s,
             rate=rate,
             longest_segment_s=self.longest_segment_s,
+            first_ready_s=self.first_ready_s,
             margin_s=self.margin_s,
         )
 

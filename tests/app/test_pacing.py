@@ -46,7 +46,12 @@ def test_below_real_time_the_start_is_exactly_the_least_that_never_stalls(
     made_at, segments = simulated_run(rate, total_s, chunk_s=0.5, per_segment=2, setup_s=3.0)
     first_ready, _, first_end = segments[0]
     planned = start_time(
-        now_s=first_ready, made_s=first_end, total_s=total_s, rate=rate, longest_segment_s=1.0
+        now_s=first_ready,
+        made_s=first_end,
+        total_s=total_s,
+        rate=rate,
+        longest_segment_s=1.0,
+        first_ready_s=first_ready,
     )
     assert planned == pytest.approx(least_start(segments))
     assert not stalls(planned, segments)
@@ -57,7 +62,15 @@ def test_below_real_time_the_start_is_exactly_the_least_that_never_stalls(
 def test_at_or_above_real_time_nothing_is_held_back(rate: float) -> None:
     made_at, segments = simulated_run(rate, 16.0, chunk_s=0.5, per_segment=2, setup_s=3.0)
     first_ready, _, first_end = segments[0]
-    planned = start_time(now_s=first_ready, made_s=first_end, total_s=16.0, rate=rate, longest_segment_s=1.0)
+    planned = start_time(
+        now_s=first_ready,
+        made_s=first_end,
+        total_s=16.0,
+        rate=rate,
+        longest_segment_s=1.0,
+        first_ready_s=first_ready,
+        margin_s=HANDOVER_MARGIN_S,
+    )
     assert planned == first_ready  # no added delay
     assert not stalls(planned, segments)
     pacer = feed(StartPacer(16.0), made_at, segments, chunk_s=0.5, until=first_ready)
@@ -93,6 +106,20 @@ def test_the_pacer_releases_at_the_first_chunk_past_the_least_start(rate: float,
     assert not stalls(released_at, segments)
 
 
+def test_the_margin_is_the_delay_at_most_so_it_fades_out_near_real_time() -> None:
+    """4 s to make, the first 1.28 s segment ready at 5 s: the least start is 5 + 2.72 / r - 2.72."""
+    ask = {"total_s": 4.0, "longest_segment_s": 1.28, "first_ready_s": 5.0, "margin_s": 1.0}
+    least = 5.0 + 2.72 / 0.5 - 2.72
+    assert start_time(now_s=5.0, made_s=1.28, rate=0.5, **ask) == pytest.approx(
+        least + 1.0
+    )  # the whole margin
+    # Asked again a second later with that second's production: the same start, the margin does not shrink.
+    assert start_time(now_s=6.0, made_s=1.78, rate=0.5, **ask) == pytest.approx(least + 1.0)
+    delay = 2.72 / 0.99 - 2.72  # 0.027 s: timing jitter around real time
+    assert start_time(now_s=5.0, made_s=1.28, rate=0.99, **ask) == pytest.approx(5.0 + 2 * delay)
+    assert start_time(now_s=5.0, made_s=1.28, rate=1.0, **ask) == 5.0
+
+
 def test_before_a_second_chunk_the_rate_counts_from_the_start_and_a_finished_run_releases() -> None:
     pacer = StartPacer(10.0, margin_s=0.0)
     pacer.made(4.0, 1.0)  # 3 s of set-up, then a 1 s chunk
@@ -116,7 +143,7 @@ def test_rates_and_notes() -> None:
     assert production_rate([(1.0, 0.0), (1.0, 2.0)]) is None
     assert production_rate([(1.0, 0.5), (5.0, 2.5)]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="rate"):
-        start_time(now_s=0, made_s=0, total_s=1, rate=0, longest_segment_s=1)
+        start_time(now_s=0, made_s=0, total_s=1, rate=0, longest_segment_s=1, first_ready_s=0)
     assert (
         buffering_note(5.6, 0.5)
         == "Buffering 6 s so playback will not stop (video is made at 0.50× real time)"

@@ -16,6 +16,7 @@ import pytest
 
 from app import generation, models
 from app.playback import Playback
+from app.run_recorder import MIN_SEGMENT_SECONDS
 from tests.app.test_ui_browser import GUARD_MS, chromium, speech_clip, upload_portrait, wait_for_status
 from tests.fixtures.paced_backend import PacedBackend
 
@@ -74,10 +75,11 @@ def segment_bounds(playlist: str) -> list[tuple[float, float]]:
     return bounds
 
 
-def test_playback_below_real_time_starts_late_enough_never_to_stall(
-    paced: PacedBackend, app_url: str, examples_dir: Path, tmp_path: Path
-) -> None:
-    speech = speech_clip(examples_dir, tmp_path, CLIP_S, source="dwarven_blacksmith.wav")
+def play_in_chromium(
+    app_url: str, examples_dir: Path, tmp_path: Path, speech: Path
+) -> tuple[float, list, list[str], str]:
+    """Generate from `speech` in a fresh page and wait for the player's `ended`: the click's time (wall clock), the
+    player's events, the status lines shown, and the final playlist."""
     with chromium(tmp_path) as context:
         page = context.new_page()
         playlists: list[str] = []
@@ -95,6 +97,14 @@ def test_playback_below_real_time_starts_late_enough_never_to_stall(
         events = page.evaluate("() => window.mediaEvents")
         statuses = page.evaluate("() => window.statusLines")
         playlist = page.request.get(playlists[-1]).text()
+    return clicked, events, statuses, playlist
+
+
+def test_playback_below_real_time_starts_late_enough_never_to_stall(
+    paced: PacedBackend, app_url: str, examples_dir: Path, tmp_path: Path
+) -> None:
+    speech = speech_clip(examples_dir, tmp_path, CLIP_S, source="dwarven_blacksmith.wav")
+    clicked, events, statuses, playlist = play_in_chromium(app_url, examples_dir, tmp_path, speech)
 
     bounds = segment_bounds(playlist)
     started = next(t for kind, t, _ in events if kind == "playing")
@@ -128,3 +138,29 @@ def test_playback_below_real_time_starts_late_enough_never_to_stall(
     # The delay is judged where the app decides it, the hand-over: Gradio's encoding and the player's fetch
     # add the same to the least start as to the actual one.
     assert least - 0.05 <= released <= clicked + 1.2 * (least - clicked), report
+
+
+@pytest.mark.parametrize("rate", [1.0, 2.0])
+def test_at_or_above_real_time_the_first_segment_goes_out_at_once(
+    paced: PacedBackend, app_url: str, examples_dir: Path, tmp_path: Path, rate: float
+) -> None:
+    """No delay added: the first segment goes to the player in the step that made it, and the clip plays to its
+    end. Above real time nothing can stall either; at exactly real time nothing is held back by design, so a late
+    hand-over may still make the player wait (not asserted)."""
+    paced.rate = rate
+    clip_s = 4.0
+    speech = speech_clip(examples_dir, tmp_path, clip_s)
+    clicked, events, statuses, _ = play_in_chromium(app_url, examples_dir, tmp_path, speech)
+
+    first_ready = next(t for t, video_s in paced.chunk_times if video_s >= MIN_SEGMENT_SECONDS - 1e-9)
+    handed = WatchedPlayback.released[0]
+    report = f"first segment made {first_ready - clicked:.2f} s after the click, handed over {handed - clicked:.2f} s"
+    report += (
+        f"; player events: {[(kind, round(t - clicked, 2), round(media, 2)) for kind, t, media in events]}"
+    )
+    assert 0 <= handed - first_ready <= 0.25, report
+    assert not any("so playback will not stop" in line for line in statuses), statuses
+    assert next(media for kind, _, media in events if kind == "ended") >= clip_s - 0.5, report
+    if rate > 1:
+        started = next(t for kind, t, _ in events if kind == "playing")
+        assert not [kind for kind, t, _ in events if t > started and kind in ("waiting", "stalled")], report
