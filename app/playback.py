@@ -11,6 +11,9 @@ from app.inputs import RunSpec
 from app.pacing import HANDOVER_MARGIN_S, StartPacer, buffering_note, live_pace_note
 
 NOTE_EVERY_S = 1.0
+NOTED_HOLD_S = (
+    0.5  # a shorter hold (timing jitter around real time) goes unremarked: "Buffering 1 s" would overstate it
+)
 
 
 class Playback:
@@ -63,7 +66,7 @@ class Playback:
     def note(self, now_s: float, live: bool) -> str | None:
         """The status line on playback: why video is held back, or live mode's pace; None when nothing to say."""
         holding = [(pacer.hold_s(now_s), pacer) for run, pacer in self.pacers.items() if self.held[run]]
-        holding = [(hold, pacer) for hold, pacer in holding if hold is not None and hold > 0]
+        holding = [(hold, pacer) for hold, pacer in holding if hold is not None and hold >= NOTED_HOLD_S]
         if holding:
             hold, pacer = max(holding, key=lambda item: item[0])
             return buffering_note(hold, pacer.rate())

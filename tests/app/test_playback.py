@@ -29,6 +29,7 @@ def test_held_segments_go_out_in_order_once_playback_can_run_to_the_end() -> Non
     )
     assert playback.wait_s(4.0) == 1.0  # the status counts down once a second
     assert playback.wait_s(10.2) == pytest.approx(0.8)  # then wakes when the hold runs out, chunk or not
+    assert playback.note(10.6, live=False) is None  # the last 0.4 s of the hold: too short to be worth a line
     assert playback.due({}, 11.0) == [{FULL: seg[0]}]  # and hands it over then (10.5 plus the margin)
     playback = Playback([FULL, ISPA], Spec(8.0), [("big", 400)], margin_s=0.5)
     for run in (FULL, ISPA):

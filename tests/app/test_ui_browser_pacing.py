@@ -158,6 +158,7 @@ def test_at_or_above_real_time_the_first_segment_goes_out_at_once(
     report += (
         f"; player events: {[(kind, round(t - clicked, 2), round(media, 2)) for kind, t, media in events]}"
     )
+    print(report)
     assert 0 <= handed - first_ready <= 0.25, report
     assert not any("so playback will not stop" in line for line in statuses), statuses
     assert next(media for kind, _, media in events if kind == "ended") >= clip_s - 0.5, report
