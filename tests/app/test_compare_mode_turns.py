@@ -11,12 +11,11 @@ import pytest
 import soundfile as sf
 
 from app.generation import _take_turns, run_generation
-from app.inputs import COMPARE, DEFAULT_COMPARE, EVICT, FULL, ISPA, SALIENCE, WINDOW, prepare_run
+from app.inputs import COMPARE, DEFAULT_COMPARE, EVICT, FULL, ISPA, SALIENCE, WINDOW
 from app.models import get_pipeline
 from app.sessions import SESSIONS
 from app.validation import ValidationError
-
-SMALL = "64×64 area"
+from tests.fixtures.app_specs import app_spec
 
 
 def recorded(name: str, started: list[str], chunks: int):
@@ -47,22 +46,8 @@ def run_once(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """The final report and the decoded frames of each run's mp4, for one request through the app's loop."""
     pipe = get_pipeline("tiny")
-    spec = prepare_run(
-        portrait=examples_dir / "fashion_blogger.jpg",
-        audio=speech,
-        text=None,
-        prompt="",
-        policy=policy,
-        k_fraction=0.5,
-        t_warm=6,
-        lam=1e-3,
-        seed=2,
-        size=SMALL,
-        size_choices=pipe.size_choices(),
-        sample_rate=pipe.sample_rate,
-        speech_dir=speech.parent,
-        compare_a=compare[0],
-        compare_b=compare[1],
+    spec = app_spec(
+        pipe, examples_dir, speech, policy=policy, seed=2, compare_a=compare[0], compare_b=compare[1]
     )
     try:
         final = list(run_generation(spec, "tiny", session, live=False))[-1]
@@ -125,11 +110,7 @@ def test_compare_choices_are_checked_and_make_their_runs(examples_dir: Path, tmp
     sf.write(speech, audio[: round(0.5 * rate)], rate)
 
     def spec(mode: str, a, b):
-        return prepare_run(
-            portrait=examples_dir / "fashion_blogger.jpg", audio=speech, text=None, prompt="", policy=mode,
-            k_fraction=0.5, t_warm=6, lam=1e-3, seed=2, size=SMALL, size_choices=pipe.size_choices(),
-            sample_rate=pipe.sample_rate, speech_dir=tmp_path, compare_a=a, compare_b=b,
-        )  # fmt: skip
+        return app_spec(pipe, examples_dir, speech, policy=mode, seed=2, compare_a=a, compare_b=b)
 
     assert [name for name, _ in spec(COMPARE, FULL, ISPA).policies()] == [FULL, ISPA]
     runs = spec(COMPARE, SALIENCE, FULL).policies()

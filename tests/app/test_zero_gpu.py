@@ -24,8 +24,9 @@ import torch
 
 from app import generation, gpu, models
 from app.gpu_time import DEFAULT_MAX_S, ESTIMATED_H200_FPS, H200_SMS, REFERENCE_AREA, START_S, GpuBudget
-from app.inputs import COMPARE, ISPA, prepare_run
+from app.inputs import COMPARE, ISPA
 from app.validation import ValidationError
+from tests.fixtures.app_specs import app_spec
 from tests.fixtures.paced_backend import PacedBackend
 
 
@@ -67,22 +68,7 @@ def request(tmp_path: Path, examples_dir: Path, seconds: float, policy: str = IS
     audio, rate = sf.read(examples_dir / "fashion_blogger.wav", dtype="float32")
     speech = tmp_path / "speech.wav"
     sf.write(speech, audio[: round(seconds * rate)], rate)
-    backend = PacedBackend(None)
-    return prepare_run(
-        portrait=examples_dir / "fashion_blogger.jpg",
-        audio=speech,
-        text=None,
-        prompt="",
-        policy=policy,
-        k_fraction=0.5,
-        t_warm=6,
-        lam=1e-3,
-        seed=0,
-        size=size,
-        size_choices=backend.size_choices(),
-        sample_rate=backend.sample_rate,
-        speech_dir=tmp_path,
-    )
+    return app_spec(PacedBackend(None), examples_dir, speech, policy=policy, size=size)
 
 
 class OnGpu:
